@@ -1,0 +1,23 @@
+"""Architectures. Importing this package registers every built-in model in ``MODELS``."""
+
+from mtpsl.models import segnet as segnet  # import registers "segnet"
+from mtpsl.models.base import (
+    MODELS,
+    HeadSpec,
+    ModelOutput,
+    PerTaskModels,
+    build_model,
+    count_parameters,
+)
+from mtpsl.models.segnet import SegNet, conv_bn_relu
+
+__all__ = [
+    "MODELS",
+    "HeadSpec",
+    "ModelOutput",
+    "PerTaskModels",
+    "SegNet",
+    "build_model",
+    "conv_bn_relu",
+    "count_parameters",
+]

@@ -1,0 +1,158 @@
+"""The ``mtpsl`` command line: train, eval, compare, data synth/check, presets.
+
+Every user-facing failure is an :class:`~mtpsl.errors.MtpslError` and is printed as one line
+(``error: ...``) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import MtpslError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file or preset name (see `mtpsl presets`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.epochs=5 model.width=0.25")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtpsl", description="Multi-task dense prediction from partially annotated images."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run folder (default: output_dir/name, made unique)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint")
+    p.add_argument("--run", help="run folder (uses its checkpoint.pt)")
+    p.add_argument("--checkpoint", help="checkpoint file (its config is stored inside)")
+    p.add_argument("--split", help="dataset split to evaluate (default: the run's eval split)")
+    p.add_argument("--root", help="evaluate on another dataset root of the same layout")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train a grid of methods x regimes x seeds; print a table")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="folder for the grid's runs and tables")
+    p.add_argument("--methods", help="comma list, overrides compare.methods")
+    p.add_argument("--regimes", help="comma list, overrides compare.regimes")
+    p.add_argument("--seeds", help="comma list, overrides compare.seeds")
+    p.set_defaults(func=cmd_compare)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_cmd",
+                                                                        required=True)
+    p = data.add_parser("synth", help="render the built-in procedural dataset to disk")
+    p.add_argument("--out", required=True)
+    p.add_argument("--layout", choices=["nyuv2", "cityscapes"], default="nyuv2")
+    p.add_argument("--n-train", type=int, default=795)
+    p.add_argument("--n-val", type=int, default=654)
+    p.add_argument("--height", type=int, help="default 288 (nyuv2) / 128 (cityscapes)")
+    p.add_argument("--width", type=int, help="default 384 (nyuv2) / 256 (cityscapes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", choices=["a", "b"], default="a", help="appearance domain")
+    p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("check", help="validate a dataset folder and print a summary")
+    p.add_argument("--root", required=True)
+    p.add_argument("--dataset", default="nyuv2")
+    p.add_argument("--split", default="train")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("presets", help="list shipped config presets or print one")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import resume, train
+
+    if args.resume:
+        final = resume(args.resume, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+        final = train(config, Path(args.run_dir) if args.run_dir else None)
+    print(json.dumps(final, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_checkpoint
+
+    if bool(args.run) == bool(args.checkpoint):
+        raise MtpslError("give exactly one of --run DIR or --checkpoint FILE")
+    metrics = evaluate_checkpoint(args.run, args.checkpoint, args.split, args.root, args.device)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    for key in ("methods", "regimes", "seeds"):
+        value = getattr(args, key)
+        if value:
+            overrides.append(f"compare.{key}=[{value}]")
+    print(compare(load_config(args.config, overrides), Path(args.out)))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from .data import synthetic
+
+    writer = synthetic.write_nyuv2_layout if args.layout == "nyuv2" else \
+        synthetic.write_cityscapes_layout
+    size = {"nyuv2": (288, 384), "cityscapes": (128, 256)}[args.layout]
+    writer(args.out, n_train=args.n_train, n_val=args.n_val, height=args.height or size[0],
+           width=args.width or size[1], seed=args.seed, style=args.style)
+    print(f"wrote {args.layout} layout to {args.out}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from .data import DATASETS
+
+    ds = DATASETS.get(args.dataset)(args.root, args.split)
+    print(ds)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from importlib import resources
+
+    from .config import preset_names
+
+    if args.name:
+        if args.name not in preset_names():
+            raise MtpslError(f"unknown preset {args.name!r}; presets: {preset_names()}")
+        print((resources.files("mtpsl.presets") / f"{args.name}.yaml").read_text())
+    else:
+        print("\n".join(preset_names()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MtpslError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:  # registry lookups outside a config (e.g. `data check --dataset`)
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Typed, validated run configuration (YAML file + ``key=value`` overrides).
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails at start-up with
+the key's dotted path and the keys that are allowed, instead of being silently ignored.
+Presets shipped in ``mtpsl/presets/*.yaml`` are named by their stem (``--config nyuv2_onelabel``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    scales: list[float] = Field(default=[1.0, 1.2, 1.5], min_length=1)
+    """RandomScaleCrop zoom factors (1.0 = no zoom); [1.0] disables scale-crop."""
+    flip: bool = False
+    """Random horizontal flip (Cityscapes in the reference); normals' x is negated."""
+
+
+class DatasetConfig(Section):
+    name: str = "nyuv2"
+    root: str = "data/synthetic"
+    tasks: list[str] | None = None
+    """Subset of the dataset's tasks, in its order; None = all."""
+    options: dict[str, Any] = {}
+    """Dataset-specific keyword arguments, e.g. ``num_classes: 19`` for Cityscapes."""
+    train_split: str = "train"
+    eval_split: str = "val"
+    cache: bool = False
+    """Keep decoded arrays in memory after the first epoch."""
+    augment: AugmentConfig = AugmentConfig()
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Carve this fraction of the training images into a validation split used (only) to
+    select a best epoch; the evaluation split never selects anything."""
+
+
+class LabelsConfig(Section):
+    regime: str = "onelabel"
+    """full | onelabel | random | ratio (see mtpsl.splits.REGIMES)."""
+    ratios: list[float] | None = None
+    """Per-task weights for the 'ratio' regime, in task order (e.g. [9, 1])."""
+    seed: int | None = None
+    """Seed of the split; None uses the run seed."""
+    file: str | None = None
+    """Load the split from a file (our .json or a reference .pth) instead of drawing one."""
+
+
+class ModelConfig(Section):
+    name: str = "segnet"
+    width: float = Field(default=1.0, gt=0.0)
+    """Channel multiplier (1.0 = the paper's SegNet; 0.25 for quick CPU runs)."""
+
+
+class MethodConfig(Section):
+    name: str = "sl"
+    options: dict[str, Any] = {}
+    """Method-specific options, validated by the method's own options model."""
+    weighting: str = "uniform"
+    """How per-task losses are combined (see mtpsl.weighting.WEIGHTINGS)."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=1e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    step_size: int = Field(default=100, gt=0)
+    """StepLR period in epochs."""
+    gamma: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=200, gt=0)
+    batch_size: int = Field(default=2, gt=0)
+    eval_batch_size: int = Field(default=8, gt=0)
+    eval_every: int = Field(default=10, gt=0)
+    """Evaluate every N epochs (and always after the last one)."""
+    checkpoint_every: int = Field(default=10, gt=0)
+    """Write the checkpoint every N epochs (and always after the last one)."""
+    max_steps_per_epoch: int | None = Field(default=None, gt=0)
+    """Cap on iterations per epoch (smoke tests and equal-budget comparisons)."""
+    num_workers: int = Field(default=0, ge=0)
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    deterministic: bool = True
+    """Deterministic kernels (bitwise-reproducible on CPU; may be slower on GPU)."""
+    progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or value.startswith("cuda:"):
+            return value
+        raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
+
+
+class CompareConfig(Section):
+    methods: list[str] = ["stl", "sl"]
+    regimes: list[str] = ["onelabel"]
+    seeds: list[int] = [0]
+    baseline: str = "stl"
+    """Method whose results (same regime) are the reference of Delta_m."""
+
+
+class Config(Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    dataset: DatasetConfig = DatasetConfig()
+    labels: LabelsConfig = LabelsConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    compare: CompareConfig = CompareConfig()
+
+    @field_validator("labels")
+    @classmethod
+    def _known_regime(cls, value: LabelsConfig) -> LabelsConfig:
+        from .splits import REGIMES
+
+        if value.file is None and value.regime not in REGIMES:
+            raise ValueError(f"regime {value.regime!r} unknown; allowed: {REGIMES.names()}")
+        return value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in resources.files("mtpsl.presets").iterdir() if p.suffix == ".yaml")
+
+
+def _read_yaml(source: str) -> dict:
+    path = Path(source)
+    if not path.exists():
+        if source in preset_names():
+            path = Path(str(resources.files("mtpsl.presets") / f"{source}.yaml"))
+        else:
+            raise ConfigError(
+                f"config {source} is neither a file nor a preset; presets: {preset_names()}"
+            )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a mapping at the top level")
+    return data
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (numbers, lists...)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} must look like key.subkey=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw else None
+
+
+def build_config(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}:\n" + _explain(err)) from None
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML file or preset (or the defaults), apply overrides, validate."""
+    data = _read_yaml(source) if source else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return build_config(data, source or "config")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_at(e["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"  {loc}: unknown key; allowed: {allowed}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+

@@ -1,0 +1,167 @@
+"""From dataset items to training batches that carry their partial-label mask.
+
+:class:`PartialLabelSet` wraps any dataset that yields ``{"image", <task>..., "available"}``
+items. It applies the joint augmentation (one or two views), and *blanks* every target the
+split marks as unlabelled, so no method can read a label the regime hides. Augmentation draws
+come from a generator seeded by (seed, epoch, index): the same item is augmented identically
+whatever the number of workers, which is what makes runs reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..tasks import Task
+
+Transform = Callable[[dict[str, Tensor], Mapping[str, Task], torch.Generator], dict[str, Tensor]]
+
+
+@dataclass
+class View:
+    """One augmented view of a batch: images ``[B,3,H,W]`` and per-task targets."""
+
+    image: Tensor
+    targets: dict[str, Tensor]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> View:
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return View(move(self.image), {k: move(v) for k, v in self.targets.items()})
+
+    def pin_memory(self) -> View:
+        return View(self.image.pin_memory(), {k: v.pin_memory() for k, v in self.targets.items()})
+
+
+@dataclass
+class Batch:
+    """What a method sees: views of the images, and which tasks are labelled per image."""
+
+    views: list[View]
+    labelled: Tensor
+    """bool ``[B, T]``, T in ``task_names`` order."""
+    index: Tensor
+    task_names: tuple[str, ...]
+
+    @property
+    def image(self) -> Tensor:
+        return self.views[0].image
+
+    @property
+    def targets(self) -> dict[str, Tensor]:
+        return self.views[0].targets
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def labelled_for(self, task: str) -> Tensor:
+        """bool ``[B]``: which images carry a label for ``task``."""
+        return self.labelled[:, self.task_names.index(task)]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            [v.to(device, non_blocking) for v in self.views],
+            self.labelled.to(device, non_blocking=non_blocking),
+            self.index.to(device, non_blocking=non_blocking),
+            self.task_names,
+        )
+
+    def pin_memory(self) -> Batch:
+        views = [v.pin_memory() for v in self.views]
+        return Batch(views, self.labelled.pin_memory(), self.index.pin_memory(), self.task_names)
+
+
+class PartialLabelSet(Dataset):
+    """A dataset seen through a label split, an augmentation and a number of views.
+
+    Args:
+        dataset: yields dicts with ``image``, one target per task and ``available`` (bool [T]).
+        tasks: the dataset's tasks in order (names must match the item keys).
+        labelled: bool ``[N, T]`` split; None means every available label is used.
+        transform: joint augmentation applied per view; None for evaluation.
+        n_views: 2 for consistency methods: view1 is the transform applied to view0.
+        seed: base seed of the augmentation draws.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        tasks: Mapping[str, Task],
+        labelled: np.ndarray | None = None,
+        transform: Transform | None = None,
+        n_views: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if n_views < 1 or (n_views > 1 and transform is None):
+            raise ValueError("n_views > 1 needs a transform (the views would be identical)")
+        if labelled is not None and len(labelled) != len(dataset):
+            raise ValueError(f"split has {len(labelled)} rows but the dataset {len(dataset)}")
+        self.dataset = dataset
+        self.tasks = dict(tasks)
+        self.labelled = None if labelled is None else torch.as_tensor(labelled, dtype=torch.bool)
+        self.transform = transform
+        self.n_views = n_views
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draws (call before creating the epoch's iterator)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        labelled = item["available"].clone()
+        if self.labelled is not None:
+            labelled &= self.labelled[i]
+        sample = {"image": item["image"][None]}
+        sample.update({name: item[name][None] for name in self.tasks})
+        views = []
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, i))
+        for _ in range(self.n_views):
+            if self.transform is not None:
+                sample = self.transform(sample, self.tasks, generator)
+            views.append(self._hide_unlabelled(sample, labelled))
+        return {"views": views, "labelled": labelled, "index": torch.tensor(i)}
+
+    def _hide_unlabelled(self, sample: dict[str, Tensor], labelled: Tensor) -> View:
+        targets = {}
+        for k, (name, task) in enumerate(self.tasks.items()):
+            target = sample[name]
+            targets[name] = (target if labelled[k] else task.blank_like(target))[0]
+        return View(sample["image"][0], targets)
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def collate(items: Sequence[dict], task_names: Sequence[str]) -> Batch:
+    """Stack :class:`PartialLabelSet` items into a :class:`Batch`."""
+    n_views = len(items[0]["views"])
+    views = []
+    for v in range(n_views):
+        image = torch.stack([it["views"][v].image for it in items])
+        targets = {t: torch.stack([it["views"][v].targets[t] for it in items]) for t in task_names}
+        views.append(View(image, targets))
+    labelled = torch.stack([it["labelled"] for it in items])
+    index = torch.stack([it["index"] for it in items])
+    return Batch(views, labelled, index, tuple(task_names))
+
+
+class Collate:
+    """Picklable collate_fn bound to the task order (DataLoader workers need to pickle it)."""
+
+    def __init__(self, task_names: Sequence[str]) -> None:
+        self.task_names = tuple(task_names)
+
+    def __call__(self, items: Sequence[dict]) -> Batch:
+        return collate(items, self.task_names)

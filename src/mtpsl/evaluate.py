@@ -1,0 +1,92 @@
+"""Evaluation: metrics accumulated globally over a split, on the predictions' device."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .metrics import METRICS, Metric
+from .tasks import Task
+
+
+def build_metrics(tasks: Mapping[str, Task]) -> dict[str, Metric]:
+    return {name: METRICS.get(t.metric)(**t.metric_kwargs()) for name, t in tasks.items()}
+
+
+def higher_is_better(tasks: Mapping[str, Task]) -> dict[str, bool]:
+    """Direction of every flat ``task/metric`` key (what Delta_m and reports need)."""
+    return {
+        f"{name}/{key}": better
+        for name, metric in build_metrics(tasks).items()
+        for key, better in metric.higher_is_better.items()
+    }
+
+
+def primary_keys(tasks: Mapping[str, Task]) -> list[str]:
+    """The one metric per task that Delta_m and the summary tables use."""
+    return [f"{name}/{t.primary_metric}" for name, t in tasks.items()]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    tasks: Mapping[str, Task],
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Run ``model`` over ``loader``; return flat ``{"task/metric": value}``."""
+    metrics = build_metrics(tasks)
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        batch = batch.to(device, non_blocking=True)
+        preds = model(batch.image).preds
+        for name, metric in metrics.items():
+            metric.update(preds[name], batch.targets[name])
+    model.train(was_training)
+    return {
+        f"{name}/{key}": value
+        for name, metric in metrics.items()
+        for key, value in metric.compute().items()
+    }
+
+
+def evaluate_checkpoint(
+    run: str | None,
+    checkpoint: str | None,
+    split: str | None = None,
+    root: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """``mtpsl eval``: rebuild a run's model from its checkpoint and evaluate it."""
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .config import build_config
+    from .data.batch import PartialLabelSet
+    from .experiment import build_model_for, eval_loader, open_dataset, resolve_device
+    from .methods import build_method
+
+    path = Path(checkpoint) if checkpoint else Path(run) / "checkpoint.pt"
+    state = load_checkpoint(path)
+    config = build_config(state["config"], str(path))
+    if root:
+        config.dataset.root = root
+    split_name = split or config.dataset.eval_split
+    dataset = open_dataset(config, split_name)
+    tasks = dict(dataset.tasks)
+    method = build_method(config.method.name, tasks, config.method.options)
+    model = build_model_for(config, tasks, method)
+    model.load_state_dict(state["model"])
+    dev = resolve_device(device)
+    model.to(dev)
+    loader = eval_loader(PartialLabelSet(dataset, tasks), config, dev)
+    metrics = evaluate(model, loader, tasks, dev, config.train.progress, split_name)
+    return {"checkpoint": str(path), "epoch": state["epoch"], "split": split_name,
+            "root": config.dataset.root, "metrics": metrics}

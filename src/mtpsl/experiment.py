@@ -1,0 +1,185 @@
+"""Build everything a run needs from a validated :class:`~mtpsl.config.Config`.
+
+This is the only place that knows how config sections map to registry entries, so the
+trainer, ``mtpsl eval`` and ``mtpsl compare`` construct runs identically.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .config import Config
+from .data import DATASETS
+from .data.batch import Collate, PartialLabelSet
+from .data.transforms import build_train_transform
+from .errors import ConfigError
+from .methods import METHODS, Method, build_method
+from .models import MODELS, HeadSpec, PerTaskModels, build_model
+from .registry import Registry
+from .splits import Split, make_split
+from .tasks import Task
+from .weighting import WEIGHTINGS, Weighting
+
+
+@dataclass
+class Experiment:
+    config: Config
+    tasks: dict[str, Task]
+    split: Split
+    train_set: PartialLabelSet
+    eval_set: PartialLabelSet
+    val_set: PartialLabelSet | None
+    model: nn.Module
+    method: Method
+    weighting: Weighting
+
+
+def lookup(registry: Registry, name: str, key: str) -> Callable:
+    """Registry lookup whose error names the config key at fault."""
+    try:
+        return registry.get(name)
+    except KeyError as err:
+        raise ConfigError(f"{key}: {err.args[0]}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    # MaxUnpool has no flagged-deterministic kernel; on CPU it is deterministic anyway.
+    warnings.filterwarnings("ignore", message=".*max_unpool.*deterministic.*")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def open_dataset(config: Config, split_name: str) -> Dataset:
+    ds = config.dataset
+    build = lookup(DATASETS, ds.name, "dataset.name")
+    kwargs = dict(ds.options)
+    if ds.tasks is not None:
+        kwargs["tasks"] = tuple(ds.tasks)
+    try:
+        return build(ds.root, split_name, cache=ds.cache, **kwargs)
+    except (TypeError, ValueError) as err:  # a bad task subset or dataset option
+        raise ConfigError(f"dataset ({ds.name}, tasks/options): {err}") from None
+
+
+def make_or_load_split(config: Config, n_images: int, task_names: tuple[str, ...]) -> Split:
+    labels = config.labels
+    if labels.file:
+        split = Split.load(labels.file, task_names)
+        if len(split) != n_images:
+            raise ConfigError(
+                f"labels.file: {labels.file} has {len(split)} rows but the training set "
+                f"has {n_images} images"
+            )
+        return split
+    params = {"ratios": labels.ratios} if labels.regime == "ratio" else {}
+    if labels.regime == "ratio" and labels.ratios is None:
+        raise ConfigError("labels.ratios: required by the 'ratio' regime, e.g. [9, 1]")
+    seed = config.seed if labels.seed is None else labels.seed
+    try:
+        return make_split(labels.regime, n_images, task_names, seed, **params)
+    except ValueError as err:
+        raise ConfigError(f"labels: {err}") from None
+
+
+def carve_validation(n_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, val) index sets; the validation part only ever selects a best epoch."""
+    order = np.random.default_rng([seed, 7919]).permutation(n_images)
+    n_val = round(fraction * n_images)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def build_model_for(config: Config, tasks: dict[str, Task], method: Method) -> nn.Module:
+    build = lookup(MODELS, config.model.name, "model.name")
+    heads = {name: HeadSpec(t.out_channels, t.activate) for name, t in tasks.items()}
+    if method.per_task_networks:
+        return PerTaskModels(
+            {name: build(heads={name: h}, width=config.model.width) for name, h in heads.items()}
+        )
+    return build_model(config.model.name, heads, width=config.model.width)
+
+
+def build_experiment(config: Config, split: Split | None = None) -> Experiment:
+    """Datasets, split, model, method and weighting of a run (model on the CPU)."""
+    train_full = open_dataset(config, config.dataset.train_split)
+    eval_base = open_dataset(config, config.dataset.eval_split)
+    tasks = dict(train_full.tasks)
+    names = tuple(tasks)
+    split = split or make_or_load_split(config, len(train_full), names)
+
+    lookup(METHODS, config.method.name, "method.name")
+    method = build_method(config.method.name, tasks, config.method.options)
+    aug = config.dataset.augment
+    transform = build_train_transform(tuple(aug.scales), aug.flip)
+    train_idx, val_idx = carve_validation(
+        len(train_full), config.dataset.val_fraction, config.seed
+    )
+    train_set = PartialLabelSet(
+        Subset(train_full, train_idx), tasks, split.labelled[train_idx], transform,
+        n_views=method.n_views, seed=config.seed,
+    )
+    val_set = None
+    if len(val_idx):
+        # Validation images keep only the labels the regime gives them: selecting an epoch
+        # must not read labels that training is denied.
+        val_set = PartialLabelSet(Subset(train_full, val_idx), tasks, split.labelled[val_idx])
+    eval_set = PartialLabelSet(eval_base, tasks)
+
+    weighting_cls = lookup(WEIGHTINGS, config.method.weighting, "method.weighting")
+    model = build_model_for(config, tasks, method)
+    return Experiment(
+        config, tasks, split, train_set, eval_set, val_set, model, method, weighting_cls(names)
+    )
+
+
+def train_loader(exp: Experiment, device: torch.device) -> DataLoader:
+    cfg = exp.config.train
+    if len(exp.train_set) < cfg.batch_size:
+        raise ConfigError(
+            f"train.batch_size: {cfg.batch_size} is larger than the training set "
+            f"({len(exp.train_set)} images)"
+        )
+    # DistributedSampler with one replica is a seeded, epoch-aware shuffler; under torchrun
+    # the same object shards the data.
+    sampler = DistributedSampler(
+        exp.train_set, num_replicas=1, rank=0, shuffle=True, seed=exp.config.seed
+    )
+    return DataLoader(
+        exp.train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        collate_fn=Collate(exp.tasks),
+        pin_memory=device.type == "cuda",
+    )
+
+
+def eval_loader(dataset: PartialLabelSet, config: Config, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=config.train.eval_batch_size,
+        shuffle=False,
+        num_workers=config.train.num_workers,
+        collate_fn=Collate(dataset.tasks),
+        pin_memory=device.type == "cuda",
+    )

@@ -1,0 +1,104 @@
+"""Methods: how a batch with partial labels becomes losses.
+
+A method owns any auxiliary networks it needs (mapping nets, discriminators) and may ask for
+its own optimiser groups. It returns per-task supervised losses, which a weighting strategy
+combines outside the method, plus extra terms (already weighted) that are added as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..errors import ConfigError
+from ..models import ModelOutput
+from ..registry import Registry
+from ..tasks import Task
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Losses:
+    tasks: dict[str, Tensor]
+    """Supervised loss per task (scalar): what a weighting strategy combines."""
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    """Extra terms (consistency, adversarial, ...), already scaled by their weight."""
+
+    def detached(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in {**self.tasks, **self.extra}.items()}
+
+
+@dataclass
+class OptimGroup:
+    """Parameters with their own optimiser and StepLR schedule (None = the config's value)."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float | None = None
+    step_size: int | None = None
+    gamma: float | None = None
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set the class variables and implement :meth:`compute`."""
+
+    n_views: ClassVar[int] = 1
+    """Augmented views per training image (2 for consistency methods)."""
+    per_task_networks: ClassVar[bool] = False
+    """True for single-task learning: one independent network per task."""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, tasks: Mapping[str, Task], options: BaseModel) -> None:
+        super().__init__()
+        self.tasks = dict(tasks)
+        self.options = options
+
+    def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
+        raise NotImplementedError
+
+    def optimizer_groups(self, model: nn.Module) -> list[OptimGroup]:
+        """One group holding the model and this method's own networks, by default."""
+        return [OptimGroup("main", [*model.parameters(), *self.parameters()])]
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        """Hook for schedules such as a consistency-weight ramp-up."""
+
+
+def supervised_losses(
+    tasks: Mapping[str, Task], batch: Batch, preds: Mapping[str, Tensor], view: int = 0
+) -> dict[str, Tensor]:
+    """Eq. 1 of paper 001: each task's loss over the images labelled for it.
+
+    Each term is a sum over labelled images divided by the batch size, so summing the terms
+    gives the mean over images of the sum of that image's labelled-task losses.
+    """
+    targets = batch.views[view].targets
+    losses = {}
+    for name, task in tasks.items():
+        per_image = task.loss(preds[name], targets[name])
+        mask = batch.labelled_for(name).to(per_image.dtype)
+        losses[name] = (per_image * mask).sum() / len(batch)
+    return losses
+
+
+def build_method(name: str, tasks: Mapping[str, Task], options: Mapping[str, Any]) -> Method:
+    cls = METHODS.get(name)
+    try:
+        parsed = cls.Options.model_validate(dict(options))
+    except ValidationError as err:
+        details = "; ".join(
+            f"method.options.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()
+        )
+        allowed = ", ".join(cls.Options.model_fields) or "(none)"
+        raise ConfigError(f"{details} (method {name!r} accepts: {allowed})") from None
+    return cls(tasks, parsed)

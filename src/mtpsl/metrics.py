@@ -1,0 +1,411 @@
+"""Streaming evaluation metrics for dense prediction, computed globally over an evaluation set.
+
+Why global: averaging per-batch scores weights a batch of 2 images like a batch of 8 and makes
+mIoU depend on the batch size. Every metric here keeps raw counts (int64) and sums (float64;
+float32 on devices without float64, such as MPS) on the device that holds the predictions, so
+``update`` never calls ``.item()``/``.cpu()`` and never forces a host sync: counting uses
+``index_add_`` (a sync-free, bincount-equivalent scatter; ``torch.bincount`` on CUDA reads its
+input's max back to the host). ``compute`` is the one place values reach the host, and
+``state_tensors`` exposes the accumulators so a DDP trainer can ``all_reduce(SUM)`` them first.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mtpsl.registry import Registry
+
+__all__ = [
+    "METRICS",
+    "DepthMetric",
+    "Metric",
+    "NormalMetric",
+    "SegmentationMetric",
+    "build_metric",
+    "delta_m",
+]
+
+METRICS: Registry[type[Metric]] = Registry("metric")
+
+
+def _float_dtype(device: torch.device) -> torch.dtype:
+    """float64 sums keep long evaluations exact enough; MPS has no float64, so fall back."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _count_into(acc: Tensor, index: Tensor, keep: Tensor) -> None:
+    """acc[index[i]] += keep[i] for all i: bincount into a persistent accumulator, no host sync.
+
+    Excluded elements (keep=False) must still carry an in-range index; they add zero.
+    """
+    acc.index_add_(0, index.reshape(-1), keep.reshape(-1).to(acc.dtype))
+
+
+class Metric(ABC):
+    """A streaming metric: ``update`` per batch, ``compute`` once, ``reset`` between evaluations.
+
+    Accumulators live in ``self._state`` (name -> tensor) on the predictions' device. The first
+    ``update`` moves them there if they were created elsewhere; call ``to(device)`` beforehand
+    on a DDP rank that may see no data, so every rank reduces tensors on the same device.
+    """
+
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._device = torch.device("cpu") if device is None else torch.device(device)
+        self._state: dict[str, Tensor] = {}
+        self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @abstractmethod
+    def _new_state(self, device: torch.device, float_dtype: torch.dtype) -> dict[str, Tensor]:
+        """Fresh zeroed accumulators."""
+
+    @abstractmethod
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add one batch to the accumulators (on device, no host sync)."""
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]:
+        """Turn the accumulated state into host floats."""
+
+    def reset(self) -> None:
+        self._state = self._new_state(self._device, _float_dtype(self._device))
+
+    def state_tensors(self) -> list[Tensor]:
+        """The accumulator tensors themselves (not copies): in-place all_reduce(SUM) is seen by
+        ``compute``. Fetch them after the last ``update``; a device move replaces them."""
+        return list(self._state.values())
+
+    def to(self, device: torch.device | str) -> Metric:
+        """Move the accumulators (keeping their contents) to ``device``."""
+        device = torch.device(device)
+        fdt = _float_dtype(device)
+        self._state = {
+            k: v.to(device=device, dtype=fdt if v.is_floating_point() else v.dtype)
+            for k, v in self._state.items()
+        }
+        self._device = device
+        return self
+
+    def _follow(self, pred: Tensor, target: Tensor) -> None:
+        """Check pred/target share a device and put the accumulators there."""
+        if pred.device != target.device:
+            raise ValueError(
+                f"{type(self).__name__}: pred is on {pred.device} but target is on "
+                f"{target.device}; put both on the same device"
+            )
+        if pred.device != self._device:
+            self.to(pred.device)
+
+    def _host(self) -> dict[str, Tensor]:
+        """The one device->host transfer, in float64/int64 for the final arithmetic."""
+        return {
+            k: v.detach().cpu().to(torch.float64 if v.is_floating_point() else torch.int64)
+            for k, v in self._state.items()
+        }
+
+
+@METRICS.register("segmentation")
+class SegmentationMetric(Metric):
+    """mIoU and pixel accuracy from a global confusion matrix.
+
+    ``pred`` is ``[B, C, H, W]`` scores/log-probs (argmax over C) or a ``[B, H, W]`` integer
+    class map; ``target`` is ``[B, H, W]`` integer, any value outside ``[0, C)`` (e.g. -1)
+    is ignored. A predicted class id outside ``[0, C)`` counts as a miss for its gt class
+    (an extra confusion column) rather than being dropped, so it cannot inflate accuracy.
+    After ``compute``: ``absent_classes`` (ids with no gt pixel) and ``per_class_iou``
+    (NaN where a class is absent from both gt and pred; such classes are skipped by mIoU).
+    """
+
+    higher_is_better: ClassVar[dict[str, bool]] = {
+        "miou": True,
+        "pixel_acc": True,
+        "n_absent_classes": False,
+    }
+
+    def __init__(self, num_classes: int, device: torch.device | str | None = None) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.absent_classes: list[int] = []
+        self.per_class_iou: list[float] = []
+        super().__init__(device)
+
+    def _new_state(self, device: torch.device, float_dtype: torch.dtype) -> dict[str, Tensor]:
+        c = self.num_classes
+        # rows: gt class; columns: predicted class, plus column C = "invalid prediction".
+        return {"confusion": torch.zeros(c, c + 1, dtype=torch.int64, device=device)}
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        c = self.num_classes
+        if target.ndim != 3 or target.is_floating_point() or target.is_complex():
+            raise ValueError(
+                f"segmentation target must be an integer [B, H, W] tensor, got dtype "
+                f"{target.dtype} with shape {_shape(target)}"
+            )
+        b, h, w = _shape(target)
+        if pred.ndim == 4:
+            expected = (b, c, h, w)
+            if _shape(pred) != expected:
+                raise ValueError(
+                    f"segmentation pred scores: expected shape {expected} (target "
+                    f"{_shape(target)}, num_classes={c}), got {_shape(pred)}"
+                )
+            labels = pred.argmax(dim=1)
+        elif pred.ndim == 3:
+            if pred.is_floating_point() or pred.is_complex():
+                raise ValueError(
+                    f"segmentation pred class map must be integer, got {pred.dtype}; "
+                    f"pass scores as [B, C, H, W] instead"
+                )
+            if _shape(pred) != (b, h, w):
+                raise ValueError(
+                    f"segmentation pred class map: expected shape {(b, h, w)}, got {_shape(pred)}"
+                )
+            labels = pred
+        else:
+            raise ValueError(
+                f"segmentation pred: expected [B, C, H, W] scores or [B, H, W] class map "
+                f"matching target {_shape(target)}, got {_shape(pred)}"
+            )
+        self._follow(pred, target)
+        gt = target.long()
+        labels = labels.long()
+        valid = (gt >= 0) & (gt < c)
+        col = torch.where((labels >= 0) & (labels < c), labels, c)
+        index = torch.where(valid, gt * (c + 1) + col, 0)
+        _count_into(self._state["confusion"].view(-1), index, valid)
+
+    def compute(self) -> dict[str, float]:
+        c = self.num_classes
+        conf = self._host()["confusion"].to(torch.float64)
+        tp = conf[:, :c].diagonal()
+        gt_count = conf.sum(dim=1)
+        pred_count = conf[:, :c].sum(dim=0)
+        union = gt_count + pred_count - tp
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+        self.per_class_iou = [float(v) for v in iou]
+        self.absent_classes = [i for i in range(c) if gt_count[i] == 0]
+        total = float(gt_count.sum())
+        return {
+            "miou": float(torch.nanmean(iou)),
+            "pixel_acc": float(tp.sum()) / total if total > 0 else math.nan,
+            "n_absent_classes": float(len(self.absent_classes)),
+        }
+
+    def reset(self) -> None:
+        super().reset()
+        self.absent_classes = []
+        self.per_class_iou = []
+
+
+def _check_dense_pair(name: str, pred: Tensor, target: Tensor, channels: int) -> None:
+    if target.ndim != 4 or target.shape[1] != channels:
+        raise ValueError(
+            f"{name} target: expected shape [B, {channels}, H, W], got {_shape(target)}"
+        )
+    if _shape(pred) != _shape(target):
+        raise ValueError(f"{name} pred: expected shape {_shape(target)}, got {_shape(pred)}")
+    for role, t in (("pred", pred), ("target", target)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} {role} must be a floating tensor, got {t.dtype}")
+
+
+@METRICS.register("depth")
+class DepthMetric(Metric):
+    """Depth errors over valid pixels (target != 0 and finite), pooled over the whole set.
+
+    ``delta_k`` is the percentage of valid pixels with ``max(p/g, g/p) < 1.25**k``; a
+    non-positive prediction (or target) has no meaningful ratio and counts as outside.
+    """
+
+    higher_is_better: ClassVar[dict[str, bool]] = {
+        "abs_err": False,
+        "rel_err": False,
+        "rmse": False,
+        "delta1": True,
+        "delta2": True,
+        "delta3": True,
+    }
+
+    def _new_state(self, device: torch.device, float_dtype: torch.dtype) -> dict[str, Tensor]:
+        return {
+            "count": torch.zeros((), dtype=torch.int64, device=device),
+            "abs": torch.zeros((), dtype=float_dtype, device=device),
+            "rel": torch.zeros((), dtype=float_dtype, device=device),
+            "sq": torch.zeros((), dtype=float_dtype, device=device),
+            "within": torch.zeros(3, dtype=torch.int64, device=device),
+        }
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        _check_dense_pair("depth", pred, target, 1)
+        self._follow(pred, target)
+        s = self._state
+        dt = s["abs"].dtype
+        p = pred.detach().to(dt)
+        g = target.detach().to(dt)
+        # Masking with torch.where, not boolean indexing: indexing would sync to size the output.
+        valid = (g != 0) & torch.isfinite(g)
+        g_safe = torch.where(valid, g, 1)
+        diff = torch.where(valid, p - g_safe, 0)
+        adiff = diff.abs()
+        s["count"] += valid.sum()
+        s["abs"] += adiff.sum()
+        s["rel"] += (adiff / g_safe).sum()
+        s["sq"] += (diff * diff).sum()
+        pos = valid & (p > 0) & (g > 0)
+        p_safe = torch.where(pos, p, 1)
+        ratio = torch.where(pos, torch.maximum(p_safe / g_safe, g_safe / p_safe), math.inf)
+        s["within"] += torch.stack([(ratio < 1.25**k).sum() for k in (1, 2, 3)])
+
+    def compute(self) -> dict[str, float]:
+        s = self._host()
+        n = int(s["count"])
+        if n == 0:
+            return dict.fromkeys(self.higher_is_better, math.nan)
+        within = s["within"].to(torch.float64) * (100.0 / n)
+        return {
+            "abs_err": float(s["abs"]) / n,
+            "rel_err": float(s["rel"]) / n,
+            "rmse": math.sqrt(float(s["sq"]) / n),
+            "delta1": float(within[0]),
+            "delta2": float(within[1]),
+            "delta3": float(within[2]),
+        }
+
+
+NORMAL_THRESHOLDS_DEG: tuple[float, ...] = (11.25, 22.5, 30.0)
+
+
+@METRICS.register("normal")
+class NormalMetric(Metric):
+    """Angular error (degrees) of surface normals over valid pixels (any non-zero gt channel).
+
+    The prediction is L2-normalised here (a network head need not output unit vectors); the
+    target is used as given (assumed unit). The median comes from a histogram with
+    ``median_bin_deg`` bins over [0, 180] (bin centre, error <= bin/2) so memory does not grow
+    with the set; threshold percentages are exact counts.
+    """
+
+    higher_is_better: ClassVar[dict[str, bool]] = {
+        "mean": False,
+        "median": False,
+        "rmse": False,
+        "within_11_25": True,
+        "within_22_5": True,
+        "within_30": True,
+    }
+
+    def __init__(
+        self, median_bin_deg: float = 1e-3, device: torch.device | str | None = None
+    ) -> None:
+        if not (0 < median_bin_deg <= 180):
+            raise ValueError(f"median_bin_deg must be in (0, 180], got {median_bin_deg!r}")
+        self.median_bin_deg = float(median_bin_deg)
+        self.num_bins = max(1, math.ceil(180.0 / self.median_bin_deg))
+        super().__init__(device)
+
+    def _new_state(self, device: torch.device, float_dtype: torch.dtype) -> dict[str, Tensor]:
+        return {
+            "count": torch.zeros((), dtype=torch.int64, device=device),
+            "sum": torch.zeros((), dtype=float_dtype, device=device),
+            "sq": torch.zeros((), dtype=float_dtype, device=device),
+            "within": torch.zeros(len(NORMAL_THRESHOLDS_DEG), dtype=torch.int64, device=device),
+            "hist": torch.zeros(self.num_bins, dtype=torch.int64, device=device),
+        }
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        _check_dense_pair("normal", pred, target, 3)
+        self._follow(pred, target)
+        s = self._state
+        dt = s["sum"].dtype
+        p = pred.detach().to(dt)
+        t = target.detach().to(dt)
+        valid = (t != 0).any(dim=1)
+        p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        dot = (p * t).sum(dim=1).clamp(-1.0, 1.0)
+        angle = torch.where(valid, torch.rad2deg(torch.acos(dot)), 0)
+        s["count"] += valid.sum()
+        s["sum"] += angle.sum()
+        s["sq"] += (angle * angle).sum()
+        s["within"] += torch.stack([(valid & (angle < th)).sum() for th in NORMAL_THRESHOLDS_DEG])
+        bins = torch.floor(angle / self.median_bin_deg).long().clamp(0, self.num_bins - 1)
+        _count_into(s["hist"], bins, valid)
+
+    def compute(self) -> dict[str, float]:
+        s = self._host()
+        n = int(s["count"])
+        if n == 0:
+            return dict.fromkeys(self.higher_is_better, math.nan)
+        within = s["within"].to(torch.float64) * (100.0 / n)
+        return {
+            "mean": float(s["sum"]) / n,
+            "median": self._hist_median(s["hist"]),
+            "rmse": math.sqrt(float(s["sq"]) / n),
+            "within_11_25": float(within[0]),
+            "within_22_5": float(within[1]),
+            "within_30": float(within[2]),
+        }
+
+    def _hist_median(self, hist: Tensor) -> float:
+        """Median from bin counts: mean of the centres of the two middle ranks' bins
+        (the same bin for an odd count), so the error stays <= bin/2."""
+        n = int(hist.sum())
+        if n == 0:
+            return math.nan
+        cum = hist.cumsum(0)
+        ranks = torch.tensor([(n + 1) // 2, n // 2 + 1], dtype=cum.dtype)  # 1-based
+        idx = torch.searchsorted(cum, ranks, side="left").to(torch.float64)
+        return float((idx.mean() + 0.5) * self.median_bin_deg)
+
+
+def delta_m(
+    results: Mapping[str, float],
+    baseline: Mapping[str, float],
+    higher_is_better: Mapping[str, bool],
+) -> float:
+    """Multi-task gain in percent: mean over the keys of ``results`` of
+    ``(-1)^{lower_is_better} * (M - M_b) / M_b * 100`` (Maninis et al. 2019; Vandenhende et al.).
+
+    Keys are like ``"semantic/miou"``. ``higher_is_better`` is looked up by the full key, then
+    by the part after the last ``/`` so a metric class's own ``higher_is_better`` can be passed.
+    Only pass the keys that define the gain (e.g. not ``n_absent_classes``).
+    """
+    if not results:
+        raise ValueError("delta_m: results is empty")
+    total = 0.0
+    for key, value in results.items():
+        if key not in baseline:
+            raise ValueError(f"delta_m: key {key!r} missing from baseline")
+        short = key.rsplit("/", 1)[-1]
+        if key in higher_is_better:
+            higher = higher_is_better[key]
+        elif short in higher_is_better:
+            higher = higher_is_better[short]
+        else:
+            raise ValueError(f"delta_m: key {key!r} missing from higher_is_better")
+        base = float(baseline[key])
+        if base == 0:
+            raise ValueError(f"delta_m: baseline value for key {key!r} is 0")
+        sign = 1.0 if higher else -1.0
+        total += sign * (float(value) - base) / base * 100.0
+    return total / len(results)
+
+
+def build_metric(name: str, **kwargs: Any) -> Metric:
+    """Instantiate a registered metric by config name."""
+    return METRICS.get(name)(**kwargs)

@@ -1,0 +1,213 @@
+"""Task definitions: what a dense prediction task is, independent of any dataset or method.
+
+A task says how many channels its head predicts and how they are activated, how a label is
+stored in a batch and which pixels are valid, its per-image loss, how a joint spatial
+augmentation must treat its label (interpolation, what a rescale or a flip does to the values),
+how predictions and labels are encoded as input to a mapping network, and its metric.
+
+Adding a task type is one registered class here. Datasets create task *instances* with a name
+(the key of the task's tensors in every batch), e.g. ``build_task("segmentation", "semantic",
+num_classes=13)``.
+
+Batch formats (B images, H x W): segmentation ``int64 [B,H,W]`` with -1 = ignore; depth
+``float [B,1,H,W]`` with 0 = invalid; normals ``float [B,3,H,W]`` unit vectors, all-zero =
+invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import Registry
+
+TASKS: Registry[type[Task]] = Registry("task type")
+
+Interpolation = Literal["bilinear", "nearest"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Base task. Subclasses fill in the class variables and the label-specific methods."""
+
+    name: str
+
+    channels: ClassVar[int]
+    interpolation: ClassVar[Interpolation]
+    metric: ClassVar[str]
+    primary_metric: ClassVar[str]
+    """The metric that stands for the task in the multi-task gain Delta_m."""
+    label_dims: ClassVar[int]
+    """Channels of the stored label; 0 means a channel-less map (class indices)."""
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels
+
+    def metric_kwargs(self) -> dict:
+        return {}
+
+    def activate(self, raw: Tensor) -> Tensor:
+        return raw
+
+    def valid(self, target: Tensor) -> Tensor:
+        """Boolean ``[B,H,W]`` mask of pixels that carry a label."""
+        raise NotImplementedError
+
+    def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Unreduced loss ``[B,H,W]``; only valid pixels are read by :meth:`loss`."""
+        raise NotImplementedError
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Per-image loss ``[B]``: the mean over that image's valid pixels (0 if it has none).
+
+        Per-image (not per-batch) reduction is what lets a method weight each image by whether
+        it is labelled for this task.
+        """
+        valid = self.valid(target)
+        per_pixel = torch.where(valid, self.pixel_loss(pred, target), 0.0)
+        count = valid.flatten(1).sum(1)
+        return per_pixel.flatten(1).sum(1) / count.clamp(min=1)
+
+    def blank_like(self, target: Tensor) -> Tensor:
+        """A label of the same shape with every pixel invalid (hides an unlabelled target)."""
+        return torch.zeros_like(target)
+
+    def on_rescale(self, target: Tensor, scale: float | Tensor) -> Tensor:
+        """Fix label values after a zoom by ``scale`` (geometry-aware tasks override)."""
+        return target
+
+    def on_hflip(self, target: Tensor) -> Tensor:
+        """Fix label values after a horizontal flip (the pixels are already flipped)."""
+        return target
+
+    def encode_pred(self, pred: Tensor) -> Tensor:
+        """Map a prediction into the input space of a cross-task mapping network."""
+        return pred
+
+    def encode_target(self, target: Tensor) -> Tensor:
+        """Map a label into the same input space as :meth:`encode_pred`."""
+        return target
+
+
+@TASKS.register("segmentation")
+@dataclass(frozen=True)
+class SegmentationTask(Task):
+    """Per-pixel classification; the head outputs log-probabilities (NLL loss, -1 ignored)."""
+
+    num_classes: int = 13
+
+    channels: ClassVar[int] = 0  # overridden by out_channels
+    interpolation: ClassVar[Interpolation] = "nearest"
+    metric: ClassVar[str] = "segmentation"
+    primary_metric: ClassVar[str] = "miou"
+    label_dims: ClassVar[int] = 0
+    ignore_index: ClassVar[int] = -1
+
+    @property
+    def out_channels(self) -> int:
+        return self.num_classes
+
+    def metric_kwargs(self) -> dict:
+        return {"num_classes": self.num_classes}
+
+    def activate(self, raw: Tensor) -> Tensor:
+        return F.log_softmax(raw, dim=1)
+
+    def valid(self, target: Tensor) -> Tensor:
+        return (target >= 0) & (target < self.num_classes)
+
+    def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        safe = torch.where(self.valid(target), target, 0)
+        return F.nll_loss(pred, safe, reduction="none")
+
+    def blank_like(self, target: Tensor) -> Tensor:
+        return torch.full_like(target, self.ignore_index)
+
+    def encode_pred(self, pred: Tensor) -> Tensor:
+        # Straight-through hard Gumbel sample: a one-hot map like the label's, with gradients.
+        return F.gumbel_softmax(pred, tau=1.0, hard=True, dim=1)
+
+    def encode_target(self, target: Tensor) -> Tensor:
+        valid = self.valid(target)
+        onehot = F.one_hot(torch.where(valid, target, 0), self.num_classes)
+        onehot = onehot * valid.unsqueeze(-1)
+        return onehot.permute(0, 3, 1, 2).to(torch.float32)
+
+
+@TASKS.register("depth")
+@dataclass(frozen=True)
+class DepthTask(Task):
+    """Per-pixel depth (metres) or disparity; masked L1 over pixels with a non-zero label."""
+
+    channels: ClassVar[int] = 1
+    interpolation: ClassVar[Interpolation] = "nearest"
+    metric: ClassVar[str] = "depth"
+    primary_metric: ClassVar[str] = "abs_err"
+    label_dims: ClassVar[int] = 1
+
+    def valid(self, target: Tensor) -> Tensor:
+        return (target != 0).any(dim=1) & torch.isfinite(target).all(dim=1)
+
+    def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return (pred - target).abs().sum(dim=1)
+
+    def on_rescale(self, target: Tensor, scale: float | Tensor) -> Tensor:
+        # Zooming in by s brings the scene s times closer (the reference divides by s).
+        return target / _broadcast_scale(scale, target)
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        peak = x.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
+        return x / (peak + 1e-12)
+
+    def encode_pred(self, pred: Tensor) -> Tensor:
+        return self._normalise(pred)
+
+    def encode_target(self, target: Tensor) -> Tensor:
+        return self._normalise(target)
+
+
+@TASKS.register("normal")
+@dataclass(frozen=True)
+class NormalTask(Task):
+    """Surface normals as unit vectors; loss 1 - cos over pixels with a non-zero label."""
+
+    channels: ClassVar[int] = 3
+    interpolation: ClassVar[Interpolation] = "bilinear"
+    metric: ClassVar[str] = "normal"
+    primary_metric: ClassVar[str] = "mean"
+    label_dims: ClassVar[int] = 3
+
+    def activate(self, raw: Tensor) -> Tensor:
+        return F.normalize(raw, p=2, dim=1, eps=1e-12)
+
+    def valid(self, target: Tensor) -> Tensor:
+        return (target != 0).any(dim=1)
+
+    def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return 1.0 - (pred * target).sum(dim=1)
+
+    def on_hflip(self, target: Tensor) -> Tensor:
+        # Mirroring the image mirrors the surfaces: the x component changes sign.
+        return torch.cat([-target[:, :1], target[:, 1:]], dim=1)
+
+    def encode_pred(self, pred: Tensor) -> Tensor:
+        return (pred + 1.0) / 2.0
+
+    def encode_target(self, target: Tensor) -> Tensor:
+        return (target + 1.0) / 2.0
+
+
+def _broadcast_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:
+    if isinstance(scale, Tensor) and scale.ndim == 1:
+        return scale.view(-1, *([1] * (like.ndim - 1))).to(like)
+    return scale
+
+
+def build_task(kind: str, name: str, **kwargs) -> Task:
+    """Create a named task instance of a registered type."""
+    return TASKS.get(kind)(name=name, **kwargs)

@@ -1,0 +1,291 @@
+"""The training loop: schedule -> step -> evaluate -> log -> checkpoint, top to bottom.
+
+A run directory holds everything needed to understand and reproduce the run: the resolved
+config, the label split, per-epoch metrics (CSV and JSON lines), TensorBoard logs, the last
+checkpoint (written atomically) and the final metrics. The reported result is always the last
+epoch's on the evaluation split; a best epoch is only ever chosen on a validation split carved
+from the training images, and is labelled as such.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.optim import Adam
+from torch.optim.lr_scheduler import StepLR
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from .config import Config, apply_override, build_config, save_config
+from .errors import ConfigError, MtpslError
+from .evaluate import evaluate, higher_is_better, primary_keys
+from .experiment import (
+    Experiment,
+    build_experiment,
+    eval_loader,
+    resolve_device,
+    seed_everything,
+    train_loader,
+)
+from .models import count_parameters
+from .splits import Split
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(MtpslError):
+    """Training diverged; the last good checkpoint is left in place."""
+
+
+@dataclass
+class Optimisation:
+    """One Adam + StepLR per optimiser group a method asks for (XTC uses two)."""
+
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[StepLR]
+
+    @classmethod
+    def build(cls, exp: Experiment) -> Optimisation:
+        cfg = exp.config.optim
+        groups = exp.method.optimizer_groups(exp.model)
+        groups[0].params.extend(exp.weighting.parameters())
+        optimizers, schedulers = [], []
+        for g in groups:
+            opt = Adam(g.params, lr=g.lr or cfg.lr, weight_decay=cfg.weight_decay)
+            optimizers.append(opt)
+            schedulers.append(StepLR(opt, g.step_size or cfg.step_size, g.gamma or cfg.gamma))
+        return cls(optimizers, schedulers)
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def end_epoch(self) -> None:
+        for sched in self.schedulers:
+            sched.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for o, s in zip(self.schedulers, state["schedulers"], strict=True):
+            o.load_state_dict(s)
+
+
+@dataclass
+class History:
+    """Per-epoch rows, mirrored to metrics.jsonl and metrics.csv after every epoch."""
+
+    run_dir: Path
+    rows: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: Path, upto_epoch: int) -> History:
+        path = run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return cls(run_dir, [r for r in rows if r["epoch"] <= upto_epoch])
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        lines = "".join(json.dumps(r) + "\n" for r in self.rows)
+        atomic_write(self.run_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def last_eval(self) -> dict | None:
+        rows = [r for r in self.rows if any(k.startswith("eval/") for k in r)]
+        return rows[-1] if rows else None
+
+
+def new_run_dir(config: Config) -> Path:
+    """``output_dir/name``, suffixed ``-1``, ``-2``... so an old run is never overwritten."""
+    base = Path(config.output_dir) / config.name
+    path, k = base, 0
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    path.mkdir(parents=True)
+    return path
+
+
+def train(config: Config, run_dir: Path | None = None) -> dict:
+    """Train a new run (in ``run_dir`` or a fresh folder) and return its final metrics."""
+    run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed, config.train.deterministic)
+    exp = build_experiment(config)
+    save_config(config, run_dir / "config.yaml")
+    exp.split.save(run_dir / "split.json")
+    return _fit(exp, run_dir, start_epoch=0, state=None)
+
+
+def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Continue a run from its last checkpoint with its saved config and split.
+
+    Only ``train.*`` keys may be overridden (e.g. ``train.epochs=300`` to train longer): the
+    rest defines the experiment and must not change halfway through it.
+    """
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    data = state["config"]
+    for assignment in overrides:
+        if not assignment.startswith("train."):
+            raise ConfigError(f"resume accepts only train.* overrides, got {assignment!r}")
+        apply_override(data, assignment)
+    config = build_config(data, str(run_dir / CHECKPOINT))
+    save_config(config, run_dir / "config.yaml")
+    seed_everything(config.seed, config.train.deterministic)
+    split = Split.load(run_dir / "split.json")
+    exp = build_experiment(config, split)
+    return _fit(exp, run_dir, start_epoch=state["epoch"], state=state)
+
+
+def _fit(exp: Experiment, run_dir: Path, start_epoch: int, state: dict | None) -> dict:
+    cfg = exp.config.train
+    device = resolve_device(cfg.device)
+    exp.model.to(device)
+    exp.method.to(device)
+    exp.weighting.to(device)
+    optim = Optimisation.build(exp)
+    history = History.load(run_dir, start_epoch) if state else History(run_dir)
+    if state:
+        exp.model.load_state_dict(state["model"])
+        exp.method.load_state_dict(state["method"])
+        exp.weighting.load_state_dict(state["weighting"])
+        optim.load_state_dict(state["optim"])
+        restore_rng_state(state["rng"])
+    loader = train_loader(exp, device)
+    evals = {"eval": eval_loader(exp.eval_set, exp.config, device)}
+    if exp.val_set is not None:
+        evals["val"] = eval_loader(exp.val_set, exp.config, device)
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            done = epoch + 1
+            exp.method.on_epoch_start(epoch, cfg.epochs)
+            exp.train_set.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)
+            row = {"epoch": done, **_train_epoch(exp, loader, optim, device, epoch)}
+            row["lr"] = optim.optimizers[0].param_groups[0]["lr"]
+            optim.end_epoch()
+            if done % cfg.eval_every == 0 or done == cfg.epochs:
+                for prefix, ld in evals.items():
+                    metrics = evaluate(exp.model, ld, exp.tasks, device, cfg.progress, prefix)
+                    row.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+            history.append(row)
+            for key, value in row.items():
+                if key != "epoch" and math.isfinite(value):
+                    writer.add_scalar(key, value, done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
+                save_checkpoint(_state(exp, optim, done), run_dir / CHECKPOINT)
+    finally:
+        writer.close()
+    final = _final_metrics(exp, history, time.perf_counter() - started)
+    path = run_dir / "final_metrics.json"
+    atomic_write(path, lambda f: f.write(json.dumps(final, indent=2).encode()))
+    return final
+
+
+def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: int) -> dict:
+    cfg = exp.config.train
+    exp.model.train()
+    exp.method.train()
+    n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(
+        len(loader), cfg.max_steps_per_epoch
+    )
+    sums: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress)
+    for step, batch in enumerate(loader):
+        if step >= n_steps:
+            break
+        batch = batch.to(device, non_blocking=True)
+        losses, _ = exp.method.compute(exp.model, batch)
+        total = exp.weighting.combine(losses.tasks) + sum(losses.extra.values())
+        optim.zero_grad()
+        total.backward()
+        optim.step()
+        for key, value in {"total": total.detach(), **losses.detached()}.items():
+            sums[key] = sums.get(key, 0) + value
+        bar.update()
+        if step % 10 == 0 or step == n_steps - 1:
+            _check_finite(sums, epoch, step)  # one host sync per 10 steps, not per step
+            bar.set_postfix(loss=f"{sums['total'].item() / (step + 1):.4f}")
+    bar.close()
+    return {f"train/{k}": (v / max(n_steps, 1)).item() for k, v in sums.items()}
+
+
+def _check_finite(sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    bad = [k for k, v in sums.items() if not torch.isfinite(v).item() and k != "total"]
+    if bad or not torch.isfinite(sums["total"]).item():
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch + 1}, step <= {step + 1} "
+            f"(terms: {', '.join(bad) or 'total'}); the last checkpoint is unchanged"
+        )
+
+
+def _state(exp: Experiment, optim: Optimisation, epoch: int) -> dict:
+    return {
+        "epoch": epoch,
+        "config": exp.config.model_dump(),
+        "task_names": list(exp.tasks),
+        "model": exp.model.state_dict(),
+        "method": exp.method.state_dict(),
+        "weighting": exp.weighting.state_dict(),
+        "optim": optim.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
+    last = history.last_eval() or {}
+    final = {
+        "name": exp.config.name,
+        "method": exp.config.method.name,
+        "regime": exp.split.regime,
+        "seed": exp.config.seed,
+        "epochs": exp.config.train.epochs,
+        "eval_split": exp.config.dataset.eval_split,
+        "reported": "last epoch",
+        "metrics": _eval_metrics(last),
+        "split": exp.split.counts(),
+        "parameters": count_parameters(exp.model),
+        "train_seconds_this_session": round(seconds, 1),
+    }
+    val_rows = [r for r in history.rows if any(k.startswith("val/") for k in r)]
+    if val_rows:
+        # A best epoch, chosen on the carved validation split only, by the first task's
+        # primary metric; reported beside (never instead of) the last epoch.
+        key = primary_keys(exp.tasks)[0]
+        pick = max if higher_is_better(exp.tasks)[key] else min
+        best = pick(val_rows, key=lambda r: r[f"val/{key}"])
+        final["best_epoch_on_validation_split"] = {
+            "epoch": best["epoch"],
+            "selected_by": f"val/{key}",
+            "metrics": _eval_metrics(best),
+        }
+    return final
+
+
+def _eval_metrics(row: dict) -> dict[str, float]:
+    return {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random datasets in the standard ``.npy`` layouts."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FAMILIES = {
+    # folder -> (kind, extra): kind "label" with number of classes, or "depth"/"normal"
+    "nyuv2": {"label": ("label", 13), "depth": ("depth", 0), "normal": ("normal", 0)},
+    "cityscapes": {"label_7": ("label", 7), "label_19": ("label", 19), "depth": ("depth", 0)},
+}
+
+
+def make_layout(
+    tmp_path: Path,
+    family: str = "nyuv2",
+    n: int = 4,
+    h: int = 24,
+    w: int = 32,
+    seed: int = 0,
+    splits: Sequence[str] = ("train", "val"),
+) -> Path:
+    """Write a random but valid dataset ``ROOT/{split}/{folder}/{i}.npy``; return ROOT.
+
+    Arrays are float32 like the published layouts: images in [0,1], labels holding ints with
+    -1 = ignore, depth (H,W,1) with some 0 = invalid pixels, unit normals with some zero ones.
+    """
+    rng = np.random.default_rng(seed)
+    root = tmp_path / family
+    k = 1
+    while root.exists():
+        root, k = tmp_path / f"{family}-{k}", k + 1
+    for split in splits:
+        folder = root / split / "image"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            np.save(folder / f"{i}.npy", rng.random((h, w, 3), dtype=np.float32))
+        for name, (kind, classes) in FAMILIES[family].items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                np.save(folder / f"{i}.npy", _target(rng, kind, classes, h, w, family))
+    return root
+
+
+def _target(
+    rng: np.random.Generator, kind: str, classes: int, h: int, w: int, family: str
+) -> np.ndarray:
+    if kind == "label":
+        return rng.integers(-1, classes, size=(h, w)).astype(np.float32)
+    if kind == "depth":
+        top = 0.49 if family == "cityscapes" else 10.0
+        depth = rng.uniform(0.01, top, size=(h, w, 1)).astype(np.float32)
+        depth[rng.random((h, w, 1)) < 0.1] = 0.0
+        return depth
+    normal = rng.normal(size=(h, w, 3))
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    normal[rng.random((h, w)) < 0.1] = 0.0
+    return normal.astype(np.float32)
+
+
+@pytest.fixture
+def layout_factory(tmp_path: Path) -> Callable[..., Path]:
+    """``make_layout`` bound to this test's ``tmp_path``."""
+    return functools.partial(make_layout, tmp_path)
+
+
+def shared_dir() -> Path:
+    """The shared data folder (``MTPSL_SHARED`` overrides ``/work/shared``-style discovery)."""
+    env = os.environ.get("MTPSL_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def nyuv2_frames() -> Path:
+    """Root of the two real NYUv2 frames in the layout; skips when shared data is absent."""
+    root = shared_dir() / "data" / "nyuv2-2frames" / "layout"
+    if not (root / "val" / "image").is_dir():
+        pytest.skip(f"shared data not available at {root}")
+    return root

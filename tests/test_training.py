@@ -1,0 +1,153 @@
+"""End to end: `mtpsl train / eval / compare` on tiny data, run folders, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtpsl.checkpoint import load_checkpoint
+from mtpsl.cli import main
+from mtpsl.splits import Split
+
+from conftest import make_layout
+
+TINY = ["model.width=0.0625", "train.epochs=2", "train.batch_size=2", "train.eval_every=1",
+        "train.checkpoint_every=1", "train.progress=false", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return make_layout(tmp_path_factory.mktemp("data"), n=6, h=32, w=48)
+
+
+def _train(root, run_dir, *extra):
+    code = main(["train", "--run-dir", str(run_dir), f"dataset.root={root}", *TINY, *extra])
+    assert code == 0
+    return json.loads((run_dir / "final_metrics.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["sl", "stl"])
+def test_train_writes_a_complete_run_folder(tiny_root, tmp_path, method):
+    final = _train(tiny_root, tmp_path / "run", f"method.name={method}")
+    run = tmp_path / "run"
+    for name in ["config.yaml", "split.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt",
+                 "final_metrics.json"]:
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert final["reported"] == "last epoch"
+    assert final["metrics"] == {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval/")}
+    for key in ["semantic/miou", "depth/abs_err", "normal/mean"]:
+        assert np.isfinite(final["metrics"][key])
+    state = load_checkpoint(run / "checkpoint.pt")  # weights_only=True inside
+    assert state["epoch"] == 2
+    if method == "stl":
+        assert set(state["model"]) >= {"nets.semantic.heads.semantic.1.weight"}
+
+
+def test_split_file_of_a_run_reproduces_the_split(tiny_root, tmp_path):
+    _train(tiny_root, tmp_path / "a", "labels.regime=random", "train.epochs=1")
+    saved = Split.load(tmp_path / "a" / "split.json", ("semantic", "depth", "normal"))
+    _train(tiny_root, tmp_path / "b", f"labels.file={tmp_path / 'a' / 'split.json'}",
+           "train.epochs=1")
+    again = Split.load(tmp_path / "b" / "split.json")
+    np.testing.assert_array_equal(saved.labelled, again.labelled)
+    _train(tiny_root, tmp_path / "c", "labels.regime=random", "train.epochs=1")
+    redrawn = Split.load(tmp_path / "c" / "split.json")
+    np.testing.assert_array_equal(saved.labelled, redrawn.labelled)
+
+
+def test_same_seed_is_bitwise_reproducible_and_seed_matters(tiny_root, tmp_path):
+    a = load_checkpoint(_train(tiny_root, tmp_path / "a") and tmp_path / "a" / "checkpoint.pt")
+    b = load_checkpoint(_train(tiny_root, tmp_path / "b") and tmp_path / "b" / "checkpoint.pt")
+    c = load_checkpoint(_train(tiny_root, tmp_path / "c", "seed=1") and
+                        tmp_path / "c" / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+def test_resume_matches_an_uninterrupted_run_bitwise(tiny_root, tmp_path):
+    _train(tiny_root, tmp_path / "full", "train.epochs=3")
+    _train(tiny_root, tmp_path / "part", "train.epochs=1")
+    assert main(["train", "--resume", str(tmp_path / "part"), "train.epochs=3"]) == 0
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    part = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert part["epoch"] == 3
+    for key, value in full["model"].items():
+        assert torch.equal(value, part["model"][key]), key
+    rows = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_to_change_the_experiment(tiny_root, tmp_path, capsys):
+    _train(tiny_root, tmp_path / "r", "train.epochs=1")
+    assert main(["train", "--resume", str(tmp_path / "r"), "method.name=stl"]) == 2
+    assert "only train.* overrides" in capsys.readouterr().err
+
+
+def test_workers_do_not_change_the_result(tiny_root, tmp_path):
+    _train(tiny_root, tmp_path / "w0", "train.epochs=1")
+    _train(tiny_root, tmp_path / "w2", "train.epochs=1", "train.num_workers=2")
+    a = load_checkpoint(tmp_path / "w0" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "w2" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_reproduces_final_metrics(tiny_root, tmp_path, capsys):
+    final = _train(tiny_root, tmp_path / "run")
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.json")]) == 0
+    evaluated = json.loads((tmp_path / "m.json").read_text())
+    assert evaluated["metrics"] == pytest.approx(final["metrics"], rel=1e-6, nan_ok=True)
+
+
+def test_validation_split_selects_a_labelled_best_epoch(tiny_root, tmp_path):
+    final = _train(tiny_root, tmp_path / "run", "dataset.val_fraction=0.34", "train.epochs=2")
+    best = final["best_epoch_on_validation_split"]
+    assert best["selected_by"] == "val/semantic/miou" and best["epoch"] in (1, 2)
+    assert final["reported"] == "last epoch"
+    assert sum(final["split"].values()) >= 1
+
+
+def test_compare_prints_a_table_with_delta_m(tiny_root, tmp_path, capsys):
+    args = ["compare", "--config", "synthetic_demo", "--out", str(tmp_path / "grid"),
+            "--methods", "stl,sl", "--regimes", "onelabel", "--seeds", "0,1",
+            f"dataset.root={tiny_root}", *TINY, "train.epochs=1"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "semantic/miou ↑" in table and "depth/abs_err ↓" in table and "normal/mean ↓" in table
+    lines = [line for line in table.splitlines() if line.startswith("| onelabel")]
+    assert [line.split("|")[2].strip() for line in lines] == ["stl", "sl"]
+    stl_delta = float(lines[0].split("|")[-2].split("±")[0])
+    assert abs(stl_delta) < 1e-6  # STL against its own seed mean: zero on average
+    assert (tmp_path / "grid" / "results.csv").is_file()
+    assert (tmp_path / "grid" / "onelabel" / "sl" / "seed1" / "final_metrics.json").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", f"dataset.root={tmp_path / 'nowhere'}", "train.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_full_size_nyuv2_preset_runs_an_iteration_on_cpu(tmp_path):
+    from mtpsl.data.synthetic import write_nyuv2_layout
+    from mtpsl.models import count_parameters
+
+    root = write_nyuv2_layout(tmp_path / "syn", n_train=2, n_val=1, progress=False)
+    final = _run_preset(root, tmp_path / "run")
+    assert final["parameters"] + 3 == 25_055_188  # reference count includes 3 log-sigmas
+    assert count_parameters  # imported for the reader: the same counter the run reports
+
+
+def _run_preset(root, run_dir):
+    code = main(["train", "--config", "nyuv2_onelabel", "--run-dir", str(run_dir),
+                 f"dataset.root={root}", "train.epochs=1", "train.max_steps_per_epoch=1",
+                 "train.progress=false", "train.eval_batch_size=1"])
+    assert code == 0
+    return json.loads((run_dir / "final_metrics.json").read_text())
