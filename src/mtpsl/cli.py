@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .commands import add_all
 from .errors import MtpslError
 
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list shipped config presets or print one")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_presets)
+    add_all(sub)
     return parser
 
 
