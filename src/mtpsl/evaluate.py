@@ -65,28 +65,16 @@ def evaluate_checkpoint(
     device: str = "auto",
 ) -> dict:
     """``mtpsl eval``: rebuild a run's model from its checkpoint and evaluate it."""
-    from pathlib import Path
-
-    from .checkpoint import load_checkpoint
-    from .config import build_config
     from .data.batch import PartialLabelSet
-    from .experiment import build_model_for, eval_loader, open_dataset, resolve_device
-    from .methods import build_method
+    from .experiment import eval_loader, open_dataset, resolve_device
+    from .inference import load_run
 
-    path = Path(checkpoint) if checkpoint else Path(run) / "checkpoint.pt"
-    state = load_checkpoint(path)
-    config = build_config(state["config"], str(path))
-    if root:
-        config.dataset.root = root
+    dev = resolve_device(device)
+    loaded = load_run(run, checkpoint, root, dev)
+    config = loaded.config
     split_name = split or config.dataset.eval_split
     dataset = open_dataset(config, split_name)
-    tasks = dict(dataset.tasks)
-    method = build_method(config.method.name, tasks, config.method.options)
-    model = build_model_for(config, tasks, method)
-    model.load_state_dict(state["model"])
-    dev = resolve_device(device)
-    model.to(dev)
-    loader = eval_loader(PartialLabelSet(dataset, tasks), config, dev)
-    metrics = evaluate(model, loader, tasks, dev, config.train.progress, split_name)
-    return {"checkpoint": str(path), "epoch": state["epoch"], "split": split_name,
+    loader = eval_loader(PartialLabelSet(dataset, loaded.tasks), config, dev)
+    metrics = evaluate(loaded.model, loader, loaded.tasks, dev, config.train.progress, split_name)
+    return {"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "split": split_name,
             "root": config.dataset.root, "metrics": metrics}

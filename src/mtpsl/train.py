@@ -249,6 +249,7 @@ def _state(exp: Experiment, optim: Optimisation, epoch: int) -> dict:
         "epoch": epoch,
         "config": exp.config.model_dump(),
         "task_names": list(exp.tasks),
+        "input_size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width],
         "model": exp.model.state_dict(),
         "method": exp.method.state_dict(),
         "weighting": exp.weighting.state_dict(),
