@@ -12,6 +12,7 @@ from mtpsl.data.transforms import (
     RandomHorizontalFlip,
     RandomScaleCrop,
     build_train_transform,
+    replay,
 )
 from mtpsl.tasks import Task, build_task
 
@@ -217,3 +218,45 @@ def test_bad_arguments() -> None:
         RandomScaleCrop((0.5,))
     with pytest.raises(ValueError):
         RandomHorizontalFlip(1.5)
+
+
+def test_transforms_record_crop_and_flip_per_sample() -> None:
+    batch = _batch(4)
+    out = build_train_transform(flip=True)(batch, TASKS, torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    crops = [_draw(g, (1.0, 1.2, 1.5)) for _ in range(4)]
+    flips = [float(torch.rand((1,), generator=g)) < 0.5 for _ in range(4)]
+    assert out["crop"].dtype == torch.float64 and out["crop"].shape == (4, 3)
+    assert out["crop"].tolist() == [list(map(float, c)) for c in crops]
+    assert out["flip"].dtype == torch.bool and out["flip"].tolist() == flips
+    # identity records: no scale-crop in the Compose, or no flip
+    only_flip = Compose([RandomHorizontalFlip(1.0)])(out, TASKS, torch.Generator())
+    assert only_flip["crop"].tolist() == [[1.0, 0.0, 0.0]] * 4 and only_flip["flip"].all()
+    only_crop = build_train_transform((1.5,))(out, TASKS, torch.Generator().manual_seed(0))
+    assert not only_crop["flip"].any() and (only_crop["crop"][:, 0] == 1.5).all()
+    assert set(Compose([])(batch, TASKS)) >= {"crop", "flip"}
+    none = RandomHorizontalFlip(0.0)(batch, TASKS, torch.Generator())
+    assert not none["flip"].any() and none["crop"].tolist() == [[1.0, 0.0, 0.0]] * 4
+
+
+def test_unbatched_sample_records_unbatched_meta() -> None:
+    single = {k: v[0] for k, v in _batch(1).items()}
+    out = build_train_transform(flip=True)(single, TASKS, torch.Generator().manual_seed(3))
+    assert out["crop"].shape == (3,) and out["flip"].shape == ()
+    again = build_train_transform(flip=True)(out, TASKS, torch.Generator().manual_seed(4))
+    assert again["crop"].shape == (3,) and again["flip"].shape == ()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replay_of_view0_is_view1_for_image_and_bilinear_labels(seed: int) -> None:
+    view0 = build_train_transform(flip=True)(_batch(6), TASKS, torch.Generator().manual_seed(9))
+    view1 = build_train_transform(flip=True)(view0, TASKS, torch.Generator().manual_seed(seed))
+    crop, flip = view1["crop"], view1["flip"]
+    assert (crop[:, 0] > 1).any() and flip.any() and not flip.all()
+    assert torch.equal(replay(view0["image"], crop, flip), view1["image"])
+    assert torch.equal(replay(view0["normal"], crop, flip, TASKS["normal"]), view1["normal"])
+
+
+def test_compose_rejects_a_crop_after_a_flip() -> None:
+    with pytest.raises(ValueError, match="after a RandomHorizontalFlip"):
+        Compose([RandomHorizontalFlip(), RandomScaleCrop()])

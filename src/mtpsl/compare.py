@@ -3,27 +3,27 @@
 Each cell is an ordinary run in ``OUT/<regime>/<method>/seed<k>``; a cell whose
 ``final_metrics.json`` exists is not trained again, so an interrupted grid resumes. Tables
 report the mean +- std over seeds of each task's primary metric and the multi-task gain
-Delta_m against the baseline method (STL) under the same regime.
+Delta_m against the baseline method (STL) under the same regime (built by
+:mod:`mtpsl.report`, the one implementation of the tables), and ``curves.png/.pdf`` plots each
+task's primary metric over epochs, one line per method (mean over seeds).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
+from . import report
 from .config import Config
 from .errors import ConfigError
 from .evaluate import higher_is_better, primary_keys
 from .experiment import open_dataset
-from .metrics import delta_m
 from .tasks import Task
 from .train import train
 
-ARROWS = {True: "↑", False: "↓"}
+ARROWS = report.ARROWS
+GROUP = ("regime",)
 
 
 def run_grid(config: Config, out: Path) -> list[dict]:
@@ -40,7 +40,8 @@ def run_grid(config: Config, out: Path) -> list[dict]:
                     print(f"== {regime} / {method} / seed {seed} -> {cell}", flush=True)
                     train(cell_config, cell)
                 result = json.loads(final_path.read_text())
-                results.append({**result, "regime": regime, "method": method, "seed": seed})
+                results.append({**result, "regime": regime, "method": method, "seed": seed,
+                                "run_dir": str(cell)})
     return results
 
 
@@ -56,54 +57,31 @@ def _cell_config(config: Config, regime: str, method: str, seed: int) -> Config:
 def summarise(
     results: Sequence[Mapping], tasks: Mapping[str, Task], baseline: str
 ) -> list[dict]:
-    """One row per (regime, method): mean/std per primary metric and Delta_m vs baseline."""
-    keys = primary_keys(tasks)
-    better = higher_is_better(tasks)
-    rows = []
-    for regime in dict.fromkeys(r["regime"] for r in results):
-        in_regime = [r for r in results if r["regime"] == regime]
-        base_runs = [r for r in in_regime if r["method"] == baseline]
-        base = {k: float(np.mean([r["metrics"][k] for r in base_runs])) for k in keys}
-        for method in dict.fromkeys(r["method"] for r in in_regime):
-            runs = [r for r in in_regime if r["method"] == method]
-            row: dict = {"regime": regime, "method": method, "seeds": len(runs)}
-            for k in keys:
-                values = [r["metrics"][k] for r in runs]
-                row[k] = float(np.mean(values))
-                row[f"{k}:std"] = float(np.std(values))
-            if base_runs:
-                gains = [delta_m({k: r["metrics"][k] for k in keys}, base, better) for r in runs]
-                row["delta_m"] = float(np.mean(gains))
-                row["delta_m:std"] = float(np.std(gains))
-            rows.append(row)
-    return rows
+    """One row per (regime, method): mean/std per metric and Delta_m vs baseline."""
+    return report.summarise(results, primary_keys(tasks), higher_is_better(tasks), baseline,
+                            GROUP)
 
 
 def markdown_table(rows: Sequence[Mapping], tasks: Mapping[str, Task], baseline: str) -> str:
-    keys = primary_keys(tasks)
-    better = higher_is_better(tasks)
-    header = ["regime", "method", "seeds"] + [f"{k} {ARROWS[better[k]]}" for k in keys]
-    header.append(f"Δm % vs {baseline} ↑")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["regime"], row["method"], str(row["seeds"])]
-        cells += [_pm(row[k], row[f"{k}:std"], row["seeds"]) for k in keys]
-        cells.append(_pm(row["delta_m"], row["delta_m:std"], row["seeds"]) if "delta_m" in row
-                     else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _pm(mean: float, std: float, n: int) -> str:
-    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+    return report.markdown_table(rows, primary_keys(tasks), higher_is_better(tasks), baseline,
+                                 GROUP)
 
 
 def write_tables(rows: Sequence[Mapping], table: str, out: Path) -> None:
     (out / "results.md").write_text(table + "\n")
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    report.write_csv(rows, out / "results.csv")
+
+
+def write_curves(results: Sequence[Mapping], out: Path) -> list[Path]:
+    """``curves.png/.pdf``: each metric over epochs, one line per method (mean over seeds)."""
+    from .figures import plot_curve_groups
+
+    several = len({r["regime"] for r in results}) > 1
+    groups: dict[str, list[Path]] = {}
+    for r in results:
+        label = f"{r['regime']}/{r['method']}" if several else r["method"]
+        groups.setdefault(label, []).append(Path(r["run_dir"]))
+    return plot_curve_groups(groups, out / "curves")
 
 
 def compare(config: Config, out: Path) -> str:
@@ -119,4 +97,5 @@ def compare(config: Config, out: Path) -> str:
     rows = summarise(results, tasks, grid.baseline)
     table = markdown_table(rows, tasks, grid.baseline)
     write_tables(rows, table, out)
+    write_curves(results, out)
     return table

@@ -166,7 +166,10 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw else None
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML: {err}") from None
 
 
 def build_config(data: dict, source: str = "config") -> Config:

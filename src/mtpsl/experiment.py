@@ -146,6 +146,7 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
 
     weighting_cls = lookup(WEIGHTINGS, config.method.weighting, "method.weighting")
     model = build_model_for(config, tasks, method)
+    method.attach(model)
     return Experiment(
         config, tasks, split, train_set, eval_set, val_set, model, method, weighting_cls(names)
     )

@@ -76,7 +76,8 @@ def read_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as err:  # a bomb: a crafted header declaring billions of pixels
         raise DataError(f"image {path} cannot be read as an image: {err}") from None
     array = np.asarray(rgb, dtype=np.float32) / 255.0
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:

@@ -140,6 +140,8 @@ class Split:
 def _load_json(path: Path) -> Split:
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"the top level is a {type(data).__name__}, not an object")
         if data.get("format") != FORMAT:
             raise ValueError(f"'format' is {data.get('format')!r}, expected {FORMAT!r}")
         return Split(
@@ -149,7 +151,7 @@ def _load_json(path: Path) -> Split:
             seed=data.get("seed"),
             params=data.get("params", {}),
         )
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:
         raise DataError(f"split file {path} is not a valid mtpsl split: {err}") from None
 
 
@@ -163,7 +165,12 @@ def _load_pth(path: Path, task_names: Sequence[str] | None) -> Split:
             f"split file {path} is not a reference split "
             f"({{'labels_weights': FloatTensor[N, T]}}): {err}"
         ) from None
-    matrix = torch.as_tensor(weights).numpy()
+    try:  # anything tensor-like; bfloat16, sparse, grad-tracking... tensors and others refuse
+        matrix = np.asarray(torch.as_tensor(weights).detach().to_dense().numpy())
+    except Exception as err:
+        raise DataError(
+            f"split file {path}: labels_weights is not a numeric matrix: {err}"
+        ) from None
     if matrix.ndim != 2 or not np.isin(matrix, (0, 1)).all():
         raise DataError(f"split file {path}: labels_weights must be a 0/1 matrix [N, T]")
     names = tuple(task_names) if task_names else tuple(f"task{i}" for i in range(matrix.shape[1]))

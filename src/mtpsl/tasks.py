@@ -93,6 +93,14 @@ class Task:
         """Map a label into the same input space as :meth:`encode_pred`."""
         return target
 
+    def distance(self, pred: Tensor, ref: Tensor) -> Tensor:
+        """Per-image distance ``[B]`` between two predictions, averaged over all pixels.
+
+        Used where the reference is itself a mapped prediction (e.g. a mapping network applied
+        to a label): there is no label, so no invalid pixels and no validity mask.
+        """
+        raise NotImplementedError
+
 
 @TASKS.register("segmentation")
 @dataclass(frozen=True)
@@ -138,6 +146,14 @@ class SegmentationTask(Task):
         onehot = onehot * valid.unsqueeze(-1)
         return onehot.permute(0, 3, 1, 2).to(torch.float32)
 
+    def distance(self, pred: Tensor, ref: Tensor) -> Tensor:
+        """Cross-entropy of ``pred`` against the soft distribution ``exp(ref)``, per image.
+
+        Both are log-probabilities. Used where the reference is itself a mapped prediction (no
+        label, so no invalid pixels): the mean over all pixels.
+        """
+        return -(ref.exp() * pred).sum(dim=1).flatten(1).mean(dim=1)
+
 
 @TASKS.register("depth")
 @dataclass(frozen=True)
@@ -170,6 +186,13 @@ class DepthTask(Task):
     def encode_target(self, target: Tensor) -> Tensor:
         return self._normalise(target)
 
+    def distance(self, pred: Tensor, ref: Tensor) -> Tensor:
+        """Mean ``|pred - ref|`` per image over all pixels and channels.
+
+        Used where the reference is itself a mapped prediction (no label, so no invalid pixels).
+        """
+        return (pred - ref).abs().flatten(1).mean(dim=1)
+
 
 @TASKS.register("normal")
 @dataclass(frozen=True)
@@ -200,6 +223,13 @@ class NormalTask(Task):
 
     def encode_target(self, target: Tensor) -> Tensor:
         return (target + 1.0) / 2.0
+
+    def distance(self, pred: Tensor, ref: Tensor) -> Tensor:
+        """Mean ``1 - cos`` (dot product of the unit vectors) per image over all pixels.
+
+        Used where the reference is itself a mapped prediction (no label, so no invalid pixels).
+        """
+        return (1.0 - (pred * ref).sum(dim=1)).flatten(1).mean(dim=1)
 
 
 def _broadcast_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:

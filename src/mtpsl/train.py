@@ -207,7 +207,21 @@ def _fit(exp: Experiment, run_dir: Path, start_epoch: int, state: dict | None) -
     return final
 
 
+CHECK_EVERY = 10
+"""Steps between host-side checks of the device-side divergence flags (and the last step)."""
+
+
 def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: int) -> dict:
+    """One epoch; raises :class:`NonFiniteLossError` naming the first step that diverged.
+
+    Divergence is tracked on the device, without a host sync per step: every step marks
+    whether any loss term or the gradient norm is non-finite, and the index of the first such
+    step and its bad terms are kept with ``torch.where``. The flags are read (one sync) before
+    the optimiser step of every ``CHECK_EVERY``-th step and of the last step, so at most
+    ``CHECK_EVERY - 1`` bad updates reach the in-memory weights before the run stops; those
+    weights are then discarded. The checkpoint is only written after an epoch that finished
+    clean, so the last good one is never overwritten.
+    """
     cfg = exp.config.train
     exp.model.train()
     exp.method.train()
@@ -215,6 +229,8 @@ def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: in
         len(loader), cfg.max_steps_per_epoch
     )
     sums: dict[str, torch.Tensor] = {}
+    watch = _DivergenceWatch(device)
+    params = [p for opt in optim.optimizers for g in opt.param_groups for p in g["params"]]
     bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress)
     for step, batch in enumerate(loader):
         if step >= n_steps:
@@ -224,24 +240,66 @@ def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: in
         total = exp.weighting.combine(losses.tasks) + sum(losses.extra.values())
         optim.zero_grad()
         total.backward()
+        terms = {"total": total.detach(), **losses.detached()}
+        watch.update(step, terms, [p.grad for p in params if p.grad is not None])
+        if step % CHECK_EVERY == 0 or step == n_steps - 1:
+            _check_finite(watch, epoch, n_steps)  # one host sync per CHECK_EVERY steps
         optim.step()
-        for key, value in {"total": total.detach(), **losses.detached()}.items():
+        for key, value in terms.items():
             sums[key] = sums.get(key, 0) + value
         bar.update()
-        if step % 10 == 0 or step == n_steps - 1:
-            _check_finite(sums, epoch, step)  # one host sync per 10 steps, not per step
+        if cfg.progress and (step % CHECK_EVERY == 0 or step == n_steps - 1):
             bar.set_postfix(loss=f"{sums['total'].item() / (step + 1):.4f}")
     bar.close()
     return {f"train/{k}": (v / max(n_steps, 1)).item() for k, v in sums.items()}
 
 
-def _check_finite(sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-    bad = [k for k, v in sums.items() if not torch.isfinite(v).item() and k != "total"]
-    if bad or not torch.isfinite(sums["total"]).item():
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch + 1}, step <= {step + 1} "
-            f"(terms: {', '.join(bad) or 'total'}); the last checkpoint is unchanged"
-        )
+GRADIENTS = "gradients"
+
+
+class _DivergenceWatch:
+    """Device-side record of the first step with a non-finite loss term or gradient norm."""
+
+    def __init__(self, device) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_terms: dict[str, torch.Tensor] = {}
+
+    def update(self, step: int, terms: dict[str, torch.Tensor], grads: list) -> None:
+        flags = {k: ~torch.isfinite(v).all() for k, v in terms.items()}
+        if grads:  # max |g| per tensor: NaN/inf propagate, and it cannot overflow like an L2
+            norms = torch._foreach_norm(grads, math.inf)
+            flags[GRADIENTS] = ~torch.isfinite(torch.stack(norms)).all()
+        any_bad = torch.stack(list(flags.values())).any()
+        is_first = any_bad & (self.first_bad < 0)
+        self.first_bad = torch.where(is_first, step, self.first_bad)
+        false = torch.zeros((), dtype=torch.bool, device=self.first_bad.device)
+        for key, bad in flags.items():
+            self.bad_terms[key] = self.bad_terms.get(key, false) | (bad & is_first)
+
+    def report(self) -> tuple[int, list[str]] | None:
+        """(first bad step, bad term names) or None; this is the host sync."""
+        step = int(self.first_bad.item())
+        if step < 0:
+            return None
+        return step, [k for k, v in self.bad_terms.items() if bool(v.item())]
+
+
+def _check_finite(watch: _DivergenceWatch, epoch: int, n_steps: int) -> None:
+    found = watch.report()
+    if found is None:
+        return
+    step, bad = found
+    losses = [k for k in bad if k not in ("total", GRADIENTS)] or [k for k in bad if k == "total"]
+    if losses:
+        what = f"non-finite loss ({', '.join(losses)})"
+        if GRADIENTS in bad:
+            what += " and gradients"
+    else:
+        what = "non-finite gradients (the loss was finite)"
+    raise NonFiniteLossError(
+        f"training diverged at epoch {epoch + 1}, step {step + 1} of {n_steps}: {what}; "
+        "stopped, the last checkpoint is unchanged"
+    )
 
 
 def _state(exp: Experiment, optim: Optimisation, epoch: int) -> dict:

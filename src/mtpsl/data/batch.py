@@ -10,7 +10,7 @@ whatever the number of workers, which is what makes runs reproducible and resuma
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,25 +18,41 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..tasks import Task
+from .transforms import META_KEYS
 
 Transform = Callable[[dict[str, Tensor], Mapping[str, Task], torch.Generator], dict[str, Tensor]]
 
 
 @dataclass
 class View:
-    """One augmented view of a batch: images ``[B,3,H,W]`` and per-task targets."""
+    """One augmented view of a batch: images ``[B,3,H,W]``, per-task targets, and ``meta``.
+
+    ``meta`` holds what the augmentation recorded per image (``"crop"`` float ``[B,3]`` =
+    scale, top, left; ``"flip"`` bool ``[B]``; see :mod:`mtpsl.data.transforms`): for view1 it
+    is the map from view0 to view1, which :func:`~mtpsl.data.transforms.replay` applies to
+    view0's predictions. Empty when no transform ran (evaluation).
+    """
 
     image: Tensor
     targets: dict[str, Tensor]
+    meta: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> View:
         def move(t: Tensor) -> Tensor:
             return t.to(device, non_blocking=non_blocking)
 
-        return View(move(self.image), {k: move(v) for k, v in self.targets.items()})
+        return View(
+            move(self.image),
+            {k: move(v) for k, v in self.targets.items()},
+            {k: move(v) for k, v in self.meta.items()},
+        )
 
     def pin_memory(self) -> View:
-        return View(self.image.pin_memory(), {k: v.pin_memory() for k, v in self.targets.items()})
+        return View(
+            self.image.pin_memory(),
+            {k: v.pin_memory() for k, v in self.targets.items()},
+            {k: v.pin_memory() for k, v in self.meta.items()},
+        )
 
 
 @dataclass
@@ -137,7 +153,8 @@ class PartialLabelSet(Dataset):
         for k, (name, task) in enumerate(self.tasks.items()):
             target = sample[name]
             targets[name] = (target if labelled[k] else task.blank_like(target))[0]
-        return View(sample["image"][0], targets)
+        meta = {k: sample[k][0] for k in META_KEYS if k in sample}
+        return View(sample["image"][0], targets, meta)
 
 
 def _item_seed(seed: int, epoch: int, index: int) -> int:
@@ -151,7 +168,10 @@ def collate(items: Sequence[dict], task_names: Sequence[str]) -> Batch:
     for v in range(n_views):
         image = torch.stack([it["views"][v].image for it in items])
         targets = {t: torch.stack([it["views"][v].targets[t] for it in items]) for t in task_names}
-        views.append(View(image, targets))
+        metas = [it["views"][v].meta for it in items]
+        keys = [k for k in metas[0] if all(k in m for m in metas)]  # keys every item has
+        meta = {k: torch.stack([m[k] for m in metas]) for k in keys}
+        views.append(View(image, targets, meta))
     labelled = torch.stack([it["labelled"] for it in items])
     index = torch.stack([it["index"] for it in items])
     return Batch(views, labelled, index, tuple(task_names))

@@ -11,6 +11,7 @@ not hours into training. Values (NaN, label range) are checked when an item is d
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -60,7 +61,10 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         raise DataError(f"{path}: object dtype {dtype} is not allowed (arrays must be numeric)")
     if dtype.kind not in _NUMERIC_KINDS:
         raise DataError(f"{path}: dtype {dtype} is not numeric (expected a float or int array)")
-    expected = offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if any(d < 0 for d in shape):
+        raise DataError(f"{path}: not a readable .npy file (negative dimension in {shape})")
+    # Python ints: a crafted header's huge shape must not overflow (or wrap around) here
+    expected = offset + dtype.itemsize * math.prod(int(d) for d in shape)
     actual = path.stat().st_size
     if actual < expected:
         raise DataError(

@@ -9,6 +9,15 @@ batches means the same code runs in a DataLoader (batch of 1) or on GPU batches.
 
 A per-sample dict (image ``[3,H,W]``) is accepted too: a batch dim is added and removed.
 Keys that are neither ``"image"`` nor a task name (``"index"``, ``"available"``) pass through.
+
+Recorded parameters. Every call also records what it applied, per sample, so the geometry can
+be replayed on other maps (:func:`replay`): ``"crop"`` float64 ``[B,3]`` = (scale, top, left)
+and ``"flip"`` bool ``[B]``. The pair always means "scale-crop, then flip". A later call
+overwrites them, so for ``view1 = T(view0)`` they describe the map from view0 to view1.
+:class:`Compose` starts each call from the identity (scale 1, top 0, left 0, no flip), so a
+Compose without a scale-crop records the identity crop and one without a flip records
+``flip=False``. A bare :class:`RandomScaleCrop` records ``flip=False`` (it does not flip); a
+bare :class:`RandomHorizontalFlip` records an identity crop only when the sample has none.
 """
 
 from __future__ import annotations
@@ -24,10 +33,20 @@ from ..tasks import NormalTask, Task
 
 Sample = dict[str, Tensor]
 
+#: Per-sample keys in which transforms record the parameters they applied.
+META_KEYS: tuple[str, ...] = ("crop", "flip")
+
 
 def _keys(sample: Mapping[str, Tensor], tasks: Mapping[str, Task]) -> list[str]:
     """The spatial keys a transform must move: the image and every task target present."""
     return ["image", *(name for name in tasks if name in sample)]
+
+
+def identity_meta(batch: int, device: torch.device | str = "cpu") -> Sample:
+    """The record of "no geometry": scale 1, top 0, left 0, no flip, for ``batch`` samples."""
+    crop = torch.zeros(batch, 3, dtype=torch.float64, device=device)
+    crop[:, 0] = 1.0
+    return {"crop": crop, "flip": torch.zeros(batch, dtype=torch.bool, device=device)}
 
 
 def _batched(
@@ -48,10 +67,10 @@ def _batched(
             raise ValueError(f"image must be [B,3,H,W] or [3,H,W], got {tuple(image.shape)}")
         keys = _keys(sample, tasks)
         batch = dict(sample)
-        for k in keys:
+        for k in [*keys, *(m for m in META_KEYS if m in sample)]:
             batch[k] = sample[k].unsqueeze(0)
         out = fn(self, batch, tasks, generator)  # type: ignore[call-arg]
-        for k in keys:
+        for k in [*keys, *(m for m in META_KEYS if m in out)]:
             out[k] = out[k].squeeze(0)
         return out
 
@@ -156,8 +175,10 @@ class RandomScaleCrop:
         keys = _keys(sample, tasks)
         height, width = sample["image"].shape[-2:]
         pieces: list[Sample] = []
+        drawn: list[tuple[float, int, int]] = []
         for b in range(sample["image"].shape[0]):
             s, top, left = self.draw(height, width, generator)
+            drawn.append((s, top, left))
             one = {k: sample[k][b : b + 1] for k in keys}
             pieces.append(
                 scale_crop_one(
@@ -167,6 +188,10 @@ class RandomScaleCrop:
         out = dict(sample)
         for k in keys:
             out[k] = torch.cat([p[k] for p in pieces], dim=0)
+        device = sample["image"].device
+        # float64 so that replay recovers the exact Python scale (int(H / s) must match).
+        out["crop"] = torch.tensor(drawn, dtype=torch.float64, device=device).view(-1, 3)
+        out["flip"] = torch.zeros(len(drawn), dtype=torch.bool, device=device)
         return out
 
 
@@ -190,10 +215,14 @@ class RandomHorizontalFlip:
         """Flip the chosen samples of the batch (one uniform draw per sample)."""
         batch = sample["image"].shape[0]
         chosen = [_uniform(generator) < self.p for _ in range(batch)]
+        device = sample["image"].device
         out = dict(sample)
+        mask = torch.tensor(chosen, dtype=torch.bool, device=device).view(batch)
+        out["flip"] = mask
+        if "crop" not in out:
+            out["crop"] = identity_meta(batch, device)["crop"]
         if not any(chosen):
             return out
-        mask = torch.tensor(chosen, device=sample["image"].device)
         for name in _keys(sample, tasks):
             x = sample[name]
             flipped = x.flip(-1)
@@ -212,13 +241,28 @@ class Compose:
 
     transforms: Sequence[Transform] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        seen_flip = False
+        for t in self.transforms:
+            seen_flip |= isinstance(t, RandomHorizontalFlip)
+            if seen_flip and isinstance(t, RandomScaleCrop):
+                # The record ("crop", "flip") means crop-then-flip; flip-then-crop differs
+                # (nearest resampling is not mirror-symmetric), so it could not be replayed.
+                raise ValueError("a RandomScaleCrop after a RandomHorizontalFlip is unsupported")
+
     def __call__(
         self,
         sample: Mapping[str, Tensor],
         tasks: Mapping[str, Task],
         generator: torch.Generator | None = None,
     ) -> Sample:
+        """Apply the transforms; ``"crop"``/``"flip"`` then describe this whole call."""
         out = dict(sample)
+        image = sample["image"]
+        meta = identity_meta(image.shape[0] if image.ndim == 4 else 1, image.device)
+        if image.ndim != 4:
+            meta = {k: v.squeeze(0) for k, v in meta.items()}
+        out.update(meta)
         for transform in self.transforms:
             out = transform(out, tasks, generator)
         return out
@@ -237,3 +281,49 @@ def build_train_transform(
     if flip:
         transforms.append(RandomHorizontalFlip(0.5))
     return Compose(transforms)
+
+
+def replay(pred: Tensor, crop: Tensor, flip: Tensor, task: Task | None = None) -> Tensor:
+    """Apply recorded per-sample geometry to a batch of maps ``[B,C,H,W]`` (differentiable).
+
+    ``crop`` ``[B,3]`` = (scale, top, left) and ``flip`` ``[B]`` are what a transform recorded
+    (see the module docstring): each map is cropped to ``(int(H/s), int(W/s))`` at
+    ``(top, left)``, resized back to ``(H, W)``, then mirrored where ``flip`` is set, and the
+    task's value fixes follow (``on_rescale``: depth / s; ``on_hflip``: normal x negated;
+    ``task=None`` for images: none). So ``replay(pred(view0))`` is what ``pred(view1)`` should
+    be when ``view1 = T(view0)`` and the ``crop``/``flip`` recorded by that call are passed.
+
+    Every map is resampled bilinearly with ``align_corners=True``, whatever the task's label
+    interpolation: predictions (probabilities, depth, normals) are continuous fields, so
+    nearest sampling (which labels need only because class indices and "0 = invalid" depth
+    must not be mixed) would throw information and smoothness away; and ``align_corners=True``
+    is the grid on which the transform resampled the image, so the replayed map lies on exactly
+    view1's pixel positions (``replay`` of view0's image and bilinear labels reproduces view1's
+    bit for bit). Normals are not re-normalised, as in the transform's default. Segmentation
+    must be passed as per-class maps (probabilities), not as an index map.
+    """
+    if pred.ndim != 4:
+        raise ValueError(f"replay needs maps [B,C,H,W], got {tuple(pred.shape)}")
+    batch = pred.shape[0]
+    if tuple(crop.shape) != (batch, 3) or tuple(flip.shape) != (batch,):
+        raise ValueError(
+            f"crop must be [{batch},3] and flip [{batch}], got {tuple(crop.shape)} and "
+            f"{tuple(flip.shape)}"
+        )
+    height, width = pred.shape[-2:]
+    pieces = []
+    for b, (scale, top_f, left_f) in enumerate(crop.tolist()):
+        top, left = int(top_f), int(left_f)
+        h, w = int(height / scale), int(width / scale)
+        x = pred[b : b + 1, :, top : top + h, left : left + w]
+        if not (h == height and w == width):  # as scale_crop_one: same size is the identity
+            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True)
+        if task is not None:
+            x = task.on_rescale(x, scale)
+        pieces.append(x)
+    out = torch.cat(pieces, dim=0)
+    flipped = out.flip(-1)
+    if task is not None:
+        flipped = task.on_hflip(flipped)
+    mask = flip.to(device=out.device, dtype=torch.bool).view(-1, 1, 1, 1)
+    return torch.where(mask, flipped, out)

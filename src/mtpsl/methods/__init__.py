@@ -1,6 +1,8 @@
 """Method registry; importing this package registers every built-in method."""
 
-from . import supervised  # noqa: F401  (registers stl, sl)
+from . import supervised, xtc  # noqa: F401  (register stl, sl, xtc)
 from .base import METHODS, Losses, Method, OptimGroup, build_method, supervised_losses
+from .ssl import CropConsistency  # noqa: F401  (registers ssl)
+from .task_maps import DirectMap  # noqa: F401  (registers direct_map, perceptual_map)
 
 __all__ = ["METHODS", "Losses", "Method", "OptimGroup", "build_method", "supervised_losses"]

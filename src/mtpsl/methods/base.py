@@ -66,6 +66,9 @@ class Method(nn.Module):
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
         raise NotImplementedError
 
+    def attach(self, model: nn.Module) -> None:
+        """Build auxiliary networks whose shape depends on the model (called once, on CPU)."""
+
     def optimizer_groups(self, model: nn.Module) -> list[OptimGroup]:
         """One group holding the model and this method's own networks, by default."""
         return [OptimGroup("main", [*model.parameters(), *self.parameters()])]

@@ -1,0 +1,420 @@
+"""Figures of finished runs: training curves and the qualitative comparison (paper 001, Fig. 4).
+
+Every figure is written as ``<stem>.png`` and ``<stem>.pdf`` with matplotlib's object API
+(``matplotlib.figure.Figure``, no pyplot), so nothing here touches the global backend.
+
+``mtpsl figures NAME`` dispatches on :data:`FIGURES`: adding a figure is one function taking a
+:class:`FigureRequest` and returning the written paths, plus one :class:`FigureSpec` entry
+(e.g. the joint-space feature maps of the ``xtc`` method).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import DataError, MtpslError
+
+if TYPE_CHECKING:  # the module stays light to import: `mtpsl figures` builds its parser here
+    import torch
+    from matplotlib.figure import Figure
+
+    from .tasks import Task
+
+ARROWS = {True: "↑", False: "↓"}
+
+DPI = 100
+CELL_IN = 1.8
+"""Width (inches) of one image cell of the qualitative grid."""
+TITLE_IN = 0.42
+"""Height (inches) above each image cell for its two-line title."""
+PANEL_IN = (4.0, 3.0)
+"""(width, height) in inches of one panel of the curves figure."""
+
+
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def save(fig: Figure, stem: str | Path) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf`` (the figure's own size: no tight cropping)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=DPI)
+    return paths
+
+
+def default_labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Method names if they tell the runs apart, else folder names, else longer path tails."""
+    methods = []
+    for run in run_dirs:
+        final = Path(run) / "final_metrics.json"
+        methods.append(json.loads(final.read_text()).get("method") if final.is_file() else None)
+    if None not in methods and len(set(methods)) == len(methods):
+        return [str(m) for m in methods]
+    parts = [Path(r).resolve().parts for r in run_dirs]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(r) for r in run_dirs]
+
+
+def _check_labels(run_dirs: Sequence, labels: Sequence[str] | None) -> list[str]:
+    if labels is None:
+        return default_labels([Path(r) for r in run_dirs])
+    if len(labels) != len(run_dirs):
+        raise MtpslError(f"{len(labels)} labels given for {len(run_dirs)} runs")
+    return list(labels)
+
+
+# -- training curves -------------------------------------------------------------------------
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """The per-epoch rows of a run (``metrics.jsonl``)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (not a run folder?)")
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as err:
+        raise DataError(f"{path}: not JSON lines ({err})") from None
+
+
+def _mean_curve(histories: Sequence[list[dict]], key: str):
+    """(epochs, mean, std) over the runs that logged ``key`` at each epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for rows in histories:
+        for row in rows:
+            if key in row and row[key] is not None:
+                by_epoch.setdefault(int(row["epoch"]), []).append(float(row[key]))
+    epochs = sorted(by_epoch)
+    mean = np.array([np.mean(by_epoch[e]) for e in epochs])
+    std = np.array([np.std(by_epoch[e]) for e in epochs])
+    return np.array(epochs), mean, std
+
+
+def curve_panels(histories: Sequence[list[dict]]) -> list[str]:
+    """Keys plotted, one panel each: ``eval/<task>/<primary>`` per task, then ``train/total``."""
+    from .report import infer_primary_keys
+
+    keys = dict.fromkeys(k for rows in histories for row in rows for k in row)
+    metric_keys = [k.removeprefix("eval/") for k in keys if k.startswith("eval/")]
+    panels = [f"eval/{k}" for k in infer_primary_keys(metric_keys)] if metric_keys else []
+    return panels + (["train/total"] if "train/total" in keys else [])
+
+
+def plot_curve_groups(groups: Mapping[str, Sequence[str | Path]], out_stem: str | Path
+                      ) -> list[Path]:
+    """One panel per primary metric (and the train total loss), one line per group: the mean
+    over the group's runs (seeds), shaded +- std when it has several. Where runs carve a
+    validation split, its metric (``val/...``) is drawn dashed in the same colour."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .report import metric_directions
+
+    if not groups:
+        raise MtpslError("no runs to plot")
+    histories = {label: [read_history(r) for r in runs] for label, runs in groups.items()}
+    panels = curve_panels([h for hs in histories.values() for h in hs])
+    if not panels:
+        raise DataError("the runs' metrics.jsonl hold no eval/ metric nor train/total loss")
+    better = metric_directions([p.removeprefix("eval/") for p in panels if p.startswith("eval/")])
+    fig = _figure(figsize=(PANEL_IN[0] * len(panels), PANEL_IN[1]), dpi=DPI,
+                 layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, key in zip(axes, panels, strict=True):
+        for n, (label, hs) in enumerate(histories.items()):
+            colour = f"C{n % 10}"
+            epochs, mean, std = _mean_curve(hs, key)
+            ax.plot(epochs, mean, marker="o", markersize=3, color=colour, label=label)
+            if len(hs) > 1:
+                ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2)
+            if key.startswith("eval/"):
+                val_key = "val/" + key.removeprefix("eval/")
+                epochs, mean, _ = _mean_curve(hs, val_key)
+                if len(epochs):
+                    ax.plot(epochs, mean, linestyle="--", color=colour,
+                            label=f"{label} (val split)")
+        metric = key.removeprefix("eval/")
+        ax.set_title(f"{metric} {ARROWS[better[metric]]}" if metric in better
+                     else "train total loss", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return save(fig, out_stem)
+
+
+def plot_curves(run_dirs: Sequence[str | Path], out_stem: str | Path,
+                labels: Sequence[str] | None = None) -> list[Path]:
+    """Training curves of individual runs, one line each: per task its primary evaluation
+    metric over epochs, and the train total loss in its own panel. Returns [png, pdf]."""
+    labels = _check_labels(run_dirs, labels)
+    if len(set(labels)) != len(labels):
+        raise MtpslError(f"labels must differ, got {labels}")
+    return plot_curve_groups({lab: [r] for lab, r in zip(labels, run_dirs, strict=True)},
+                             out_stem)
+
+
+# -- qualitative comparison ------------------------------------------------------------------
+
+def palette(num_classes: int) -> np.ndarray:
+    """Fixed uint8 ``[num_classes, 3]`` class colours (PASCAL VOC bit pattern from id 1, so no
+    class is black: black means ignore)."""
+    colours = np.zeros((num_classes, 3), dtype=np.uint8)
+    for cls in range(num_classes):
+        c, rgb = cls + 1, [0, 0, 0]
+        for bit in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
+            c >>= 3
+        colours[cls] = rgb
+    return colours
+
+
+def colour_segmentation(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[H, W]`` class ids -> ``[H, W, 3]`` uint8; ids outside ``[0, C)`` (ignore) black."""
+    valid = (labels >= 0) & (labels < num_classes)
+    out = palette(num_classes)[np.where(valid, labels, 0)]
+    out[~valid] = 0
+    return out
+
+
+def colour_normals(normals: np.ndarray) -> np.ndarray:
+    """``[3, H, W]`` unit vectors -> ``[H, W, 3]`` RGB in [0, 1]; all-zero (invalid) black."""
+    rgb = np.clip((normals.transpose(1, 2, 0) + 1.0) / 2.0, 0.0, 1.0)
+    rgb[~np.any(normals != 0, axis=0)] = 0.0
+    return rgb
+
+
+@dataclass
+class Qualitative:
+    """Images, labels and every run's predictions for the chosen evaluation images."""
+
+    labels: list[str]
+    tasks: dict[str, Task]
+    indices: list[int]
+    split: str
+    images: np.ndarray
+    """float ``[N, H, W, 3]`` in [0, 1]."""
+    targets: dict[str, torch.Tensor]
+    """Per task, the batch-format labels ``[N, ...]`` on the CPU."""
+    preds: list[dict[str, torch.Tensor]]
+    """Per run (in ``labels`` order), per task, activated predictions ``[N, ...]`` on the CPU."""
+    scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """label -> task -> per-image score (the task's primary metric on that image alone)."""
+
+
+def image_score(task: Task, pred: torch.Tensor, target: torch.Tensor) -> float:
+    """The task's primary metric on one image (``[1, ...]`` tensors), via ``build_metrics``;
+    NaN where the image has no valid label pixel."""
+    from .evaluate import build_metrics
+
+    metric = build_metrics({task.name: task})[task.name]
+    metric.update(pred, target)
+    return float(metric.compute()[task.primary_metric])
+
+
+def collect_qualitative(
+    run_dirs: Sequence[str | Path],
+    indices: Sequence[int],
+    labels: Sequence[str] | None = None,
+    split: str | None = None,
+    root: str | None = None,
+    device: str = "auto",
+) -> Qualitative:
+    """Load each run with :func:`~mtpsl.inference.load_run`, predict the images ``indices`` of
+    ``split`` (default: the first run's evaluation split) of the first run's dataset, and score
+    each prediction. All runs must have the same tasks (names, order and definitions)."""
+    import torch
+
+    from .data.batch import Collate, PartialLabelSet
+    from .experiment import open_dataset, resolve_device
+    from .inference import load_run
+
+    if not run_dirs:
+        raise MtpslError("no runs given")
+    if not indices:
+        raise MtpslError("no image indices given")
+    labels = _check_labels(run_dirs, labels)
+    dev = resolve_device(device)
+    runs = [load_run(r, root=root, device=dev) for r in run_dirs]
+    tasks = runs[0].tasks
+    for label, run in zip(labels[1:], runs[1:], strict=True):
+        if run.tasks != tasks:
+            raise MtpslError(
+                f"run {label!r} has tasks {list(run.tasks.values())}, but {labels[0]!r} has "
+                f"{list(tasks.values())}: a qualitative figure needs one task set"
+            )
+    config = runs[0].config
+    split = split or config.dataset.eval_split
+    dataset = PartialLabelSet(open_dataset(config, split), tasks)
+    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    if bad:
+        raise MtpslError(f"image indices {bad} out of range: split {split!r} of "
+                         f"{config.dataset.root} has {len(dataset)} images")
+    batch = Collate(tuple(tasks))([dataset[i] for i in indices])
+    preds = []
+    with torch.no_grad():
+        for run in runs:
+            out = run.model(batch.image.to(dev)).preds
+            preds.append({name: out[name].detach().float().cpu() for name in tasks})
+    images = batch.image.permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    data = Qualitative(labels, dict(tasks), list(indices), split, images,
+                       dict(batch.targets), preds)
+    data.scores = {
+        label: {name: [image_score(task, p[name][k:k + 1], batch.targets[name][k:k + 1])
+                       for k in range(len(indices))]
+                for name, task in tasks.items()}
+        for label, p in zip(labels, preds, strict=True)
+    }
+    return data
+
+
+def score_table(data: Qualitative) -> list[dict]:
+    """The per-image scores the figure is titled with, one row per (image, task, run)."""
+    return [
+        {"index": idx, "task": name, "metric": task.primary_metric, "run": label,
+         "score": data.scores[label][name][k]}
+        for k, idx in enumerate(data.indices)
+        for name, task in data.tasks.items()
+        for label in data.labels
+    ]
+
+
+def _fmt(score: float) -> str:
+    return "n/a" if math.isnan(score) else f"{score:.3f}"
+
+
+def cell_titles(data: Qualitative) -> list[list[str]]:
+    """Titles of the grid: one row per image; columns RGB, then per task GT and each run."""
+    from .report import metric_directions
+
+    titles = []
+    for k, idx in enumerate(data.indices):
+        row = [f"{data.split} #{idx}"]
+        for name, task in data.tasks.items():
+            arrow = ARROWS[metric_directions([f"{name}/{task.primary_metric}"])
+                           [f"{name}/{task.primary_metric}"]]
+            row.append(f"{name}\nground truth")
+            row += [f"{label}\n{task.primary_metric} {arrow} {_fmt(data.scores[label][name][k])}"
+                    for label in data.labels]
+        titles.append(row)
+    return titles
+
+
+def _panels(data: Qualitative, k: int) -> list[tuple[np.ndarray, dict]]:
+    """(array, imshow kwargs) of every cell of image ``k``'s row."""
+    from .tasks import DepthTask, NormalTask, SegmentationTask
+
+    cells: list[tuple[np.ndarray, dict]] = [(data.images[k], {})]
+    for name, task in data.tasks.items():
+        target = data.targets[name][k].numpy()
+        preds = [p[name][k].numpy() for p in data.preds]
+        if isinstance(task, SegmentationTask):
+            cells.append((colour_segmentation(target, task.num_classes), {}))
+            cells += [(colour_segmentation(p.argmax(0), task.num_classes), {}) for p in preds]
+        elif isinstance(task, DepthTask):
+            valid = (target[0] != 0) & np.isfinite(target[0])
+            values = [target[0][valid]] + [p[0].ravel() for p in preds]
+            values = np.concatenate(values)
+            values = values[np.isfinite(values)]
+            vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0, 1)
+            scale = {"cmap": _depth_cmap(), "vmin": vmin, "vmax": vmax}
+            cells.append((np.ma.masked_array(target[0], ~valid), scale))
+            cells += [(p[0], scale) for p in preds]
+        elif isinstance(task, NormalTask):
+            cells.append((colour_normals(target), {}))
+            cells += [(colour_normals(p), {}) for p in preds]
+        else:
+            raise MtpslError(f"task {name!r} ({type(task).__name__}) has no qualitative display")
+    return cells
+
+
+def _depth_cmap():
+    from matplotlib import colormaps
+
+    return colormaps["viridis"].with_extremes(bad="black")  # invalid ground-truth pixels
+
+
+def qualitative_size(data: Qualitative) -> tuple[float, float]:
+    """Figure size (inches): columns x CELL_IN wide, rows x (image + title) high."""
+    h, w = data.images.shape[1:3]
+    cols = 1 + len(data.tasks) * (1 + len(data.labels))
+    return cols * CELL_IN, len(data.indices) * (CELL_IN * h / w + TITLE_IN)
+
+
+def plot_qualitative(data: Qualitative, out_stem: str | Path) -> list[Path]:
+    """The grid of paper 001's Fig. 4, one row per image: RGB, then per task the ground truth
+    and each run's prediction titled with its per-image score. Segmentation in a fixed
+    palette (ignore black), depth on one colour scale per image (invalid black), normals as
+    RGB. Returns [png, pdf]."""
+    width, height = qualitative_size(data)
+    fig = _figure(figsize=(width, height), dpi=DPI)
+    titles = cell_titles(data)
+    h, w = data.images.shape[1:3]
+    cell_h = CELL_IN * h / w
+    pad = 0.03 * CELL_IN
+    for k in range(len(data.indices)):
+        top = height - k * (cell_h + TITLE_IN) - TITLE_IN
+        for c, (array, kwargs) in enumerate(_panels(data, k)):
+            ax = fig.add_axes(((c * CELL_IN + pad) / width, (top - cell_h + pad) / height,
+                               (CELL_IN - 2 * pad) / width, (cell_h - 2 * pad) / height))
+            ax.imshow(array, aspect="auto", interpolation="nearest", **kwargs)
+            ax.set_title(titles[k][c], fontsize=7, pad=2)
+            ax.set_axis_off()
+    return save(fig, out_stem)
+
+
+# -- mtpsl figures ---------------------------------------------------------------------------
+
+@dataclass
+class FigureRequest:
+    """What ``mtpsl figures NAME`` passes to a figure function."""
+
+    runs: list[Path]
+    out: Path
+    labels: list[str] | None = None
+    indices: list[int] = field(default_factory=list)
+    split: str | None = None
+    root: str | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    make: Callable[[FigureRequest], list[Path]]
+    help: str
+    uses_images: bool = False
+    """The command then requires ``--indices`` and offers ``--split/--root/--device``."""
+
+
+def curves_figure(req: FigureRequest) -> list[Path]:
+    return plot_curves(req.runs, req.out / "curves", req.labels)
+
+
+def qualitative_figure(req: FigureRequest) -> list[Path]:
+    data = collect_qualitative(req.runs, req.indices, req.labels, req.split, req.root,
+                               req.device)
+    return plot_qualitative(data, req.out / "qualitative")
+
+
+FIGURES: dict[str, FigureSpec] = {
+    "curves": FigureSpec(curves_figure, "primary metrics and train loss over epochs per run"),
+    "qualitative": FigureSpec(
+        qualitative_figure, "RGB, ground truth and each run's predictions with per-image "
+        "scores (paper 001, Fig. 4)", uses_images=True),
+    # Extension point: e.g. "joint-space": FigureSpec(joint_space_figure, "...", True)
+}
+"""Figures ``mtpsl figures`` offers: name -> spec (the command dispatches on this)."""

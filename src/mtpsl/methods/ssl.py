@@ -1,0 +1,91 @@
+"""The ``ssl`` baseline of paper 001 (Li, Liu & Bilen, CVPR 2022), Eq. 2: crop consistency.
+
+Each training image comes as two views, ``view1 = T(view0)`` with T the training augmentation
+(scale-crop, and flips where the dataset uses them). Labelled tasks are supervised on view0
+(Eq. 1); for every task an image is *not* labelled for, the prediction on view1 must agree with
+the prediction on view0 carried through the same geometry:
+
+    L_ssl(x) = sum_{t unlabelled in x} MSE( T(f_t(view0)), f_t(view1) )
+
+``T(.)`` is :func:`~mtpsl.data.transforms.replay` of the crop/flip recorded for view1 (depth is
+divided by the zoom, normal x negated on a flip). The MSE is the mean over pixels and channels
+of one image; segmentation compares class probabilities (exp of the log-probabilities). The
+term is summed over an image's unlabelled tasks, averaged over the batch, and scaled by
+``weight``. Both views go through the network in one forward pass over ``cat[view0, view1]``,
+so BatchNorm statistics are shared, as the reference does for its two-view methods.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..data.transforms import replay
+from ..models import ModelOutput
+from ..tasks import SegmentationTask, Task
+from .base import METHODS, Losses, Method, supervised_losses
+
+
+class SSLOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = 1.0
+    """Scale of the consistency term."""
+    detach_target: bool = False
+    """Treat the replayed view0 prediction as a fixed target (no gradient through it)."""
+
+
+def consistency_map(task: Task, pred: Tensor) -> Tensor:
+    """The map that the consistency compares: probabilities for segmentation, else the pred."""
+    return pred.exp() if isinstance(task, SegmentationTask) else pred
+
+
+def crop_consistency(
+    tasks: dict[str, Task],
+    batch: Batch,
+    preds0: dict[str, Tensor],
+    preds1: dict[str, Tensor],
+    detach_target: bool = False,
+) -> Tensor:
+    """Per-image consistency ``[B]`` of Eq. 2 (unweighted): summed over unlabelled tasks."""
+    meta = batch.views[1].meta
+    if "crop" not in meta or "flip" not in meta:
+        raise ValueError(
+            "ssl needs the augmentation record ('crop', 'flip') of view1; build the training "
+            "set with a transform from mtpsl.data.transforms"
+        )
+    crop, flip = meta["crop"], meta["flip"]
+    total = preds0[next(iter(tasks))].new_zeros(len(batch))
+    for name, task in tasks.items():
+        unlabelled = ~batch.labelled_for(name)
+        if not bool(unlabelled.any()):
+            continue  # labelled on every image: nothing to enforce
+        target = replay(consistency_map(task, preds0[name]), crop, flip, task)
+        if detach_target:
+            target = target.detach()
+        per_image = (target - consistency_map(task, preds1[name])).pow(2).flatten(1).mean(1)
+        total = total + torch.where(unlabelled.to(per_image.device), per_image, 0.0)
+    return total
+
+
+@METHODS.register("ssl")
+class CropConsistency(Method):
+    """Eq. 2 of paper 001: supervised loss on view0 + crop consistency on unlabelled tasks."""
+
+    n_views = 2
+    Options = SSLOptions
+
+    def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
+        view0, view1 = batch.views[0], batch.views[1]
+        n = len(batch)
+        out = model(torch.cat([view0.image, view1.image]))
+        preds0 = {k: v[:n] for k, v in out.preds.items()}
+        preds1 = {k: v[n:] for k, v in out.preds.items()}
+        losses = supervised_losses(self.tasks, batch, preds0)
+        options: SSLOptions = self.options  # type: ignore[assignment]
+        per_image = crop_consistency(self.tasks, batch, preds0, preds1, options.detach_target)
+        extra = {"ssl": options.weight * per_image.mean()}
+        features0 = {k: v[:n] for k, v in out.features.items()}
+        return Losses(tasks=losses, extra=extra), ModelOutput(preds0, features0)

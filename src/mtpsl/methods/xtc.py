@@ -1,0 +1,242 @@
+"""XTC: cross-task consistency in learned joint pairwise task-spaces (paper 001, Eq. 4).
+
+Li, Liu & Bilen, "Learning Multiple Dense Prediction Tasks from Partially Annotated Data",
+CVPR 2022. For an image labelled for task t but not for task s, the prediction of s and the
+label of t are mapped into the joint space of the pair (s, t) by one FiLM-conditioned network
+and pulled together (cosine), while both mapped maps are regularised towards the image's
+(gradient-stopped) encoder feature, which keeps the mapping from collapsing to a constant.
+
+Per ordered pair (s, t) of image i, on the second view:
+    L = (1 - cos(M_s, M_t)) + reg_weight * [(1 - cos(M_s, f)) + (1 - cos(M_t, f))]
+with cosine over channels averaged over positions. An image's consistency is the sum over its
+pairs; the batch term is con_weight * mean over images. Pairs: s unlabelled x t labelled; on a
+fully labelled image every s != t (prediction of s against the label of t).
+
+Two implementations share the parameters: ``consistency`` (batched over every (image, pair,
+branch), used for training) and ``reference_consistency`` (per image, per pair, batch-1
+mapping passes, as the reference runs it). Tests hold them equal in value and gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..errors import ConfigError
+from ..models import ModelOutput
+from ..models.segnet import scaled_filters
+from ..tasks import Task
+from .base import METHODS, Losses, Method, OptimGroup, supervised_losses
+from .joint_space import JointSpaceMapper, pair_index
+
+
+class XTCOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    con_weight: float = Field(default=2.0, ge=0.0)
+    """Weight of the consistency term: 2.0 for NYUv2, 1.0 for Cityscapes (paper 001)."""
+    rampup_epochs: int = Field(default=0, ge=0)
+    """Linear ramp-up: the weight is con_weight * min(1, (epoch + 1) / rampup_epochs)."""
+    reg_weight: float = Field(default=0.5, ge=0.0)
+    """Weight of the regulariser towards the encoder feature."""
+    regularize: bool = True
+    """False is the "w/o reg" ablation of Table 6."""
+    conditioned: bool = True
+    """False is the "w/o cond" ablation of Table 6: one mapping for all pairs, no FiLM."""
+    film_lr: float = Field(default=1e-3, gt=0.0)
+    """FiLM's own Adam learning rate: 1e-3 for NYUv2, 1e-5 for Cityscapes."""
+    film_step_size: int = Field(default=30, gt=0)
+    film_gamma: float = Field(default=0.5, gt=0.0, le=1.0)
+    width: float | None = Field(default=None, gt=0.0)
+    """Mapping-network width; None follows the SegNet encoder's channels."""
+
+
+@dataclass
+class PairRows:
+    """The (image, s, t) rows of a batch's consistency pairs, with their FiLM pair ids."""
+
+    image: Tensor
+    source: Tensor
+    target: Tensor
+    pair: Tensor
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+
+def consistency_pairs(labelled: Tensor) -> PairRows:
+    """Rows (i, s, t): s unlabelled and t labelled on image i; all s != t when fully labelled.
+
+    Needs the labelled mask on the host once per step (the number of pairs sizes the batch).
+    """
+    mask = labelled.detach().to("cpu", torch.bool)
+    n_tasks = mask.shape[1]
+    full = mask.all(dim=1, keepdim=True)
+    source_ok = ~mask | full  # [B, K]
+    allowed = source_ok[:, :, None] & mask[:, None, :]  # [B, s, t]
+    allowed &= ~torch.eye(n_tasks, dtype=torch.bool)
+    image, source, target = allowed.nonzero(as_tuple=True)
+    pair = source * (n_tasks - 1) + torch.where(target < source, target, target - 1)
+    device = labelled.device
+    return PairRows(image.to(device), source.to(device), target.to(device), pair.to(device))
+
+
+def _cos_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - cosine over channels, averaged over positions: [N, C, h, w] -> [N]."""
+    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8).flatten(1).mean(1)
+
+
+def pair_loss(m_s: Tensor, m_t: Tensor, feature: Tensor, reg_weight: float) -> Tensor:
+    loss = _cos_distance(m_s, m_t)
+    if reg_weight:
+        loss = loss + reg_weight * (_cos_distance(m_s, feature) + _cos_distance(m_t, feature))
+    return loss
+
+
+class XTCLoss(nn.Module):
+    """The consistency term of Eq. 4 for any set of tasks (batched and reference forms)."""
+
+    def __init__(self, tasks: Mapping[str, Task], mapper: JointSpaceMapper, reg_weight: float):
+        super().__init__()
+        self.tasks = dict(tasks)
+        self.names = tuple(tasks)
+        self.mapper = mapper
+        self.reg_weight = reg_weight
+
+    def consistency(
+        self,
+        preds: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        feature: Tensor,
+        labelled: Tensor,
+        encode_pred: Callable[[Task, Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """Per-image consistency [B], batched over all (image, pair, branch) mapping passes."""
+        encode_pred = encode_pred or (lambda task, x: task.encode_pred(x))
+        rows = consistency_pairs(labelled)
+        per_image = feature.new_zeros(labelled.shape[0])
+        if len(rows) == 0:
+            return per_image
+        first = next(iter(preds.values()))
+        h0 = first.new_empty(2 * len(rows), self.mapper.inputs[self.names[0]]["conv"].out_channels,
+                             *first.shape[-2:])
+        h0 = self._embed_rows(h0, rows.source, rows.image, preds, encode_pred, offset=0)
+        h0 = self._embed_rows(h0, rows.target, rows.image, targets,
+                              lambda task, x: task.encode_target(x), offset=len(rows))
+        mapped = self.mapper.encode(h0, torch.cat([rows.pair, rows.pair]))
+        m_s, m_t = mapped[: len(rows)], mapped[len(rows):]
+        losses = pair_loss(m_s, m_t, feature.detach()[rows.image], self.reg_weight)
+        return per_image.index_add(0, rows.image, losses.to(per_image.dtype))
+
+    def _embed_rows(self, out, task_ids, images, maps, encode, offset: int) -> Tensor:
+        # Input layers differ per task: run each on the rows that use it, then scatter.
+        pieces, where = [], []
+        for k, name in enumerate(self.names):
+            sel = (task_ids == k).nonzero(as_tuple=True)[0]
+            if sel.numel() == 0:
+                continue
+            x = encode(self.tasks[name], maps[name][images[sel]])
+            pieces.append(self.mapper.embed(name, x))
+            where.append(sel + offset)
+        index = torch.cat(where)
+        out = out.index_copy(0, index, torch.cat(pieces).to(out.dtype))
+        return out
+
+    def reference_consistency(
+        self,
+        preds: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        feature: Tensor,
+        labelled: Tensor,
+        encode_pred: Callable[[Task, Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """The literal per-image, per-pair form with batch-1 mapping passes (test oracle)."""
+        encode_pred = encode_pred or (lambda task, x: task.encode_pred(x))
+        k = len(self.names)
+        per_image = []
+        for i in range(labelled.shape[0]):
+            lab = [bool(v) for v in labelled[i]]
+            total = feature.new_zeros(())
+            for s in range(k):
+                for t in range(k):
+                    if s == t or not lab[t] or (lab[s] and not all(lab)):
+                        continue
+                    s_name, t_name = self.names[s], self.names[t]
+                    pair = pair_index(s, t, k)
+                    x_s = encode_pred(self.tasks[s_name], preds[s_name][i : i + 1])
+                    x_t = self.tasks[t_name].encode_target(targets[t_name][i : i + 1])
+                    m_s = self.mapper.reference_forward(s_name, x_s, pair)
+                    m_t = self.mapper.reference_forward(t_name, x_t, pair)
+                    total = total + pair_loss(m_s, m_t, feature[i : i + 1].detach(),
+                                              self.reg_weight)[0]
+            per_image.append(total)
+        return torch.stack(per_image)
+
+
+@METHODS.register("xtc")
+class CrossTaskConsistency(Method):
+    """MTPSL's method. Options: see :class:`XTCOptions` (ablations: conditioned, regularize)."""
+
+    n_views = 2
+    Options = XTCOptions
+
+    def __init__(self, tasks: Mapping[str, Task], options: XTCOptions) -> None:
+        super().__init__(tasks, options)
+        if len(tasks) < 2:
+            raise ConfigError("method xtc needs at least two tasks (it relates task pairs)")
+        self.weight_now = options.con_weight if options.rampup_epochs == 0 else 0.0
+        self.loss_fn: XTCLoss | None = None  # built by attach(): its channels follow the model
+
+    def attach(self, model: nn.Module) -> None:
+        """Create the mapping network to match the model's encoder feature."""
+        channels = getattr(model, "encoder_channels", None)
+        if channels is None:
+            raise ConfigError(
+                "method xtc needs a model with one shared encoder feature (features['encoder']); "
+                f"{type(model).__name__} has none"
+            )
+        filters = scaled_filters(self.options.width) if self.options.width else model.filters
+        in_channels = {n: t.out_channels for n, t in self.tasks.items()}
+        mapper = JointSpaceMapper(in_channels, self.options.conditioned, filters)
+        if mapper.out_channels != channels:
+            raise ConfigError(
+                f"method.options.width: the mapping network gives {mapper.out_channels} "
+                f"channels but the model's encoder feature has {channels}"
+            )
+        reg = self.options.reg_weight if self.options.regularize else 0.0
+        self.loss_fn = XTCLoss(self.tasks, mapper, reg).to(next(model.parameters()).device)
+
+    def optimizer_groups(self, model: nn.Module) -> list[OptimGroup]:
+        mapper = self.loss_fn.mapper
+        groups = [OptimGroup("main", [*model.parameters(), *mapper.other_parameters()])]
+        if mapper.film_parameters():
+            o = self.options
+            groups.append(OptimGroup("film", mapper.film_parameters(), o.film_lr,
+                                     o.film_step_size, o.film_gamma))
+        return groups
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        ramp = self.options.rampup_epochs
+        factor = 1.0 if ramp == 0 else min(1.0, (epoch + 1) / ramp)
+        self.weight_now = self.options.con_weight * factor
+
+    def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
+        view0, view1 = batch.views
+        b = len(batch)
+        # One pass over both views: BatchNorm statistics are shared, as in the reference.
+        out = model(torch.cat([view0.image, view1.image]))
+        first = ModelOutput({k: v[:b] for k, v in out.preds.items()},
+                            {k: v[:b] for k, v in out.features.items()})
+        preds1 = {k: v[b:] for k, v in out.preds.items()}
+        task_losses = supervised_losses(self.tasks, batch, first.preds, view=0)
+        per_image = self.loss_fn.consistency(
+            preds1, view1.targets, out.features["encoder"][b:], batch.labelled
+        )
+        return Losses(task_losses, {"xtc": self.weight_now * per_image.mean()}), first
+

@@ -1,0 +1,187 @@
+"""Figures of two tiny trained runs: curves, the qualitative grid (paper 001 Fig. 4), the CLI.
+
+The two runs are the cells of one tiny `mtpsl compare` grid (stl and sl, 2 epochs, evaluated
+every epoch), trained once for the module: that also covers compare's curves.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtpsl import figures
+from mtpsl.checkpoint import load_checkpoint
+from mtpsl.cli import main
+from mtpsl.inference import load_run
+
+from conftest import make_layout
+
+H, W = 32, 48
+TINY = ["model.width=0.0625", "train.epochs=2", "train.batch_size=2", "train.eval_every=1",
+        "train.checkpoint_every=1", "train.progress=false", "optim.lr=1e-3",
+        "train.eval_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = make_layout(tmp_path_factory.mktemp("data"), n=4, h=H, w=W)
+    out = tmp_path_factory.mktemp("grid")
+    code = main(["compare", "--config", "synthetic_demo", "--out", str(out), "--methods",
+                 "stl,sl", "--regimes", "onelabel", "--seeds", "0", f"dataset.root={root}",
+                 *TINY])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(grid):
+    return [grid / "onelabel" / m / "seed0" for m in ("stl", "sl")]
+
+
+def _size(path):
+    assert path.is_file() and path.stat().st_size > 0
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_compare_writes_curves_of_its_grid(grid):
+    w, h = _size(grid / "curves.png")
+    assert (grid / "curves.pdf").stat().st_size > 0
+    assert (w, h) == (4 * figures.PANEL_IN[0] * figures.DPI, figures.PANEL_IN[1] * figures.DPI)
+
+
+def test_plot_curves_one_panel_per_primary_metric_plus_loss(runs, tmp_path):
+    histories = [figures.read_history(r) for r in runs]
+    assert figures.curve_panels(histories) == [
+        "eval/semantic/miou", "eval/depth/abs_err", "eval/normal/mean", "train/total"]
+    paths = figures.plot_curves(runs, tmp_path / "c", labels=["A", "B"])
+    assert [p.name for p in paths] == ["c.png", "c.pdf"]
+    w, h = _size(paths[0])
+    assert w == 4 * figures.PANEL_IN[0] * figures.DPI and h == figures.PANEL_IN[1] * figures.DPI
+    assert paths[1].read_bytes().startswith(b"%PDF")
+    assert figures.default_labels(runs) == ["stl", "sl"]
+
+
+def _independent_score(task_name, pred, target):
+    """Per-image primary metrics written out in numpy (not via mtpsl.metrics)."""
+    if task_name == "semantic":
+        valid = target >= 0
+        labels = pred.argmax(0)
+        ious = []
+        for c in range(pred.shape[0]):
+            g, p = (target == c) & valid, (labels == c) & valid
+            union = (g | p).sum()
+            if union:
+                ious.append((g & p).sum() / union)
+        return float(np.mean(ious))
+    if task_name == "depth":
+        valid = target[..., 0] != 0
+        return float(np.abs(pred[0] - target[..., 0])[valid].mean())
+    valid = np.any(target != 0, axis=-1)
+    p = pred.transpose(1, 2, 0)
+    p = p / np.linalg.norm(p, axis=-1, keepdims=True)
+    cos = np.clip((p * target).sum(-1), -1, 1)
+    return float(np.degrees(np.arccos(cos))[valid].mean())
+
+
+INDICES = [0, 3]
+LABELS = ["STL", "SL"]
+
+
+@pytest.fixture(scope="module")
+def qual(runs):
+    return figures.collect_qualitative(runs, INDICES, labels=LABELS, device="cpu")
+
+
+def test_qualitative_scores_equal_an_independent_computation(runs, qual):
+    table = figures.score_table(qual)
+    assert len(table) == len(INDICES) * 3 * 2
+    root = load_run(runs[0]).config.dataset.root
+    folders = {"semantic": "label", "depth": "depth", "normal": "normal"}
+    images = torch.stack([torch.from_numpy(np.load(f"{root}/val/image/{i}.npy")).permute(2, 0, 1)
+                          for i in INDICES])
+    titles = figures.cell_titles(qual)
+    for run, label in zip(runs, LABELS, strict=True):
+        with torch.no_grad():
+            preds = load_run(run).model(images).preds
+        for k, idx in enumerate(INDICES):
+            for t, name in enumerate(folders):
+                target = np.load(f"{root}/val/{folders[name]}/{idx}.npy")
+                expected = _independent_score(name, preds[name][k].numpy(), target)
+                got = next(r["score"] for r in table if r["index"] == idx and
+                           r["task"] == name and r["run"] == label)
+                assert got == pytest.approx(expected, rel=1e-4, abs=1e-5), (label, idx, name)
+                column = 1 + t * 3 + 1 + LABELS.index(label)
+                assert titles[k][column].startswith(label)
+                assert titles[k][column].endswith(f"{got:.3f}")
+
+
+def test_qualitative_grid_is_sized_by_images_and_columns(qual, tmp_path):
+    one = dataclasses.replace(
+        qual, indices=qual.indices[:1], images=qual.images[:1],
+        targets={n: t[:1] for n, t in qual.targets.items()},
+        preds=[{n: t[:1] for n, t in p.items()} for p in qual.preds],
+        scores={lab: {n: v[:1] for n, v in s.items()} for lab, s in qual.scores.items()})
+    w2, h2 = _size(figures.plot_qualitative(qual, tmp_path / "two")[0])
+    w1, h1 = _size(figures.plot_qualitative(one, tmp_path / "one")[0])
+    cols = 1 + 3 * (1 + 2)  # RGB, then per task: ground truth + 2 runs
+    row_in = figures.CELL_IN * H / W + figures.TITLE_IN
+    assert w1 == w2 == round(cols * figures.CELL_IN * figures.DPI)
+    assert abs(h1 - row_in * figures.DPI) <= 1 and abs(h2 - 2 * row_in * figures.DPI) <= 1
+    assert w2 > h2 > h1
+    assert (tmp_path / "two.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_qualitative_command(runs, tmp_path, capsys):
+    args = ["figures", "qualitative", "--runs", *map(str, runs), "--labels", *LABELS,
+            "--device", "cpu", "--indices", "0", "3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "qualitative.png" in capsys.readouterr().out
+    w, h = _size(tmp_path / "qualitative.png")
+    assert w == round(10 * figures.CELL_IN * figures.DPI) and w > h
+    assert (tmp_path / "qualitative.pdf").stat().st_size > 0
+
+
+def test_curves_command_and_cli_errors(runs, tmp_path, capsys):
+    assert main(["figures", "curves", "--runs", *map(str, runs), "--out", str(tmp_path)]) == 0
+    assert _size(tmp_path / "curves.png")[0] > 0 and "curves.pdf" in capsys.readouterr().out
+    base = ["figures", "qualitative", "--runs", *map(str, runs), "--device", "cpu",
+            "--out", str(tmp_path)]
+    cases = [
+        ([*base, "--indices", "99"], "out of range"),
+        ([*base, "--indices", "0", "--labels", "only-one"], "labels"),
+        (["figures", "curves", "--runs", str(tmp_path / "nowhere")], "metrics.jsonl"),
+        (["figures", "qualitative", "--runs", str(tmp_path / "nowhere"), "--indices", "0"],
+         "checkpoint"),
+    ]
+    for args, words in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, err
+    with pytest.raises(SystemExit):
+        main(["figures", "qualitative", "--runs", str(runs[0])])  # --indices is required
+
+
+def test_runs_with_different_task_sets_are_refused(runs, tmp_path, capsys):
+    # The stl run restricted to two tasks: its normal network dropped from the checkpoint.
+    state = load_checkpoint(runs[0] / "checkpoint.pt")
+    state["config"]["dataset"]["tasks"] = ["semantic", "depth"]
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("nets.normal")}
+    two = tmp_path / "two-tasks"
+    two.mkdir()
+    torch.save(state, two / "checkpoint.pt")
+    assert list(load_run(two).tasks) == ["semantic", "depth"]
+    args = ["figures", "qualitative", "--runs", str(runs[1]), str(two), "--indices", "0",
+            "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "one task set" in capsys.readouterr().err
+
+
+def test_figures_registry_is_the_commands_extension_point():
+    assert {"curves", "qualitative"} <= set(figures.FIGURES)
+    assert figures.FIGURES["qualitative"].uses_images
+    assert not figures.FIGURES["curves"].uses_images
