@@ -24,7 +24,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 $(DEMO_DATA)/synthetic.json: | $(VENV)/.installed
-	$(BIN)/mtpsl data synth --out $(DEMO_DATA) --n-train 240 --n-val 60 --height 96 --width 128
+	$(BIN)/mtpsl data synth --out $(DEMO_DATA) --n-train 200 --n-val 50 --height 96 --width 128
 
 demo: $(VENV)/.installed $(DEMO_DATA)/synthetic.json
 	$(BIN)/mtpsl compare --config synthetic_demo --out $(DEMO_OUT) \

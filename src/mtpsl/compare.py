@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import report
-from .config import Config
+from .config import Config, build_config
 from .errors import ConfigError
 from .evaluate import higher_is_better, primary_keys
 from .experiment import open_dataset
@@ -26,32 +26,59 @@ ARROWS = report.ARROWS
 GROUP = ("regime",)
 
 
+def grid_cells(config: Config) -> list[tuple[str, str]]:
+    """(regime, method) cells: the grid, then the extra cells, without repeats."""
+    grid = config.compare
+    cells = [(regime, method) for regime in grid.regimes for method in grid.methods]
+    for extra in grid.extra_cells:
+        method, sep, regime = extra.partition("@")
+        if not sep or not method or not regime:
+            raise ConfigError(f"compare.extra_cells: {extra!r} must look like method@regime")
+        cells.append((regime, method))
+    return list(dict.fromkeys(cells))
+
+
 def run_grid(config: Config, out: Path) -> list[dict]:
     """Train every (regime, method, seed) cell; return their final metrics."""
-    grid = config.compare
     results = []
-    for regime in grid.regimes:
-        for method in grid.methods:
-            for seed in grid.seeds:
-                cell = out / regime / method / f"seed{seed}"
-                final_path = cell / "final_metrics.json"
-                if not final_path.exists():
-                    cell_config = _cell_config(config, regime, method, seed)
-                    print(f"== {regime} / {method} / seed {seed} -> {cell}", flush=True)
-                    train(cell_config, cell)
-                result = json.loads(final_path.read_text())
-                results.append({**result, "regime": regime, "method": method, "seed": seed,
-                                "run_dir": str(cell)})
+    for regime, method in grid_cells(config):
+        for seed in config.compare.seeds:
+            cell = out / _slug(regime) / method / f"seed{seed}"
+            final_path = cell / "final_metrics.json"
+            if not final_path.exists():
+                cell_config = cell_config_for(config, regime, method, seed)
+                print(f"== {regime} / {method} / seed {seed} -> {cell}", flush=True)
+                train(cell_config, cell)
+            result = json.loads(final_path.read_text())
+            results.append({**result, "regime": regime, "method": method, "seed": seed,
+                            "run_dir": str(cell)})
     return results
 
 
-def _cell_config(config: Config, regime: str, method: str, seed: int) -> Config:
+def _slug(regime: str) -> str:
+    return regime.replace(":", "-")
+
+
+def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Config:
+    """The run config of one cell: the base config with the cell's regime, method and seed."""
     data = config.model_dump()
-    data["name"] = f"{regime}-{method}-seed{seed}"
+    data["name"] = f"{_slug(regime)}-{method}-seed{seed}"
     data["seed"] = seed
-    data["labels"]["regime"] = regime
-    data["method"]["name"] = method
-    return Config.model_validate(data)
+    name, _, ratios = regime.partition(":")
+    data["labels"]["regime"] = name
+    if ratios:
+        try:
+            data["labels"]["ratios"] = [float(r) for r in ratios.split(":")]
+        except ValueError:
+            raise ConfigError(f"compare.regimes: {regime!r} must look like ratio:9:1") from None
+    variant = config.compare.variants.get(method)
+    if variant is not None:
+        data["method"]["name"] = variant.method
+        data["method"]["options"] = dict(variant.options)
+    elif method != config.method.name:
+        data["method"]["name"] = method
+        data["method"]["options"] = {}  # the base options belong to the base method
+    return build_config(data, f"compare cell {regime} / {method}")
 
 
 def summarise(

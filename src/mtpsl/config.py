@@ -103,12 +103,26 @@ class TrainConfig(Section):
         raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
 
 
+class MethodVariant(Section):
+    method: str
+    """A registered method name."""
+    options: dict[str, Any] = {}
+
+
 class CompareConfig(Section):
     methods: list[str] = ["stl", "sl"]
+    """Method names or names of ``variants``."""
     regimes: list[str] = ["onelabel"]
+    """Regime names; ``ratio:9:1`` is the ratio regime with those weights."""
     seeds: list[int] = [0]
     baseline: str = "stl"
     """Method whose results (same regime) are the reference of Delta_m."""
+    variants: dict[str, MethodVariant] = {}
+    """Named method + options, e.g. ``xtc_nocond: {method: xtc, options: {conditioned:
+    false}}``. A variant named like a method sets that method's options in the grid."""
+    extra_cells: list[str] = []
+    """Cells outside the grid as ``method@regime``, e.g. ``sl@full`` (paper tables' "SL
+    (full labels)" row)."""
 
 
 class Config(Section):

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import DataError, MtpslError
+from .figures_joint import add_arguments as joint_space_arguments
+from .figures_joint import joint_space_figure
 
 if TYPE_CHECKING:  # the module stays light to import: `mtpsl figures` builds its parser here
     import torch
@@ -390,6 +392,8 @@ class FigureRequest:
     split: str | None = None
     root: str | None = None
     device: str = "auto"
+    options: dict = field(default_factory=dict)
+    """Values of the figure's own arguments (``FigureSpec.add_arguments``)."""
 
 
 @dataclass(frozen=True)
@@ -398,6 +402,8 @@ class FigureSpec:
     help: str
     uses_images: bool = False
     """The command then requires ``--indices`` and offers ``--split/--root/--device``."""
+    add_arguments: Callable | None = None
+    """Adds the figure's own command-line options; their values land in ``options``."""
 
 
 def curves_figure(req: FigureRequest) -> list[Path]:
@@ -415,6 +421,10 @@ FIGURES: dict[str, FigureSpec] = {
     "qualitative": FigureSpec(
         qualitative_figure, "RGB, ground truth and each run's predictions with per-image "
         "scores (paper 001, Fig. 4)", uses_images=True),
-    # Extension point: e.g. "joint-space": FigureSpec(joint_space_figure, "...", True)
+    "joint-space": FigureSpec(
+        joint_space_figure, "an xtc run's mapped joint-space features of a task pair "
+        "(--pair, default the run's first two tasks): PCA of both branches and their "
+        "per-position cosine (paper 001, Fig. 3)", uses_images=True,
+        add_arguments=joint_space_arguments),
 }
 """Figures ``mtpsl figures`` offers: name -> spec (the command dispatches on this)."""

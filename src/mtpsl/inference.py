@@ -14,6 +14,7 @@ from .config import Config, build_config
 from .errors import DataError
 from .experiment import build_model_for, open_dataset
 from .methods import build_method
+from .methods.base import Method
 from .tasks import Task
 
 
@@ -60,6 +61,24 @@ def load_run(
     size = state.get("input_size")
     return LoadedRun(config, tasks, model, int(state["epoch"]), path,
                      tuple(size) if size is not None else None)
+
+
+def load_method(run: LoadedRun) -> Method:
+    """Rebuild the trained method of a loaded run (its auxiliary networks, e.g. the ``xtc``
+    mapping network) from the run's checkpoint, in eval mode on the model's device.
+
+    ``build_method`` + ``attach(run.model)`` + ``load_state_dict`` of the checkpoint's
+    ``"method"`` entry: the same steps training takes before it resumes.
+    """
+    state = load_checkpoint(run.checkpoint)
+    if "method" not in state:
+        raise DataError(f"checkpoint {run.checkpoint} holds no method state")
+    config = run.config
+    method = build_method(config.method.name, run.tasks, config.method.options)
+    method.attach(run.model)
+    method.load_state_dict(state["method"])
+    device = next(run.model.parameters()).device
+    return method.to(device).eval()
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -21,7 +21,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--split", help="dataset split (default: the run's eval split)")
             p.add_argument("--root", help="another copy of the dataset (same layout)")
             p.add_argument("--device", default="auto")
-        p.set_defaults(func=run)
+        own = set()
+        if spec.add_arguments is not None:
+            before = {a.dest for a in p._actions}
+            spec.add_arguments(p)
+            own = {a.dest for a in p._actions} - before
+        p.set_defaults(func=run, figure_options=sorted(own))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -32,6 +37,7 @@ def run(args: argparse.Namespace) -> None:
     request = FigureRequest(
         runs=[Path(r) for r in args.runs], out=Path(args.out), labels=args.labels,
         indices=getattr(args, "indices", None) or [], split=getattr(args, "split", None),
-        root=getattr(args, "root", None), device=getattr(args, "device", "auto"))
+        root=getattr(args, "root", None), device=getattr(args, "device", "auto"),
+        options={k: getattr(args, k) for k in args.figure_options})
     for path in FIGURES[args.figure].make(request):
         print(f"wrote {path}")

@@ -2,6 +2,7 @@
 
 from . import supervised, xtc  # noqa: F401  (register stl, sl, xtc)
 from .base import METHODS, Losses, Method, OptimGroup, build_method, supervised_losses
+from .joint_alternatives import ContrastiveLoss  # noqa: F401  (contrastive, discriminator)
 from .ssl import CropConsistency  # noqa: F401  (registers ssl)
 from .task_maps import DirectMap  # noqa: F401  (registers direct_map, perceptual_map)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +37,15 @@ from .base import METHODS, Losses, Method, OptimGroup, supervised_losses
 from .joint_space import JointSpaceMapper, pair_index
 
 
-class XTCOptions(BaseModel):
+class JointSpaceOptions(BaseModel):
+    """Options shared by every method on the joint pairwise task-space (xtc and alternatives)."""
+
     model_config = ConfigDict(extra="forbid")
 
     con_weight: float = Field(default=2.0, ge=0.0)
     """Weight of the consistency term: 2.0 for NYUv2, 1.0 for Cityscapes (paper 001)."""
     rampup_epochs: int = Field(default=0, ge=0)
     """Linear ramp-up: the weight is con_weight * min(1, (epoch + 1) / rampup_epochs)."""
-    reg_weight: float = Field(default=0.5, ge=0.0)
-    """Weight of the regulariser towards the encoder feature."""
-    regularize: bool = True
-    """False is the "w/o reg" ablation of Table 6."""
     conditioned: bool = True
     """False is the "w/o cond" ablation of Table 6: one mapping for all pairs, no FiLM."""
     film_lr: float = Field(default=1e-3, gt=0.0)
@@ -55,6 +54,13 @@ class XTCOptions(BaseModel):
     film_gamma: float = Field(default=0.5, gt=0.0, le=1.0)
     width: float | None = Field(default=None, gt=0.0)
     """Mapping-network width; None follows the SegNet encoder's channels."""
+
+
+class XTCOptions(JointSpaceOptions):
+    reg_weight: float = Field(default=0.5, ge=0.0)
+    """Weight of the regulariser towards the encoder feature."""
+    regularize: bool = True
+    """False is the "w/o reg" ablation of Table 6."""
 
 
 @dataclass
@@ -123,16 +129,36 @@ class XTCLoss(nn.Module):
         per_image = feature.new_zeros(labelled.shape[0])
         if len(rows) == 0:
             return per_image
-        first = next(iter(preds.values()))
-        h0 = first.new_empty(2 * len(rows), self.mapper.inputs[self.names[0]]["conv"].out_channels,
-                             *first.shape[-2:])
-        h0 = self._embed_rows(h0, rows.source, rows.image, preds, encode_pred, offset=0)
-        h0 = self._embed_rows(h0, rows.target, rows.image, targets,
-                              lambda task, x: task.encode_target(x), offset=len(rows))
-        mapped = self.mapper.encode(h0, torch.cat([rows.pair, rows.pair]))
-        m_s, m_t = mapped[: len(rows)], mapped[len(rows):]
+        m_s, m_t = self.map_rows(preds, targets, rows, rows, encode_pred)
         losses = pair_loss(m_s, m_t, feature.detach()[rows.image], self.reg_weight)
         return per_image.index_add(0, rows.image, losses.to(per_image.dtype))
+
+    def map_rows(
+        self,
+        preds: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        source_rows: PairRows,
+        target_rows: PairRows,
+        encode_pred: Callable[[Task, Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Joint-space maps of both branches in one batched mapping pass.
+
+        ``m_s[r] = m^{s->st}(encode_pred(yhat^s(x_i)))`` for the (i, s, pair) of
+        ``source_rows[r]`` and ``m_t[r] = m^{t->st}(encode_target(y_i^t))`` for the (i, t, pair)
+        of ``target_rows[r]``; the two row sets may differ in length.
+        """
+        n_s, n_t = len(source_rows), len(target_rows)
+        first = next(iter(preds.values()))
+        h0 = first.new_empty(n_s + n_t, self.mapper.inputs[self.names[0]]["conv"].out_channels,
+                             *first.shape[-2:])
+        if n_s:
+            h0 = self._embed_rows(h0, source_rows.source, source_rows.image, preds, encode_pred,
+                                  offset=0)
+        if n_t:
+            h0 = self._embed_rows(h0, target_rows.target, target_rows.image, targets,
+                                  lambda task, x: task.encode_target(x), offset=n_s)
+        mapped = self.mapper.encode(h0, torch.cat([source_rows.pair, target_rows.pair]))
+        return mapped[:n_s], mapped[n_s:]
 
     def _embed_rows(self, out, task_ids, images, maps, encode, offset: int) -> Tensor:
         # Input layers differ per task: run each on the rows that use it, then scatter.
@@ -185,11 +211,15 @@ class CrossTaskConsistency(Method):
 
     n_views = 2
     Options = XTCOptions
+    label: ClassVar[str] = "xtc"
+    """The registered name, for error messages (subclasses set theirs)."""
 
-    def __init__(self, tasks: Mapping[str, Task], options: XTCOptions) -> None:
+    def __init__(self, tasks: Mapping[str, Task], options: JointSpaceOptions) -> None:
         super().__init__(tasks, options)
         if len(tasks) < 2:
-            raise ConfigError("method xtc needs at least two tasks (it relates task pairs)")
+            raise ConfigError(
+                f"method {self.label} needs at least two tasks (it relates task pairs)"
+            )
         self.weight_now = options.con_weight if options.rampup_epochs == 0 else 0.0
         self.loss_fn: XTCLoss | None = None  # built by attach(): its channels follow the model
 
@@ -198,8 +228,8 @@ class CrossTaskConsistency(Method):
         channels = getattr(model, "encoder_channels", None)
         if channels is None:
             raise ConfigError(
-                "method xtc needs a model with one shared encoder feature (features['encoder']); "
-                f"{type(model).__name__} has none"
+                f"method {self.label} needs a model with one shared encoder feature "
+                f"(features['encoder']); {type(model).__name__} has none"
             )
         filters = scaled_filters(self.options.width) if self.options.width else model.filters
         in_channels = {n: t.out_channels for n, t in self.tasks.items()}
@@ -209,8 +239,12 @@ class CrossTaskConsistency(Method):
                 f"method.options.width: the mapping network gives {mapper.out_channels} "
                 f"channels but the model's encoder feature has {channels}"
             )
-        reg = self.options.reg_weight if self.options.regularize else 0.0
-        self.loss_fn = XTCLoss(self.tasks, mapper, reg).to(next(model.parameters()).device)
+        self.loss_fn = XTCLoss(self.tasks, mapper, self.regulariser_weight())
+        self.loss_fn.to(next(model.parameters()).device)
+
+    def regulariser_weight(self) -> float:
+        """The weight of the regulariser towards the encoder feature (0 = none)."""
+        return self.options.reg_weight if self.options.regularize else 0.0
 
     def optimizer_groups(self, model: nn.Module) -> list[OptimGroup]:
         mapper = self.loss_fn.mapper
@@ -235,8 +269,18 @@ class CrossTaskConsistency(Method):
                             {k: v[:b] for k, v in out.features.items()})
         preds1 = {k: v[b:] for k, v in out.preds.items()}
         task_losses = supervised_losses(self.tasks, batch, first.preds, view=0)
-        per_image = self.loss_fn.consistency(
-            preds1, view1.targets, out.features["encoder"][b:], batch.labelled
-        )
-        return Losses(task_losses, {"xtc": self.weight_now * per_image.mean()}), first
+        extra = self.joint_terms(preds1, view1.targets, out.features["encoder"][b:],
+                                 batch.labelled)
+        return Losses(task_losses, extra), first
+
+    def joint_terms(
+        self,
+        preds: Mapping[str, Tensor],
+        targets: Mapping[str, Tensor],
+        feature: Tensor,
+        labelled: Tensor,
+    ) -> dict[str, Tensor]:
+        """The extra loss terms on the second view (already weighted by ``weight_now``)."""
+        per_image = self.loss_fn.consistency(preds, targets, feature, labelled)
+        return {"xtc": self.weight_now * per_image.mean()}
 

@@ -1,0 +1,90 @@
+"""Render a synthetic dataset, run a preset's comparison grid on one device, record it.
+
+    python benchmarks/grid_run.py --device cpu                     # the README demo grid
+    python benchmarks/grid_run.py --device cuda                    # the same on a GPU
+    python benchmarks/grid_run.py --device cuda --preset synthetic_benchmark \
+        --n-train 795 --n-val 654 --height 144 --width 192         # the method issue's table
+
+Writes ``benchmarks/results/<preset>_<device>.json`` (device name, torch version, the exact
+command, wall time, peak GPU memory, the table and every run's final metrics) and the
+Markdown table beside it, so the figures outlive the machine they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mtpsl.compare import compare
+from mtpsl.config import load_config
+from mtpsl.data.synthetic import write_nyuv2_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="synthetic_demo")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-val", type=int, default=50)
+    parser.add_argument("--height", type=int, default=96)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--work", default="/tmp/mtpsl-grid", help="scratch folder")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device (use --device cpu for a CPU record)", file=sys.stderr)
+        return 2
+    work = Path(args.work) / f"{args.preset}-{args.height}x{args.width}"
+    data = work / "data"
+    if not (data / "synthetic.json").exists():
+        write_nyuv2_layout(data, n_train=args.n_train, n_val=args.n_val, height=args.height,
+                           width=args.width, progress=False)
+    overrides = [f"dataset.root={data}", f"train.device={args.device}", "train.progress=false",
+                 *args.overrides]
+    config = load_config(args.preset, overrides)
+    started = time.perf_counter()
+    table = compare(config, work / f"runs-{args.device}")
+    seconds = time.perf_counter() - started
+    print(table)
+    cuda = args.device == "cuda"
+    device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"
+    runs_dir = work / f"runs-{args.device}"
+    runs = [json.loads(p.read_text()) for p in sorted(runs_dir.rglob("final_metrics.json"))]
+    record = {
+        "benchmark": args.preset,
+        "command": "python benchmarks/grid_run.py " + " ".join(sys.argv[1:]),
+        "data": {"n_train": args.n_train, "n_val": args.n_val,
+                 "size": [args.height, args.width]},
+        "overrides": overrides,
+        "device": device_name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "wall_seconds": round(seconds, 1),
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+        "table_markdown": table,
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"cuda_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}" if cuda else "cpu"
+    path = out / f"{args.preset}_{tag}.json"
+    path.write_text(json.dumps(record, indent=2))
+    path.with_suffix(".md").write_text(f"`{record['command']}` on {device_name}\n\n{table}\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

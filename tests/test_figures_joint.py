@@ -1,0 +1,162 @@
+"""The joint-space figure of a tiny trained xtc run (paper 001, Fig. 3): files, the cosine
+values it is titled with against an independent computation, and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtpsl import figures, figures_joint
+from mtpsl.checkpoint import load_checkpoint, save_checkpoint
+from mtpsl.cli import main
+from mtpsl.errors import MtpslError
+from mtpsl.inference import load_method, load_run
+from mtpsl.methods.joint_space import JointSpaceMapper, pair_index
+from mtpsl.models.segnet import scaled_filters
+
+from conftest import make_layout
+
+H, W = 64, 96
+INDICES = [0, 3]
+
+
+@pytest.fixture(scope="module")
+def xtc_run(tmp_path_factory):
+    root = make_layout(tmp_path_factory.mktemp("data"), n=4, h=H, w=W)
+    run = tmp_path_factory.mktemp("runs") / "xtc"
+    code = main(["train", "--run-dir", str(run), f"dataset.root={root}", "method.name=xtc",
+                 "model.width=0.0625", "train.epochs=1", "train.batch_size=2",
+                 "train.progress=false"])
+    assert code == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def data(xtc_run):
+    return figures_joint.collect_joint_space(xtc_run, "semantic,depth", INDICES, device="cpu")
+
+
+def _independent_cosines(run, source, target, indices):
+    """Mapper rebuilt from the checkpoint by hand, run per image in its batch-1 reference
+    form, with inputs encoded and cosines computed in numpy."""
+    state = load_checkpoint(run / "checkpoint.pt")
+    prefix = "loss_fn.mapper."
+    mapper_state = {k[len(prefix):]: v for k, v in state["method"].items()
+                    if k.startswith(prefix)}
+    channels = {"semantic": 13, "depth": 1, "normal": 3}
+    mapper = JointSpaceMapper(channels, True, scaled_filters(0.0625))
+    mapper.load_state_dict(mapper_state)
+    loaded = load_run(run)
+    root = loaded.config.dataset.root
+    folders = {"semantic": "label", "depth": "depth", "normal": "normal"}
+    pid = pair_index(list(channels).index(source), list(channels).index(target), 3)
+    out = []
+    for idx in indices:
+        image = torch.from_numpy(np.load(f"{root}/val/image/{idx}.npy")).permute(2, 0, 1)
+        with torch.no_grad():
+            pred = loaded.model(image[None]).preds[source][0].numpy()
+        assert source == "semantic" and target == "depth"
+        x_s = np.eye(13, dtype=np.float32)[pred.argmax(0)].transpose(2, 0, 1)
+        depth = np.load(f"{root}/val/{folders[target]}/{idx}.npy").transpose(2, 0, 1)
+        x_t = depth / (depth.max() + 1e-12)
+        with torch.no_grad():
+            m_s = mapper.reference_forward(source, torch.from_numpy(x_s)[None], pid)[0].numpy()
+            m_t = mapper.reference_forward(target, torch.from_numpy(x_t)[None], pid)[0].numpy()
+        dot = (m_s * m_t).sum(0)
+        norm = np.maximum(np.linalg.norm(m_s, axis=0) * np.linalg.norm(m_t, axis=0), 1e-8)
+        out.append(float((dot / norm).mean()))
+    return out
+
+
+def test_titled_cosines_equal_an_independent_computation(xtc_run, data):
+    expected = _independent_cosines(xtc_run, "semantic", "depth", INDICES)
+    assert data.mean_cosine == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert data.pair_id == pair_index(0, 1, 3)
+    titles = figures_joint.joint_space_titles(data)
+    for row, value in zip(titles, data.mean_cosine, strict=True):
+        assert len(row) == figures_joint.COLUMNS
+        assert row[-1].endswith(f"mean {value:.3f}")
+    # the figure's number is one minus the loss's pair term
+    from mtpsl.methods.xtc import _cos_distance
+    dist = _cos_distance(data.mapped_source, data.mapped_target)
+    assert (1 - dist).tolist() == pytest.approx(data.mean_cosine, abs=1e-6)
+
+
+def test_load_method_restores_the_trained_mapper(xtc_run):
+    run = load_run(xtc_run)
+    mapper = load_method(run).loss_fn.mapper
+    state = load_checkpoint(xtc_run / "checkpoint.pt")["method"]
+    for key, value in mapper.state_dict().items():
+        assert torch.equal(value, state[f"loss_fn.mapper.{key}"]), key
+    assert not mapper.training
+
+
+def test_joint_pca_shares_one_scale():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((8, 2, 3)), rng.random((8, 2, 3)) + 1.0
+    pa, pb = figures_joint.joint_pca(a, b)
+    assert pa.shape == pb.shape == (2, 3, 3)
+    both = np.concatenate([pa.reshape(-1, 3), pb.reshape(-1, 3)])
+    assert np.allclose(both.min(0), 0) and np.allclose(both.max(0), 1)
+    assert not np.allclose(pa.mean(), pb.mean())  # the offset between the maps is kept
+    za, zb = figures_joint.joint_pca(np.zeros((4, 2, 2)), np.zeros((4, 2, 2)))
+    assert not za.any() and not zb.any()
+
+
+def test_cli_writes_png_and_pdf(xtc_run, tmp_path, capsys):
+    out = tmp_path / "figs"
+    code = main(["figures", "joint-space", "--runs", str(xtc_run), "--indices", *map(str, INDICES),
+                 "--device", "cpu", "--out", str(out), "--pair", "normal,semantic"])
+    assert code == 0
+    png, pdf = out / "joint-space.png", out / "joint-space.pdf"
+    assert png.stat().st_size > 0 and pdf.read_bytes().startswith(b"%PDF")
+    with Image.open(png) as img:
+        w, h = img.size
+    assert w == round(figures_joint.COLUMNS * figures.CELL_IN * figures.DPI)
+    assert h == round(len(INDICES) * (figures.CELL_IN * H / W + figures.TITLE_IN) * figures.DPI)
+    assert f"wrote {png}" in capsys.readouterr().out
+
+
+def test_non_xtc_run_is_refused(xtc_run, tmp_path, capsys):
+    state = load_checkpoint(xtc_run / "checkpoint.pt")
+    state["config"]["method"] = {**state["config"]["method"], "name": "sl", "options": {}}
+    del state["method"]
+    save_checkpoint(state, tmp_path / "sl" / "checkpoint.pt")
+    code = main(["figures", "joint-space", "--runs", str(tmp_path / "sl"), "--indices", "0",
+                 "--device", "cpu", "--out", str(tmp_path / "figs")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "trained with method 'sl'" in err and "needs xtc" in err
+    assert not (tmp_path / "figs").exists()
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("semantic,colour", "unknown task 'colour'"),
+    ("semantic", "give two task names"),
+    ("depth,depth", "must differ"),
+])
+def test_bad_pair_lists_the_tasks(xtc_run, pair, message):
+    with pytest.raises(MtpslError, match=message) as err:
+        figures_joint.collect_joint_space(xtc_run, pair, [0], device="cpu")
+    assert "semantic, depth, normal" in str(err.value)
+
+
+def test_figure_function_takes_the_pair_from_the_request(xtc_run, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(figures_joint, "plot_joint_space",
+                        lambda data, stem: seen.append((data.source, data.target, stem)) or [])
+    req = figures.FigureRequest(runs=[xtc_run, xtc_run], out=tmp_path, labels=["a", "b/c"],
+                                indices=[1], device="cpu", options={"pair": "depth,normal"})
+    figures.FIGURES["joint-space"].make(req)
+    assert seen == [("depth", "normal", tmp_path / "joint-space-a"),
+                    ("depth", "normal", tmp_path / "joint-space-b_c")]
+    data = figures_joint.collect_joint_space(xtc_run, None, [1], device="cpu")
+    assert (data.source, data.target) == ("semantic", "depth")
+
+
+def test_cli_pair_option_reaches_the_figure(xtc_run, tmp_path, capsys):
+    code = main(["figures", "joint-space", "--runs", str(xtc_run), "--indices", "0",
+                 "--device", "cpu", "--out", str(tmp_path), "--pair", "semantic,colour"])
+    assert code == 2 and "unknown task 'colour'" in capsys.readouterr().err
