@@ -362,15 +362,28 @@ def plot_qualitative(data: Qualitative, out_stem: str | Path) -> list[Path]:
     and each run's prediction titled with its per-image score. Segmentation in a fixed
     palette (ignore black), depth on one colour scale per image (invalid black), normals as
     RGB. Returns [png, pdf]."""
-    width, height = qualitative_size(data)
-    fig = _figure(figsize=(width, height), dpi=DPI)
-    titles = cell_titles(data)
-    h, w = data.images.shape[1:3]
+    width, _ = qualitative_size(data)
+    rows = [_panels(data, k) for k in range(len(data.indices))]
+    return plot_panel_grid(rows, cell_titles(data), data.images.shape[1:3], width, out_stem)
+
+
+def plot_panel_grid(
+    rows: Sequence[Sequence[tuple]],
+    titles: Sequence[Sequence[str]],
+    image_hw: tuple[int, int],
+    width: float,
+    out_stem: str | Path,
+) -> list[Path]:
+    """Rows of titled image panels, each CELL_IN wide with the image's aspect; a panel is
+    ``(array, imshow_kwargs)``. Shared by every per-image figure. Returns [png, pdf]."""
+    h, w = image_hw
     cell_h = CELL_IN * h / w
+    height = len(rows) * (cell_h + TITLE_IN)
+    fig = _figure(figsize=(width, height), dpi=DPI)
     pad = 0.03 * CELL_IN
-    for k in range(len(data.indices)):
+    for k, row in enumerate(rows):
         top = height - k * (cell_h + TITLE_IN) - TITLE_IN
-        for c, (array, kwargs) in enumerate(_panels(data, k)):
+        for c, (array, kwargs) in enumerate(row):
             ax = fig.add_axes(((c * CELL_IN + pad) / width, (top - cell_h + pad) / height,
                                (CELL_IN - 2 * pad) / width, (cell_h - 2 * pad) / height))
             ax.imshow(array, aspect="auto", interpolation="nearest", **kwargs)

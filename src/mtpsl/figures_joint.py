@@ -248,23 +248,11 @@ def plot_joint_space(data: JointSpace, out_stem: str | Path) -> list[Path]:
     joint-space maps (1/32 resolution) stretched to the image's cell. Cosine on a fixed [0, 1]
     scale (the mapped features are ReLU outputs, so it cannot be negative). Returns
     [png, pdf]."""
-    from .figures import CELL_IN, DPI, TITLE_IN, _figure, save
+    from .figures import CELL_IN, plot_panel_grid
 
-    h, w = data.images.shape[1:3]
-    cell_h = CELL_IN * h / w
-    width, height = COLUMNS * CELL_IN, len(data.indices) * (cell_h + TITLE_IN)
-    fig = _figure(figsize=(width, height), dpi=DPI)
-    titles = joint_space_titles(data)
-    pad = 0.03 * CELL_IN
-    for k in range(len(data.indices)):
-        top = height - k * (cell_h + TITLE_IN) - TITLE_IN
-        for c, (array, kwargs) in enumerate(_cells(data, k)):
-            ax = fig.add_axes(((c * CELL_IN + pad) / width, (top - cell_h + pad) / height,
-                               (CELL_IN - 2 * pad) / width, (cell_h - 2 * pad) / height))
-            ax.imshow(array, aspect="auto", interpolation="nearest", **kwargs)
-            ax.set_title(titles[k][c], fontsize=7, pad=2)
-            ax.set_axis_off()
-    return save(fig, out_stem)
+    rows = [_cells(data, k) for k in range(len(data.indices))]
+    return plot_panel_grid(rows, joint_space_titles(data), data.images.shape[1:3],
+                           COLUMNS * CELL_IN, out_stem)
 
 
 def add_arguments(parser) -> None:
