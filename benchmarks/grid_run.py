@@ -57,7 +57,7 @@ def main() -> int:
     seconds = time.perf_counter() - started
     print(table)
     cuda = args.device == "cuda"
-    device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name(0) if cuda else _cpu_name()
     runs_dir = work / f"runs-{args.device}"
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.rglob("final_metrics.json"))]
     record = {
@@ -84,6 +84,16 @@ def main() -> int:
     path.with_suffix(".md").write_text(f"`{record['command']}` on {device_name}\n\n{table}\n")
     print(f"wrote {path}")
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":
