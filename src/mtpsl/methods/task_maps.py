@@ -120,6 +120,13 @@ class PairwiseMappings(Method):
                 self.mappings[pair_key(s, t)],
             )
 
+    def _supervised_step(
+        self, model: nn.Module, batch: Batch
+    ) -> tuple[ModelOutput, dict[str, Tensor], Tensor]:
+        """One model forward, the supervised losses (Eq. 1) and the host-side label mask."""
+        out = model(batch.image)
+        return out, supervised_losses(self.tasks, batch, out.preds), self._columns(batch)
+
     def _columns(self, batch: Batch) -> Tensor:
         """The batch's ``[B, T]`` label mask on the host, columns in this method's task order."""
         if tuple(batch.task_names) == self.task_order:
@@ -144,11 +151,8 @@ class DirectMap(PairwiseMappings):
     """
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
-        out = model(batch.image)
-        preds, targets = out.preds, batch.targets
-        losses = supervised_losses(self.tasks, batch, preds)
-        labelled = self._columns(batch)
-        device = batch.image.device
+        out, losses, labelled = self._supervised_step(model, batch)
+        preds, targets, device = out.preds, batch.targets, batch.image.device
         encoded: dict[str, Tensor] = {}
         total = batch.image.new_zeros(())
         for si, ti, task_s, task_t, mapping in self.pairs():
@@ -173,11 +177,8 @@ class PerceptualMap(PairwiseMappings):
     """
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
-        out = model(batch.image)
-        preds, targets = out.preds, batch.targets
-        losses = supervised_losses(self.tasks, batch, preds)
-        labelled = self._columns(batch)
-        device = batch.image.device
+        out, losses, labelled = self._supervised_step(model, batch)
+        preds, targets, device = out.preds, batch.targets, batch.image.device
         encoded: dict[str, Tensor] = {}
         perceptual = batch.image.new_zeros(())
         fit = batch.image.new_zeros(())
