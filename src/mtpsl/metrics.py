@@ -118,6 +118,12 @@ class Metric(ABC):
             for k, v in self._state.items()
         }
 
+    def _host_counts(self) -> tuple[dict[str, Tensor], int, Tensor]:
+        """Host state, the valid-pixel count and the ``within`` counters in percent."""
+        s = self._host()
+        n = int(s["count"])
+        return s, n, s["within"].to(torch.float64) * (100.0 / max(n, 1))
+
 
 @METRICS.register("segmentation")
 class SegmentationMetric(Metric):
@@ -273,11 +279,9 @@ class DepthMetric(Metric):
         s["within"] += torch.stack([(ratio < 1.25**k).sum() for k in (1, 2, 3)])
 
     def compute(self) -> dict[str, float]:
-        s = self._host()
-        n = int(s["count"])
+        s, n, within = self._host_counts()
         if n == 0:
             return dict.fromkeys(self.higher_is_better, math.nan)
-        within = s["within"].to(torch.float64) * (100.0 / n)
         return {
             "abs_err": float(s["abs"]) / n,
             "rel_err": float(s["rel"]) / n,
@@ -347,11 +351,9 @@ class NormalMetric(Metric):
         _count_into(s["hist"], bins, valid)
 
     def compute(self) -> dict[str, float]:
-        s = self._host()
-        n = int(s["count"])
+        s, n, within = self._host_counts()
         if n == 0:
             return dict.fromkeys(self.higher_is_better, math.nan)
-        within = s["within"].to(torch.float64) * (100.0 / n)
         return {
             "mean": float(s["sum"]) / n,
             "median": self._hist_median(s["hist"]),
