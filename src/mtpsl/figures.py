@@ -171,18 +171,23 @@ def plot_curves(run_dirs: Sequence[str | Path], out_stem: str | Path,
 
 # -- qualitative comparison ------------------------------------------------------------------
 
-def palette(num_classes: int) -> np.ndarray:
-    """Fixed uint8 ``[num_classes, 3]`` class colours (PASCAL VOC bit pattern from id 1, so no
-    class is black: black means ignore)."""
-    colours = np.zeros((num_classes, 3), dtype=np.uint8)
-    for cls in range(num_classes):
-        c, rgb = cls + 1, [0, 0, 0]
+def voc_colours(n: int) -> np.ndarray:
+    """The PASCAL VOC bit-interleaved colours of ids ``0..n-1``, uint8 ``[n, 3]`` (id 0 black)."""
+    colours = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, rgb = i, [0, 0, 0]
         for bit in range(8):
             for ch in range(3):
                 rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
             c >>= 3
-        colours[cls] = rgb
+        colours[i] = rgb
     return colours
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """Fixed uint8 ``[num_classes, 3]`` class colours (the VOC pattern from id 1, so no class
+    is black: black means ignore)."""
+    return voc_colours(num_classes + 1)[1:]
 
 
 def colour_segmentation(labels: np.ndarray, num_classes: int) -> np.ndarray:

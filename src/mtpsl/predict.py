@@ -196,17 +196,10 @@ def finalise(task: Task, pred: Tensor) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def palette(n: int = 256) -> np.ndarray:
-    """The fixed (PASCAL VOC style, bit-interleaved) colour of every class id, (n,3) uint8."""
-    colours = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        colours[i] = (r, g, b)
-    return colours
+    """The fixed PASCAL VOC colour of every class id, (n,3) uint8 (shared with the figures)."""
+    from .figures import voc_colours
+
+    return voc_colours(n)
 
 
 def colourise_depth(depth: np.ndarray) -> np.ndarray:
