@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,14 +68,24 @@ class MethodConfig(Section):
     """Method-specific options, validated by the method's own options model."""
     weighting: str = "uniform"
     """How per-task losses are combined (see mtpsl.weighting.WEIGHTINGS)."""
+    weighting_options: dict[str, Any] = {}
+    """Strategy-specific options, validated by the strategy's own options model."""
 
 
 class OptimConfig(Section):
+    optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(default=1e-4, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas."""
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """SGD's momentum."""
+    schedule: Literal["step", "poly"] = "step"
+    """step: StepLR(step_size, gamma) per epoch; poly: lr * (1 - epoch/epochs) ** poly_power."""
     step_size: int = Field(default=100, gt=0)
     """StepLR period in epochs."""
     gamma: float = Field(default=0.5, gt=0.0, le=1.0)
+    poly_power: float = Field(default=0.9, gt=0.0)
 
 
 class TrainConfig(Section):

@@ -26,7 +26,7 @@ from .models import MODELS, HeadSpec, PerTaskModels, build_model
 from .registry import Registry
 from .splits import Split, make_split
 from .tasks import Task
-from .weighting import WEIGHTINGS, Weighting
+from .weighting import Weighting, build_weighting
 
 
 @dataclass
@@ -144,11 +144,13 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
         val_set = PartialLabelSet(Subset(train_full, val_idx), tasks, split.labelled[val_idx])
     eval_set = PartialLabelSet(eval_base, tasks)
 
-    weighting_cls = lookup(WEIGHTINGS, config.method.weighting, "method.weighting")
+    weighting = build_weighting(
+        config.method.weighting, names, config.method.weighting_options
+    )
     model = build_model_for(config, tasks, method)
     method.attach(model)
     return Experiment(
-        config, tasks, split, train_set, eval_set, val_set, model, method, weighting_cls(names)
+        config, tasks, split, train_set, eval_set, val_set, model, method, weighting
     )
 
 

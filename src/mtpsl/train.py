@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.optim import Adam
-from torch.optim.lr_scheduler import StepLR
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -35,7 +33,8 @@ from .experiment import (
     seed_everything,
     train_loader,
 )
-from .models import count_parameters
+from .models import count_parameters, shared_parameters
+from .optim import Optimisation
 from .splits import Split
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,48 +44,13 @@ class NonFiniteLossError(MtpslError):
     """Training diverged; the last good checkpoint is left in place."""
 
 
-@dataclass
-class Optimisation:
-    """One Adam + StepLR per optimiser group a method asks for (XTC uses two)."""
-
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[StepLR]
-
-    @classmethod
-    def build(cls, exp: Experiment) -> Optimisation:
-        cfg = exp.config.optim
-        groups = exp.method.optimizer_groups(exp.model)
-        groups[0].params.extend(exp.weighting.parameters())
-        optimizers, schedulers = [], []
-        for g in groups:
-            opt = Adam(g.params, lr=g.lr or cfg.lr, weight_decay=cfg.weight_decay)
-            optimizers.append(opt)
-            schedulers.append(StepLR(opt, g.step_size or cfg.step_size, g.gamma or cfg.gamma))
-        return cls(optimizers, schedulers)
-
-    def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def end_epoch(self) -> None:
-        for sched in self.schedulers:
-            sched.step()
-
-    def state_dict(self) -> dict:
-        return {
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
-            o.load_state_dict(s)
-        for o, s in zip(self.schedulers, state["schedulers"], strict=True):
-            o.load_state_dict(s)
+def build_optimisation(exp: Experiment) -> Optimisation:
+    """The method's groups, the weighting's own groups, and its other parameters in "main"."""
+    groups = exp.method.optimizer_groups(exp.model)
+    own = exp.weighting.optimizer_groups()
+    owned = {id(p) for g in own for p in g.params}
+    groups[0].params.extend(p for p in exp.weighting.parameters() if id(p) not in owned)
+    return Optimisation.build([*groups, *own], exp.config.optim, exp.config.train.epochs)
 
 
 @dataclass
@@ -166,7 +130,7 @@ def _fit(exp: Experiment, run_dir: Path, start_epoch: int, state: dict | None) -
     exp.model.to(device)
     exp.method.to(device)
     exp.weighting.to(device)
-    optim = Optimisation.build(exp)
+    optim = build_optimisation(exp)
     history = History.load(run_dir, start_epoch) if state else History(run_dir)
     if state:
         exp.model.load_state_dict(state["model"])
@@ -231,16 +195,17 @@ def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: in
     sums: dict[str, torch.Tensor] = {}
     watch = _DivergenceWatch(device)
     params = [p for opt in optim.optimizers for g in opt.param_groups for p in g["params"]]
+    shared = shared_parameters(exp.model)
     bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress)
     for step, batch in enumerate(loader):
         if step >= n_steps:
             break
         batch = batch.to(device, non_blocking=True)
         losses, _ = exp.method.compute(exp.model, batch)
-        total = exp.weighting.combine(losses.tasks) + sum(losses.extra.values())
         optim.zero_grad()
-        total.backward()
-        terms = {"total": total.detach(), **losses.detached()}
+        extra = sum(losses.extra.values(), torch.zeros((), device=device))
+        total = exp.weighting.backward(losses.tasks, extra, shared)
+        terms = {"total": total, **losses.detached()}
         watch.update(step, terms, [p.grad for p in params if p.grad is not None])
         if step % CHECK_EVERY == 0 or step == n_steps - 1:
             _check_finite(watch, epoch, n_steps)  # one host sync per CHECK_EVERY steps
@@ -251,7 +216,9 @@ def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: in
         if cfg.progress and (step % CHECK_EVERY == 0 or step == n_steps - 1):
             bar.set_postfix(loss=f"{sums['total'].item() / (step + 1):.4f}")
     bar.close()
-    return {f"train/{k}": (v / max(n_steps, 1)).item() for k, v in sums.items()}
+    means = {k: (v / max(n_steps, 1)).item() for k, v in sums.items()}
+    exp.weighting.end_epoch({t: means[t] for t in exp.tasks if t in means})
+    return {f"train/{k}": v for k, v in means.items()}
 
 
 GRADIENTS = "gradients"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models import ModelOutput
+from ..optim import OptimGroup
 from ..registry import Registry
 from ..tasks import Task
 
@@ -36,17 +37,6 @@ class Losses:
 
     def detached(self) -> dict[str, Tensor]:
         return {k: v.detach() for k, v in {**self.tasks, **self.extra}.items()}
-
-
-@dataclass
-class OptimGroup:
-    """Parameters with their own optimiser and StepLR schedule (None = the config's value)."""
-
-    name: str
-    params: list[nn.Parameter]
-    lr: float | None = None
-    step_size: int | None = None
-    gamma: float | None = None
 
 
 class Method(nn.Module):

@@ -8,6 +8,7 @@ from mtpsl.models.base import (
     PerTaskModels,
     build_model,
     count_parameters,
+    shared_parameters,
 )
 from mtpsl.models.segnet import SegNet, conv_bn_relu
 
@@ -20,4 +21,5 @@ __all__ = [
     "build_model",
     "conv_bn_relu",
     "count_parameters",
+    "shared_parameters",
 ]

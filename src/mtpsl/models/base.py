@@ -88,3 +88,13 @@ def build_model(name: str, heads: Mapping[str, HeadSpec], **kwargs: object) -> n
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (works on meta-device modules, which hold no storage)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters every task's loss flows through, in forward order ([] if none are shared).
+
+    Gradient-based weighting strategies (GradNorm, MGDA, PCGrad, CAGrad) act on these; a
+    model offers them by defining ``shared_parameters()``.
+    """
+    method = getattr(model, "shared_parameters", None)
+    return list(method()) if callable(method) else []

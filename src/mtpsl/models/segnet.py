@@ -108,6 +108,10 @@ class SegNet(nn.Module):
         """Task names in head order."""
         return list(self.heads.keys())
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Encoder and decoder (everything but the heads), in forward order."""
+        return [p for name, p in self.named_parameters() if not name.startswith("heads.")]
+
     def forward(self, x: Tensor) -> ModelOutput:
         """Encode with pooling indices, decode by unpooling to the recorded sizes, run heads."""
         indices: list[Tensor] = []
