@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ class Experiment:
     model: nn.Module
     method: Method
     weighting: Weighting
+    extra_evals: dict[str, PartialLabelSet] = field(default_factory=dict)
+    """Further evaluation sets, logged as ``eval@<name>/<metric>`` (e.g. one per source
+    dataset in cross-dataset training); the reported result stays ``eval/``."""
 
 
 def lookup(registry: Registry, name: str, key: str) -> Callable:

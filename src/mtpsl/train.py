@@ -142,6 +142,8 @@ def _fit(exp: Experiment, run_dir: Path, start_epoch: int, state: dict | None) -
     evals = {"eval": eval_loader(exp.eval_set, exp.config, device)}
     if exp.val_set is not None:
         evals["val"] = eval_loader(exp.val_set, exp.config, device)
+    for name, extra_set in exp.extra_evals.items():
+        evals[f"eval@{name}"] = eval_loader(extra_set, exp.config, device)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     started = time.perf_counter()
     try:
@@ -294,6 +296,7 @@ def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
         "eval_split": exp.config.dataset.eval_split,
         "reported": "last epoch",
         "metrics": _eval_metrics(last),
+        **_extra_eval_metrics(last),
         "split": exp.split.counts(),
         "parameters": count_parameters(exp.model),
         "train_seconds_this_session": round(seconds, 1),
@@ -311,6 +314,16 @@ def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
             "metrics": _eval_metrics(best),
         }
     return final
+
+
+def _extra_eval_metrics(row: dict) -> dict:
+    """``{"metrics@<set>": {...}}`` for every extra evaluation set in ``row``."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in row.items():
+        if key.startswith("eval@"):
+            name, _, metric = key.removeprefix("eval@").partition("/")
+            out.setdefault(f"metrics@{name}", {})[metric] = value
+    return out
 
 
 def _eval_metrics(row: dict) -> dict[str, float]:

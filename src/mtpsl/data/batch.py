@@ -64,6 +64,9 @@ class Batch:
     """bool ``[B, T]``, T in ``task_names`` order."""
     index: Tensor
     task_names: tuple[str, ...]
+    domain: Tensor | None = None
+    """long ``[B]``: which source dataset each image comes from (cross-dataset training);
+    None when the data has a single source."""
 
     @property
     def image(self) -> Tensor:
@@ -86,11 +89,15 @@ class Batch:
             self.labelled.to(device, non_blocking=non_blocking),
             self.index.to(device, non_blocking=non_blocking),
             self.task_names,
+            None if self.domain is None else self.domain.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
         views = [v.pin_memory() for v in self.views]
-        return Batch(views, self.labelled.pin_memory(), self.index.pin_memory(), self.task_names)
+        domain = None if self.domain is None else self.domain.pin_memory()
+        return Batch(
+            views, self.labelled.pin_memory(), self.index.pin_memory(), self.task_names, domain
+        )
 
 
 class PartialLabelSet(Dataset):
@@ -146,7 +153,10 @@ class PartialLabelSet(Dataset):
             if self.transform is not None:
                 sample = self.transform(sample, self.tasks, generator)
             views.append(self._hide_unlabelled(sample, labelled))
-        return {"views": views, "labelled": labelled, "index": torch.tensor(i)}
+        out = {"views": views, "labelled": labelled, "index": torch.tensor(i)}
+        if "domain" in item:
+            out["domain"] = torch.as_tensor(item["domain"], dtype=torch.long)
+        return out
 
     def _hide_unlabelled(self, sample: dict[str, Tensor], labelled: Tensor) -> View:
         targets = {}
@@ -174,7 +184,8 @@ def collate(items: Sequence[dict], task_names: Sequence[str]) -> Batch:
         views.append(View(image, targets, meta))
     labelled = torch.stack([it["labelled"] for it in items])
     index = torch.stack([it["index"] for it in items])
-    return Batch(views, labelled, index, tuple(task_names))
+    domain = torch.stack([it["domain"] for it in items]) if "domain" in items[0] else None
+    return Batch(views, labelled, index, tuple(task_names), domain)
 
 
 class Collate:
