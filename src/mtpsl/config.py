@@ -56,10 +56,24 @@ class LabelsConfig(Section):
     """Load the split from a file (our .json or a reference .pth) instead of drawing one."""
 
 
+class BackboneConfig(Section):
+    """Encoder of the ResNet-based models (ignored by SegNet and MTAN)."""
+
+    depth: Literal[18, 34, 50, 101, 152] = 50
+    weights: str | None = None
+    """Local torchvision ResNet checkpoint (.pth state dict); None = random init. Never
+    downloaded."""
+    output_stride: Literal[8, 16, 32] = 8
+    """8 or 16 = dilated last stages (DeepLab/PSP style); 32 = the plain ResNet."""
+
+
 class ModelConfig(Section):
     name: str = "segnet"
     width: float = Field(default=1.0, gt=0.0)
     """Channel multiplier (1.0 = the paper's SegNet; 0.25 for quick CPU runs)."""
+    backbone: BackboneConfig = BackboneConfig()
+    options: dict[str, Any] = {}
+    """Model-specific keyword arguments (e.g. the head type), checked by the model builder."""
 
 
 class MethodConfig(Section):
