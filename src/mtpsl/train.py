@@ -206,7 +206,8 @@ def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: in
         losses, _ = exp.method.compute(exp.model, batch)
         optim.zero_grad()
         extra = sum(losses.extra.values(), torch.zeros((), device=device))
-        total = exp.weighting.backward(losses.tasks, extra, shared)
+        present = batch.labelled.any(0)
+        total = exp.weighting.backward(losses.tasks, extra, shared, present)
         terms = {"total": total, **losses.detached()}
         watch.update(step, terms, [p.grad for p in params if p.grad is not None])
         if step % CHECK_EVERY == 0 or step == n_steps - 1:

@@ -46,13 +46,19 @@ class Weighting(nn.Module):
         raise NotImplementedError
 
     def backward(
-        self, task_losses: Mapping[str, Tensor], extra: Tensor, shared: Sequence[nn.Parameter]
+        self,
+        task_losses: Mapping[str, Tensor],
+        extra: Tensor,
+        shared: Sequence[nn.Parameter],
+        present: Tensor,
     ) -> Tensor:
         """Backpropagate the training objective; return the (detached) total for logging.
 
         ``extra`` is the sum of the method's already-weighted extra terms (consistency,
         adversarial...); ``shared`` lists the parameters every task's loss flows through, in
-        forward order (empty for single-task learning), for gradient-based strategies.
+        forward order (empty for single-task learning), for gradient-based strategies;
+        ``present`` is bool ``[T]`` (``task_names`` order, on the device): which tasks have at
+        least one labelled image in this batch.
         """
         total = self.combine(task_losses) + extra
         total.backward()
