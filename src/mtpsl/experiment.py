@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import Config
 from .data import DATASETS
 from .data.batch import Collate, PartialLabelSet
+from .data.sampling import train_sampler
 from .data.transforms import build_train_transform
 from .errors import ConfigError
 from .methods import METHODS, Method, build_method
@@ -164,10 +165,9 @@ def train_loader(exp: Experiment, device: torch.device) -> DataLoader:
             f"train.batch_size: {cfg.batch_size} is larger than the training set "
             f"({len(exp.train_set)} images)"
         )
-    # DistributedSampler with one replica is a seeded, epoch-aware shuffler; under torchrun
-    # the same object shards the data.
-    sampler = DistributedSampler(
-        exp.train_set, num_replicas=1, rank=0, shuffle=True, seed=exp.config.seed
+    # Seeded and epoch-aware; shards the data when given several replicas (torchrun).
+    sampler = train_sampler(
+        exp.train_set.domain_ids(), len(exp.train_set), cfg.batch_size, exp.config.seed
     )
     return DataLoader(
         exp.train_set,

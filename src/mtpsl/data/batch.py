@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..tasks import Task
 from .transforms import META_KEYS
@@ -136,6 +136,18 @@ class PartialLabelSet(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draws (call before creating the epoch's iterator)."""
         self.epoch = epoch
+
+    def domain_ids(self) -> np.ndarray | None:
+        """Source dataset of each item (cross-dataset data), or None for a single source.
+
+        Read from a ``domain_ids`` array on the wrapped dataset, through any ``Subset``.
+        """
+        dataset, index = self.dataset, np.arange(len(self.dataset))
+        while isinstance(dataset, Subset):
+            index = np.asarray(dataset.indices)[index]
+            dataset = dataset.dataset
+        ids = getattr(dataset, "domain_ids", None)
+        return None if ids is None else np.asarray(ids)[index]
 
     def __len__(self) -> int:
         return len(self.dataset)
