@@ -6,6 +6,7 @@ import pytest
 
 from mtpsl.compare import cell_config_for, grid_cells
 from mtpsl.config import load_config, preset_names
+from mtpsl.data.pascal import PASCAL_TASKS, pascal_tasks
 from mtpsl.errors import ConfigError
 from mtpsl.methods import METHODS, build_method
 from mtpsl.splits import REGIMES
@@ -14,13 +15,16 @@ from mtpsl.tasks import build_task
 TASKS = {"nyuv2": {"semantic": build_task("segmentation", "semantic", num_classes=13),
                    "depth": build_task("depth", "depth"), "normal": build_task("normal", "normal")},
          "cityscapes": {"semantic": build_task("segmentation", "semantic", num_classes=7),
-                        "depth": build_task("depth", "depth")}}
+                        "depth": build_task("depth", "depth")},
+         "pascal_context": pascal_tasks(PASCAL_TASKS)}
+TASKS["cross_domain"] = TASKS["cityscapes"]  # the SemiMTL presets pair two Cityscapes sources
 
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_grid_cell_builds(name):
     config = load_config(name)
-    tasks = TASKS[config.dataset.name]
+    tasks = {k: t for k, t in TASKS[config.dataset.name].items()
+             if config.dataset.tasks is None or k in config.dataset.tasks}
     for regime, method in grid_cells(config):
         cell = cell_config_for(config, regime, method, seed=0)
         assert cell.labels.regime in REGIMES

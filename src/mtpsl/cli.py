@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         required=True)
     p = data.add_parser("synth", help="render the built-in procedural dataset to disk")
     p.add_argument("--out", required=True)
-    p.add_argument("--layout", choices=["nyuv2", "cityscapes"], default="nyuv2")
+    p.add_argument("--layout", choices=["nyuv2", "cityscapes", "pascal_context"],
+                   default="nyuv2")
     p.add_argument("--n-train", type=int, default=795)
     p.add_argument("--n-val", type=int, default=654)
-    p.add_argument("--height", type=int, help="default 288 (nyuv2) / 128 (cityscapes)")
-    p.add_argument("--width", type=int, help="default 384 (nyuv2) / 256 (cityscapes)")
+    p.add_argument("--height", type=int,
+                   help="default 288 (nyuv2) / 128 (cityscapes) / 96 (pascal_context)")
+    p.add_argument("--width", type=int,
+                   help="default 384 (nyuv2) / 256 (cityscapes) / 128 (pascal_context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--style", choices=["a", "b"], default="a", help="appearance domain")
+    p.add_argument("--pair", action="store_true",
+                   help="cross-domain pair: OUT/domain_a (style a) + OUT/domain_b (style b)")
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("check", help="validate a dataset folder and print a summary")
@@ -85,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config, args.overrides)
         final = train(config, Path(args.run_dir) if args.run_dir else None)
-    print(json.dumps(final, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(json.dumps(final, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -115,9 +122,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_synth(args: argparse.Namespace) -> None:
     from .data import synthetic
 
-    writer = synthetic.write_nyuv2_layout if args.layout == "nyuv2" else \
-        synthetic.write_cityscapes_layout
-    size = {"nyuv2": (288, 384), "cityscapes": (128, 256)}[args.layout]
+    writer = {"nyuv2": synthetic.write_nyuv2_layout,
+              "cityscapes": synthetic.write_cityscapes_layout,
+              "pascal_context": synthetic.write_pascal_layout}[args.layout]
+    size = {"nyuv2": (288, 384), "cityscapes": (128, 256), "pascal_context": (96, 128)}[
+        args.layout]
+    if args.pair:
+        from .data.cross_domain import write_synthetic_pair
+
+        a, b = write_synthetic_pair(args.out, layout=args.layout, n_train=args.n_train,
+                                    n_val=args.n_val, height=args.height or size[0],
+                                    width=args.width or size[1], seed=args.seed)
+        print(f"wrote {args.layout} cross-domain pair to {a} and {b}")
+        return
     writer(args.out, n_train=args.n_train, n_val=args.n_val, height=args.height or size[0],
            width=args.width or size[1], seed=args.seed, style=args.style)
     print(f"wrote {args.layout} layout to {args.out}")

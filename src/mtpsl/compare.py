@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import report
-from .config import Config, build_config
+from .config import Config, MethodVariant, build_config
 from .errors import ConfigError
 from .evaluate import higher_is_better, primary_keys
 from .experiment import open_dataset
@@ -75,10 +75,20 @@ def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Conf
     if variant is not None:
         data["method"]["name"] = variant.method
         data["method"]["options"] = dict(variant.options)
+        _apply_variant_weighting(data["method"], variant)
     elif method != config.method.name:
         data["method"]["name"] = method
         data["method"]["options"] = {}  # the base options belong to the base method
     return build_config(data, f"compare cell {regime} / {method}")
+
+
+def _apply_variant_weighting(method: dict, variant: MethodVariant) -> None:
+    """A variant's weighting (and options) replace the base ones where it names them."""
+    if variant.weighting is not None and variant.weighting != method["weighting"]:
+        method["weighting"] = variant.weighting
+        method["weighting_options"] = {}  # the base options belong to the base strategy
+    if variant.weighting_options is not None:
+        method["weighting_options"] = dict(variant.weighting_options)
 
 
 def summarise(

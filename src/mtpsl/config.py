@@ -105,6 +105,8 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(default=200, gt=0)
     batch_size: int = Field(default=2, gt=0)
+    """Images per step *per process*: under ``torchrun`` with N processes a step sees
+    N x batch_size images (torchrun's convention; the learning rate is not rescaled)."""
     eval_batch_size: int = Field(default=8, gt=0)
     eval_every: int = Field(default=10, gt=0)
     """Evaluate every N epochs (and always after the last one)."""
@@ -118,6 +120,27 @@ class TrainConfig(Section):
     deterministic: bool = True
     """Deterministic kernels (bitwise-reproducible on CPU; may be slower on GPU)."""
     progress: bool = True
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    """Autocast the forward pass and losses: bf16 (CUDA; also CPU), or fp16 with a dynamic
+    GradScaler (only with weightings linear in the losses: uniform, dwa). Predictions and
+    task activations are kept in fp32, so losses, normalisations and metrics stay fp32."""
+    channels_last: bool = False
+    """NHWC memory format for the model, its inputs and the method's networks (faster
+    convolutions with bf16/fp16 on tensor-core GPUs)."""
+    compile: bool = False
+    """``torch.compile`` the model's forward (in place: checkpoint keys are unchanged). The
+    first steps are slow while it compiles; needs a C++ compiler on CPU."""
+    fused_optimizer: bool = True
+    """Fused Adam/SGD kernels when training on CUDA (ignored on CPU)."""
+    sync_bn: bool = False
+    """Under torchrun: BatchNorm statistics over the global batch instead of each process's
+    share (torch's SyncBatchNorm on CUDA, an all-reduce BatchNorm on CPU/gloo)."""
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare ``off`` (``train.amp=off``) as the boolean false.
+        return "off" if value is False else value
 
     @field_validator("device")
     @classmethod
@@ -131,6 +154,10 @@ class MethodVariant(Section):
     method: str
     """A registered method name."""
     options: dict[str, Any] = {}
+    weighting: str | None = None
+    """Loss-weighting strategy of this variant; None keeps ``method.weighting``."""
+    weighting_options: dict[str, Any] | None = None
+    """Its options; None keeps the base options if the strategy is the base one, else {}."""
 
 
 class CompareConfig(Section):

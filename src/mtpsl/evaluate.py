@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .metrics import METRICS, Metric
+from .metrics import METRICS, Metric, SegmentationMetric
+from .speed import autocast
 from .tasks import Task
 
 
@@ -31,6 +32,21 @@ def primary_keys(tasks: Mapping[str, Task]) -> list[str]:
     return [f"{name}/{t.primary_metric}" for name, t in tasks.items()]
 
 
+def accumulate(
+    metrics: Mapping[str, Metric], preds: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+) -> None:
+    """Update every task's streaming metric with one batch, on the predictions' device.
+
+    Segmentation scores are reduced to a class map here with ``max(1).indices``, the same
+    first-maximum as ``argmax(1)`` but several times faster over the class axis on CPU.
+    """
+    for name, metric in metrics.items():
+        pred = preds[name].float()
+        if isinstance(metric, SegmentationMetric) and pred.ndim == 4:
+            pred = pred.max(dim=1).indices
+        metric.update(pred, targets[name])
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -39,16 +55,25 @@ def evaluate(
     device: torch.device,
     progress: bool = True,
     desc: str = "eval",
+    amp: str = "off",
+    channels_last: bool = False,
 ) -> dict[str, float]:
-    """Run ``model`` over ``loader``; return flat ``{"task/metric": value}``."""
+    """Run ``model`` over ``loader``; return flat ``{"task/metric": value}``.
+
+    ``amp`` autocasts the forward pass only; metrics always accumulate fp32 predictions on
+    the device (no per-batch host copies).
+    """
     metrics = build_metrics(tasks)
     was_training = model.training
     model.eval()
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         batch = batch.to(device, non_blocking=True)
-        preds = model(batch.image).preds
-        for name, metric in metrics.items():
-            metric.update(preds[name], batch.targets[name])
+        image = batch.image
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast(amp, device):
+            preds = model(image).preds
+        accumulate(metrics, preds, batch.targets)
     model.train(was_training)
     return {
         f"{name}/{key}": value

@@ -6,6 +6,7 @@ trainer, ``mtpsl eval`` and ``mtpsl compare`` construct runs identically.
 
 from __future__ import annotations
 
+import inspect
 import random
 import warnings
 from collections.abc import Callable
@@ -70,6 +71,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
+    # Autotuned convolution algorithms: fastest for fixed input sizes, but not reproducible.
     torch.backends.cudnn.benchmark = not deterministic
 
 
@@ -85,10 +87,12 @@ def open_dataset(config: Config, split_name: str) -> Dataset:
         raise ConfigError(f"dataset ({ds.name}, tasks/options): {err}") from None
 
 
-def make_or_load_split(config: Config, n_images: int, task_names: tuple[str, ...]) -> Split:
+def make_or_load_split(
+    config: Config, n_images: int, task_names: tuple[str, ...], image_ids: list | None = None
+) -> Split:
     labels = config.labels
-    if labels.file:
-        split = Split.load(labels.file, task_names)
+    if labels.file:  # image_ids: for task -> id-list files (PASCAL-Context)
+        split = Split.load(labels.file, task_names, image_ids)
         if len(split) != n_images:
             raise ConfigError(
                 f"labels.file: {labels.file} has {len(split)} rows but the training set "
@@ -112,14 +116,42 @@ def carve_validation(n_images: int, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def model_kwargs(build: Callable, config: Config) -> dict[str, object]:
+    """Keyword arguments for a model builder: ``width``, ``backbone`` if it takes one, and
+    ``model.options``, which must name the builder's keyword-only parameters."""
+    params = inspect.signature(build).parameters
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in config.model.options:
+        if key not in allowed:
+            raise ConfigError(
+                f"model.options.{key}: unknown option for model {config.model.name!r}; "
+                f"allowed: {', '.join(allowed) or '(none)'}"
+            )
+    kwargs: dict[str, object] = {"width": config.model.width, **config.model.options}
+    if "backbone" in params:
+        kwargs["backbone"] = config.model.backbone
+    return kwargs
+
+
+def _options_for_task(kwargs: dict[str, object], task: str, tasks: dict) -> dict[str, object]:
+    """A one-task net's kwargs: mapping options lose the entries keyed by the other tasks."""
+    return {
+        k: {key: v for key, v in value.items() if key == task or key not in tasks}
+        if isinstance(value, dict) else value
+        for k, value in kwargs.items()
+    }
+
+
 def build_model_for(config: Config, tasks: dict[str, Task], method: Method) -> nn.Module:
     build = lookup(MODELS, config.model.name, "model.name")
     heads = {name: HeadSpec(t.out_channels, t.activate) for name, t in tasks.items()}
+    kwargs = model_kwargs(build, config)
     if method.per_task_networks:
-        return PerTaskModels(
-            {name: build(heads={name: h}, width=config.model.width) for name, h in heads.items()}
-        )
-    return build_model(config.model.name, heads, width=config.model.width)
+        return PerTaskModels({
+            name: build(heads={name: h}, **_options_for_task(kwargs, name, tasks))
+            for name, h in heads.items()
+        })
+    return build_model(config.model.name, heads, **kwargs)
 
 
 def build_experiment(config: Config, split: Split | None = None) -> Experiment:
@@ -128,7 +160,9 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     eval_base = open_dataset(config, config.dataset.eval_split)
     tasks = dict(train_full.tasks)
     names = tuple(tasks)
-    split = split or make_or_load_split(config, len(train_full), names)
+    split = split or make_or_load_split(
+        config, len(train_full), names, getattr(train_full, "image_ids", None)
+    )
 
     lookup(METHODS, config.method.name, "method.name")
     method = build_method(config.method.name, tasks, config.method.options)
@@ -154,20 +188,46 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     model = build_model_for(config, tasks, method)
     method.attach(model)
     return Experiment(
-        config, tasks, split, train_set, eval_set, val_set, model, method, weighting
+        config, tasks, split, train_set, eval_set, val_set, model, method, weighting,
+        extra_evals=domain_evals(config, tasks, method),
     )
 
 
-def train_loader(exp: Experiment, device: torch.device) -> DataLoader:
+def domain_evals(config: Config, tasks: dict[str, Task], method: Method) -> dict:
+    """Cross-dataset runs: each source's evaluation split with every task it has on disk,
+    logged as ``eval@<source>/...`` (none for single-source data)."""
+    ds = config.dataset
+    if ds.name != "cross_domain":
+        return {}
+    from .data.cross_domain import domain_eval_sets, parse_domains
+
+    n_sources = len(parse_domains(ds.options.get("domains")))
+    wanted = getattr(method.options, "n_domains", n_sources)
+    if wanted != n_sources:
+        raise ConfigError(f"method.options.n_domains: {wanted} but dataset.options.domains "
+                          f"lists {n_sources} sources")
+    sets = domain_eval_sets(ds.root, ds.options["domains"], ds.eval_split, tasks, ds.cache)
+    return {name: PartialLabelSet(view, tasks) for name, view in sets.items()}
+
+
+def train_loader(
+    exp: Experiment, device: torch.device, num_replicas: int = 1, rank: int = 0
+) -> DataLoader:
+    """Batches of ``train.batch_size`` images for process ``rank`` of ``num_replicas``.
+
+    The shards interleave one seeded permutation (process r takes positions r, r + R, ...),
+    so step k's batches of the R processes together hold exactly the images of step k of a
+    single process with batch ``R x batch_size``.
+    """
     cfg = exp.config.train
-    if len(exp.train_set) < cfg.batch_size:
+    if len(exp.train_set) < cfg.batch_size * num_replicas:
         raise ConfigError(
-            f"train.batch_size: {cfg.batch_size} is larger than the training set "
-            f"({len(exp.train_set)} images)"
+            f"train.batch_size: {cfg.batch_size} per process x {num_replicas} processes is "
+            f"larger than the training set ({len(exp.train_set)} images)"
         )
-    # Seeded and epoch-aware; shards the data when given several replicas (torchrun).
     sampler = train_sampler(
-        exp.train_set.domain_ids(), len(exp.train_set), cfg.batch_size, exp.config.seed
+        exp.train_set.domain_ids(), len(exp.train_set), cfg.batch_size, exp.config.seed,
+        num_replicas, rank,
     )
     return DataLoader(
         exp.train_set,
@@ -181,6 +241,7 @@ def train_loader(exp: Experiment, device: torch.device) -> DataLoader:
 
 
 def eval_loader(dataset: PartialLabelSet, config: Config, device: torch.device) -> DataLoader:
+    """In-order batches of ``train.eval_batch_size`` (evaluation runs on one process)."""
     return DataLoader(
         dataset,
         batch_size=config.train.eval_batch_size,

@@ -39,13 +39,18 @@ def _pick(value, default):
     return default if value is None else value
 
 
-def build_optimizer(group: OptimGroup, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    group: OptimGroup, cfg: OptimConfig, defaults: dict | None = None
+) -> torch.optim.Optimizer:
+    """The group's optimiser; ``defaults`` (e.g. ``{"fused": True}`` on CUDA) are extra
+    keyword arguments that the group's own ``extra`` overrides."""
     lr = _pick(group.lr, cfg.lr)
     decay = _pick(group.weight_decay, cfg.weight_decay)
+    extra = {**(defaults or {}), **group.extra}
     if _pick(group.optimizer, cfg.optimizer) == "sgd":
-        return SGD(group.params, lr=lr, momentum=cfg.momentum, weight_decay=decay, **group.extra)
+        return SGD(group.params, lr=lr, momentum=cfg.momentum, weight_decay=decay, **extra)
     betas = _pick(group.betas, cfg.betas)
-    return Adam(group.params, lr=lr, betas=betas, weight_decay=decay, **group.extra)
+    return Adam(group.params, lr=lr, betas=betas, weight_decay=decay, **extra)
 
 
 def build_scheduler(
@@ -65,9 +70,11 @@ class Optimisation:
     schedulers: list[LRScheduler]
 
     @classmethod
-    def build(cls, groups: list[OptimGroup], cfg: OptimConfig, epochs: int) -> Optimisation:
+    def build(
+        cls, groups: list[OptimGroup], cfg: OptimConfig, epochs: int, defaults: dict | None = None
+    ) -> Optimisation:
         groups = [g for g in groups if g.params]
-        optimizers = [build_optimizer(g, cfg) for g in groups]
+        optimizers = [build_optimizer(g, cfg, defaults) for g in groups]
         pairs = zip(optimizers, groups, strict=True)
         schedulers = [build_scheduler(o, g, cfg, epochs) for o, g in pairs]
         return cls(optimizers, schedulers)
@@ -76,9 +83,22 @@ class Optimisation:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """One step of every optimiser; with an fp16 ``scaler``, steps holding inf/NaN
+        gradients are skipped and the loss scale is updated."""
         for opt in self.optimizers:
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+        if scaler is not None:
+            scaler.update()
+
+    def unscale(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Divide the gradients by the fp16 loss scale (before clipping or inspecting them)."""
+        if scaler is not None:
+            for opt in self.optimizers:
+                scaler.unscale_(opt)
 
     def end_epoch(self) -> None:
         for sched in self.schedulers:

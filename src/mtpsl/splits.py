@@ -2,16 +2,21 @@
 
 A split is a boolean matrix ``labelled[N, T]`` (image x task, task order = the dataset's).
 Regimes are registered functions ``(n_images, n_tasks, rng, **params) -> bool[N, T]``; a split
-is seeded, saved as JSON with every run, and can be loaded back from our JSON or from the
-reference implementation's ``{'labels_weights': FloatTensor[N, T]}`` ``.pth`` files.
+is seeded, saved as JSON with every run, and can be loaded back from our JSON, from the
+reference implementation's ``{'labels_weights': FloatTensor[N, T]}`` ``.pth`` files, or from
+the PASCAL-Context format: a mapping task -> list of labelled image ids (``.json``, or a
+pickled ``.npy`` read with a restricted unpickler).
 """
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Sequence
+import pickle
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -123,12 +128,27 @@ class Split:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: str | Path, task_names: Sequence[str] | None = None) -> Split:
-        """Load our JSON or a reference ``.pth``; check it against the dataset's tasks."""
+    def load(
+        cls,
+        path: str | Path,
+        task_names: Sequence[str] | None = None,
+        image_ids: Sequence[str] | None = None,
+    ) -> Split:
+        """Load our JSON, a reference ``.pth`` or a task -> image-id mapping (``.json`` or
+        ``.npy``; needs the dataset's ``image_ids``); check it against the dataset's tasks."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"split file {path} does not exist")
-        split = _load_pth(path, task_names) if path.suffix == ".pth" else _load_json(path)
+        if path.suffix == ".pth":
+            split = _load_pth(path, task_names)
+        elif path.suffix == ".npy":
+            split = _from_id_lists(path, _load_pickled_npy(path), task_names, image_ids)
+        else:
+            data = _read_json(path)
+            if _is_id_lists(data):
+                split = _from_id_lists(path, data, task_names, image_ids)
+            else:
+                split = _load_json(path, data)
         if task_names is not None and tuple(task_names) != split.task_names:
             raise DataError(
                 f"split file {path} is for tasks {list(split.task_names)}, "
@@ -137,9 +157,21 @@ class Split:
         return split
 
 
-def _load_json(path: Path) -> Split:
+def _is_id_lists(data: object) -> bool:
+    """A non-empty mapping of lists without our ``format`` key: the task -> ids format."""
+    return (isinstance(data, dict) and bool(data) and "format" not in data
+            and all(isinstance(v, list) for v in data.values()))
+
+
+def _read_json(path: Path) -> object:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError, OSError) as err:
+        raise DataError(f"split file {path} is not a valid mtpsl split: {err}") from None
+
+
+def _load_json(path: Path, data: object) -> Split:
+    try:
         if not isinstance(data, dict):
             raise TypeError(f"the top level is a {type(data).__name__}, not an object")
         if data.get("format") != FORMAT:
@@ -179,6 +211,80 @@ def _load_pth(path: Path, task_names: Sequence[str] | None) -> Split:
             f"split file {path} has {matrix.shape[1]} task columns, the dataset has {list(names)}"
         )
     return Split(labelled=matrix.astype(bool), task_names=names, regime=f"file:{path.name}")
+
+
+class _IdListUnpickler(pickle.Unpickler):
+    """Unpickles only what ``np.save`` writes for a dict of lists of strings: numpy's array
+    reconstruction (an object array holds the dict) and plain containers. Anything else (a
+    pickled function or class that would run code) is refused."""
+
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
+        ("builtins", "dict"), ("builtins", "list"), ("builtins", "str"), ("builtins", "int"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    })
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_pickled_npy(path: Path) -> object:
+    """A pickled ``.npy`` (``np.save`` of a dict) read with :class:`_IdListUnpickler`."""
+    try:
+        with open(path, "rb") as fp:
+            version = np.lib.format.read_magic(fp)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            _shape, _fortran, dtype = read_header(fp)
+            if not dtype.hasobject:
+                raise ValueError(f"holds a plain {dtype} array, not a pickled mapping")
+            data = _IdListUnpickler(io.BytesIO(fp.read())).load()
+    except Exception as err:  # corrupt headers and refused or broken pickles alike
+        raise DataError(
+            f"split file {path} is not a pickled task -> image-id mapping: {err}"
+        ) from None
+    if isinstance(data, np.ndarray) and data.dtype.hasobject and data.ndim == 0:
+        data = data.item()
+    return data
+
+
+def _from_id_lists(
+    path: Path, data: object, task_names: Sequence[str] | None, image_ids: Sequence[str] | None
+) -> Split:
+    """Rows = the dataset's images, columns = its tasks; a cell is set when the image's id is
+    listed under the task (the benchmark's task names are accepted too)."""
+    from .data.pascal import REFERENCE_TASK_NAMES
+
+    if not isinstance(data, Mapping) or not all(
+        isinstance(v, list | tuple | np.ndarray) for v in data.values()
+    ):
+        raise DataError(f"split file {path}: expected a mapping task -> list of image ids")
+    if task_names is None or image_ids is None:
+        raise DataError(
+            f"split file {path} lists image ids per task; the dataset must provide image ids "
+            f"(e.g. pascal_context) to turn it into a split"
+        )
+    lists = {REFERENCE_TASK_NAMES.get(str(k), str(k)): [str(i) for i in v]
+             for k, v in data.items()}
+    missing = [t for t in task_names if t not in lists]
+    if missing:
+        raise DataError(
+            f"split file {path} has no image list for task(s) {missing}; it has {sorted(lists)}"
+        )
+    row = {image_id: r for r, image_id in enumerate(image_ids)}
+    labelled = np.zeros((len(image_ids), len(task_names)), dtype=bool)
+    for t, name in enumerate(task_names):
+        unknown = [i for i in lists[name] if i not in row]
+        if unknown:
+            raise DataError(
+                f"split file {path}: task {name!r} lists ids not in the training set: "
+                f"{unknown[:5]}"
+            )
+        labelled[[row[i] for i in lists[name]], t] = True
+    return Split(labelled, tuple(task_names), regime=f"file:{path.name}")
 
 
 def make_split(

@@ -35,6 +35,9 @@ class Task:
     """Base task. Subclasses fill in the class variables and the label-specific methods."""
 
     name: str
+    loss_weight: float = 1.0
+    """Factor on the per-image loss: a benchmark's fixed task weights (PASCAL-Context: 1, 2,
+    10, 5, 50). 1.0 leaves the loss untouched bit for bit."""
 
     channels: ClassVar[int]
     interpolation: ClassVar[Interpolation]
@@ -71,7 +74,8 @@ class Task:
         valid = self.valid(target)
         per_pixel = torch.where(valid, self.pixel_loss(pred, target), 0.0)
         count = valid.flatten(1).sum(1)
-        return per_pixel.flatten(1).sum(1) / count.clamp(min=1)
+        per_image = per_pixel.flatten(1).sum(1) / count.clamp(min=1)
+        return per_image if self.loss_weight == 1.0 else per_image * self.loss_weight
 
     def blank_like(self, target: Tensor) -> Tensor:
         """A label of the same shape with every pixel invalid (hides an unlabelled target)."""
@@ -197,7 +201,13 @@ class DepthTask(Task):
 @TASKS.register("normal")
 @dataclass(frozen=True)
 class NormalTask(Task):
-    """Surface normals as unit vectors; loss 1 - cos over pixels with a non-zero label."""
+    """Surface normals as unit vectors; loss 1 - cos over pixels with a non-zero label.
+
+    ``loss_kind="l1"`` is the PASCAL-Context benchmark's loss instead: the L1 distance (summed
+    over the 3 channels) between the unit prediction and the label.
+    """
+
+    loss_kind: Literal["cosine", "l1"] = "cosine"
 
     channels: ClassVar[int] = 3
     interpolation: ClassVar[Interpolation] = "bilinear"
@@ -212,6 +222,8 @@ class NormalTask(Task):
         return (target != 0).any(dim=1)
 
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.loss_kind == "l1":
+            return (pred - target).abs().sum(dim=1)
         return 1.0 - (pred * target).sum(dim=1)
 
     def on_hflip(self, target: Tensor) -> Tensor:
@@ -230,6 +242,77 @@ class NormalTask(Task):
         Used where the reference is itself a mapped prediction (no label, so no invalid pixels).
         """
         return (1.0 - (pred * ref).sum(dim=1)).flatten(1).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class BinaryTask(Task):
+    """One-channel binary map (probability after a sigmoid); label float ``[B,1,H,W]``.
+
+    Label values are 0 or 1; any other value (the blank/pad value is -1) marks an unlabelled
+    pixel. Loss: weighted binary cross-entropy
+    ``-(w * y * log p + (1 - w) * (1 - y) * log(1 - p))`` with ``w = pos_weight``, or the plain
+    BCE (both terms weight 1) when ``pos_weight`` is None. Mapping-network input: the
+    probability map and the 0/1 label (unlabelled pixels 0).
+    """
+
+    pos_weight: float | None = None
+
+    channels: ClassVar[int] = 1
+    interpolation: ClassVar[Interpolation] = "nearest"
+    label_dims: ClassVar[int] = 1
+    eps: ClassVar[float] = 1e-7
+    """Probabilities are clamped to [eps, 1 - eps] so log stays finite."""
+    blank_value: ClassVar[float] = -1.0
+
+    def activate(self, raw: Tensor) -> Tensor:
+        return torch.sigmoid(raw)
+
+    def valid(self, target: Tensor) -> Tensor:
+        return ((target == 0) | (target == 1)).all(dim=1)
+
+    def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        p = pred.clamp(self.eps, 1.0 - self.eps)
+        y = torch.where(self.valid(target).unsqueeze(1), target, 0.0)
+        w_pos, w_neg = (1.0, 1.0) if self.pos_weight is None else (
+            self.pos_weight, 1.0 - self.pos_weight)
+        loss = -(w_pos * y * p.log() + w_neg * (1.0 - y) * (1.0 - p).log())
+        return loss.sum(dim=1)
+
+    def blank_like(self, target: Tensor) -> Tensor:
+        return torch.full_like(target, self.blank_value)
+
+    def encode_target(self, target: Tensor) -> Tensor:
+        return torch.where(self.valid(target).unsqueeze(1), target, 0.0)
+
+    def distance(self, pred: Tensor, ref: Tensor) -> Tensor:
+        """Mean ``|pred - ref|`` per image over all pixels (two probability maps)."""
+        return (pred - ref).abs().flatten(1).mean(dim=1)
+
+
+@TASKS.register("saliency")
+@dataclass(frozen=True)
+class SaliencyTask(BinaryTask):
+    """Salient-object map; plain BCE by default; metrics threshold-max mIoU (the paper's
+    Table 3 column, so the primary one) and maxF."""
+
+    metric: ClassVar[str] = "saliency"
+    primary_metric: ClassVar[str] = "miou"
+
+
+@TASKS.register("edge")
+@dataclass(frozen=True)
+class EdgeTask(BinaryTask):
+    """Semantic boundaries; BCE weighted 0.95 on edge pixels (they are rare); metric odsF."""
+
+    pos_weight: float | None = 0.95
+    max_dist: float = 0.0075
+    """Matching tolerance of the odsF metric, as a fraction of the image diagonal."""
+
+    metric: ClassVar[str] = "edge"
+    primary_metric: ClassVar[str] = "odsf"
+
+    def metric_kwargs(self) -> dict:
+        return {"max_dist": self.max_dist}
 
 
 def _broadcast_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:

@@ -5,6 +5,11 @@ config, the label split, per-epoch metrics (CSV and JSON lines), TensorBoard log
 checkpoint (written atomically) and the final metrics. The reported result is always the last
 epoch's on the evaluation split; a best epoch is only ever chosen on a validation split carved
 from the training images, and is labelled as such.
+
+Under ``torchrun`` every process trains on its shard of the training set and gradients are
+averaged over processes (see :mod:`mtpsl.distributed`); only rank 0 evaluates, logs and
+writes files. Speed options (``train.amp``, ``channels_last``, ``compile``...) are applied by
+:mod:`mtpsl.speed`.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .checkpoint import atomic_write, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import Config, apply_override, build_config, save_config
+from .distributed import DistEnv
 from .errors import ConfigError, MtpslError
 from .evaluate import evaluate, higher_is_better, primary_keys
 from .experiment import (
@@ -35,6 +43,15 @@ from .experiment import (
 )
 from .models import count_parameters, shared_parameters
 from .optim import Optimisation
+from .speed import (
+    autocast,
+    check_options,
+    grad_scaler,
+    optimizer_extra,
+    prepare_aux,
+    prepare_model,
+    to_channels_last,
+)
 from .splits import Split
 
 CHECKPOINT = "checkpoint.pt"
@@ -44,13 +61,14 @@ class NonFiniteLossError(MtpslError):
     """Training diverged; the last good checkpoint is left in place."""
 
 
-def build_optimisation(exp: Experiment) -> Optimisation:
+def build_optimisation(exp: Experiment, defaults: dict | None = None) -> Optimisation:
     """The method's groups, the weighting's own groups, and its other parameters in "main"."""
     groups = exp.method.optimizer_groups(exp.model)
     own = exp.weighting.optimizer_groups()
     owned = {id(p) for g in own for p in g.params}
     groups[0].params.extend(p for p in exp.weighting.parameters() if id(p) not in owned)
-    return Optimisation.build([*groups, *own], exp.config.optim, exp.config.train.epochs)
+    cfg = exp.config
+    return Optimisation.build([*groups, *own], cfg.optim, cfg.train.epochs, defaults)
 
 
 @dataclass
@@ -93,14 +111,46 @@ def new_run_dir(config: Config) -> Path:
 
 
 def train(config: Config, run_dir: Path | None = None) -> dict:
-    """Train a new run (in ``run_dir`` or a fresh folder) and return its final metrics."""
-    run_dir = Path(run_dir) if run_dir else new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed, config.train.deterministic)
-    exp = build_experiment(config)
-    save_config(config, run_dir / "config.yaml")
-    exp.split.save(run_dir / "split.json")
-    return _fit(exp, run_dir, start_epoch=0, state=None)
+    """Train a new run (in ``run_dir`` or a fresh folder) and return its final metrics.
+
+    Under torchrun, rank 0 picks and fills the run folder and every process returns the
+    same final metrics.
+    """
+    env, device, owned = _start(config)
+    try:
+        if env.is_main:
+            run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(_from_rank0(str(run_dir), env))
+        seed_everything(config.seed, config.train.deterministic)
+        exp = build_experiment(config)
+        if env.is_main:
+            save_config(config, run_dir / "config.yaml")
+            exp.split.save(run_dir / "split.json")
+        return _fit(exp, run_dir, 0, None, env, device)
+    finally:
+        if owned:
+            ddp.teardown(env)
+
+
+def _start(config: Config) -> tuple[DistEnv, torch.device, bool]:
+    """This process's place (torchrun's environment) and device; joins the process group.
+
+    The last value says whether this call created the process group (and must end it).
+    """
+    env = ddp.env_from_torchrun()
+    was_up = torch.distributed.is_available() and torch.distributed.is_initialized()
+    device = ddp.setup(env, resolve_device(config.train.device))
+    return env, device, env.enabled and not was_up
+
+
+def _from_rank0(value, env: DistEnv):
+    """Rank 0's ``value`` on every process (a picklable object)."""
+    if not env.enabled:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
@@ -117,34 +167,73 @@ def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
             raise ConfigError(f"resume accepts only train.* overrides, got {assignment!r}")
         apply_override(data, assignment)
     config = build_config(data, str(run_dir / CHECKPOINT))
-    save_config(config, run_dir / "config.yaml")
-    seed_everything(config.seed, config.train.deterministic)
-    split = Split.load(run_dir / "split.json")
-    exp = build_experiment(config, split)
-    return _fit(exp, run_dir, start_epoch=state["epoch"], state=state)
+    env, device, owned = _start(config)
+    try:
+        if env.is_main:
+            save_config(config, run_dir / "config.yaml")
+        seed_everything(config.seed, config.train.deterministic)
+        split = Split.load(run_dir / "split.json")
+        exp = build_experiment(config, split)
+        return _fit(exp, run_dir, state["epoch"], state, env, device)
+    finally:
+        if owned:
+            ddp.teardown(env)
 
 
-def _fit(exp: Experiment, run_dir: Path, start_epoch: int, state: dict | None) -> dict:
+@dataclass
+class _Step:
+    """What a training step needs besides the experiment."""
+
+    optim: Optimisation
+    device: torch.device
+    env: DistEnv
+    scaler: torch.amp.GradScaler | None = None
+
+
+def _setup_modules(exp: Experiment, env: DistEnv, device: torch.device) -> None:
+    """Sync BN, device placement and the speed options, in that order."""
     cfg = exp.config.train
-    device = resolve_device(cfg.device)
+    check_options(cfg, device, exp.config.method.weighting)
+    if cfg.sync_bn and env.enabled:
+        exp.model = ddp.convert_sync_bn(exp.model, device)
     exp.model.to(device)
     exp.method.to(device)
     exp.weighting.to(device)
-    optim = build_optimisation(exp)
+    prepare_model(exp.model, cfg)
+    prepare_aux([exp.method, exp.weighting], cfg)
+
+
+def _fit(
+    exp: Experiment,
+    run_dir: Path,
+    start_epoch: int,
+    state: dict | None,
+    env: DistEnv | None = None,
+    device: torch.device | None = None,
+) -> dict:
+    cfg = exp.config.train
+    env = env or DistEnv()
+    device = device or resolve_device(cfg.device)
+    _setup_modules(exp, env, device)
+    optim = build_optimisation(exp, optimizer_extra(cfg, device))
+    step = _Step(optim, device, env, grad_scaler(cfg, device))
     history = History.load(run_dir, start_epoch) if state else History(run_dir)
     if state:
         exp.model.load_state_dict(state["model"])
         exp.method.load_state_dict(state["method"])
         exp.weighting.load_state_dict(state["weighting"])
         optim.load_state_dict(state["optim"])
+        if step.scaler is not None and state.get("scaler"):
+            step.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
-    loader = train_loader(exp, device)
-    evals = {"eval": eval_loader(exp.eval_set, exp.config, device)}
-    if exp.val_set is not None:
-        evals["val"] = eval_loader(exp.val_set, exp.config, device)
-    for name, extra_set in exp.extra_evals.items():
-        evals[f"eval@{name}"] = eval_loader(extra_set, exp.config, device)
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    for module in (exp.model, exp.method, exp.weighting):
+        ddp.broadcast_module(module, env)  # identical start on every process
+    if env.enabled:  # independent in-step noise per process (Gumbel samples, dropout)
+        torch.manual_seed(int(np.random.SeedSequence(
+            [exp.config.seed, env.rank, start_epoch]).generate_state(1)[0]))
+    loader = train_loader(exp, device, env.world, env.rank)
+    evals = _eval_loaders(exp, device) if env.is_main else {}
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -152,32 +241,55 @@ def _fit(exp: Experiment, run_dir: Path, start_epoch: int, state: dict | None) -
             exp.method.on_epoch_start(epoch, cfg.epochs)
             exp.train_set.set_epoch(epoch)
             loader.sampler.set_epoch(epoch)
-            row = {"epoch": done, **_train_epoch(exp, loader, optim, device, epoch)}
+            row = {"epoch": done, **_train_epoch(exp, loader, step, epoch)}
             row["lr"] = optim.optimizers[0].param_groups[0]["lr"]
             optim.end_epoch()
-            if done % cfg.eval_every == 0 or done == cfg.epochs:
-                for prefix, ld in evals.items():
-                    metrics = evaluate(exp.model, ld, exp.tasks, device, cfg.progress, prefix)
-                    row.update({f"{prefix}/{k}": v for k, v in metrics.items()})
-            history.append(row)
-            for key, value in row.items():
-                if key != "epoch" and math.isfinite(value):
-                    writer.add_scalar(key, value, done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
-                save_checkpoint(_state(exp, optim, done), run_dir / CHECKPOINT)
+            ddp.average_buffers(exp.model, env)  # BN running statistics for eval/checkpoint
+            if env.is_main:
+                _evaluate_and_log(exp, evals, row, history, writer, device)
+                if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
+                    save_checkpoint(_state(exp, step, done), run_dir / CHECKPOINT)
+            ddp.barrier(env)  # the checkpoint is complete before any process goes on
     finally:
-        writer.close()
-    final = _final_metrics(exp, history, time.perf_counter() - started)
-    path = run_dir / "final_metrics.json"
-    atomic_write(path, lambda f: f.write(json.dumps(final, indent=2).encode()))
-    return final
+        if writer is not None:
+            writer.close()
+    final = None
+    if env.is_main:
+        final = _final_metrics(exp, history, time.perf_counter() - started)
+        path = run_dir / "final_metrics.json"
+        atomic_write(path, lambda f: f.write(json.dumps(final, indent=2).encode()))
+    return _from_rank0(final, env)
+
+
+def _eval_loaders(exp: Experiment, device: torch.device) -> dict:
+    evals = {"eval": eval_loader(exp.eval_set, exp.config, device)}
+    if exp.val_set is not None:
+        evals["val"] = eval_loader(exp.val_set, exp.config, device)
+    for name, extra_set in exp.extra_evals.items():
+        evals[f"eval@{name}"] = eval_loader(extra_set, exp.config, device)
+    return evals
+
+
+def _evaluate_and_log(exp, evals, row: dict, history: History, writer, device) -> None:
+    """Evaluate every ``eval_every`` epochs (and after the last), then record the row."""
+    cfg = exp.config.train
+    done = row["epoch"]
+    if done % cfg.eval_every == 0 or done == cfg.epochs:
+        for prefix, ld in evals.items():
+            metrics = evaluate(exp.model, ld, exp.tasks, device, cfg.progress, prefix,
+                               amp=cfg.amp, channels_last=cfg.channels_last)
+            row.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+    history.append(row)
+    for key, value in row.items():
+        if key != "epoch" and math.isfinite(value):
+            writer.add_scalar(key, value, done)
 
 
 CHECK_EVERY = 10
 """Steps between host-side checks of the device-side divergence flags (and the last step)."""
 
 
-def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: int) -> dict:
+def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int) -> dict:
     """One epoch; raises :class:`NonFiniteLossError` naming the first step that diverged.
 
     Divergence is tracked on the device, without a host sync per step: every step marks
@@ -187,6 +299,11 @@ def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: in
     ``CHECK_EVERY - 1`` bad updates reach the in-memory weights before the run stops; those
     weights are then discarded. The checkpoint is only written after an epoch that finished
     clean, so the last good one is never overwritten.
+
+    Distributed: gradients are averaged right after the backward pass (so the divergence
+    check sees the same gradients everywhere and all processes stop together) and the
+    epoch's loss means are averaged over processes. With fp16, steps whose gradients
+    overflow are skipped by the GradScaler rather than reported as divergence.
     """
     cfg = exp.config.train
     exp.model.train()
@@ -195,33 +312,54 @@ def _train_epoch(exp: Experiment, loader, optim: Optimisation, device, epoch: in
         len(loader), cfg.max_steps_per_epoch
     )
     sums: dict[str, torch.Tensor] = {}
-    watch = _DivergenceWatch(device)
-    params = [p for opt in optim.optimizers for g in opt.param_groups for p in g["params"]]
+    watch = _DivergenceWatch(run.device, run.env)
+    params = [p for opt in run.optim.optimizers for g in opt.param_groups for p in g["params"]]
     shared = shared_parameters(exp.model)
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress)
+    show = cfg.progress and run.env.is_main
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
     for step, batch in enumerate(loader):
         if step >= n_steps:
             break
-        batch = batch.to(device, non_blocking=True)
-        losses, _ = exp.method.compute(exp.model, batch)
-        optim.zero_grad()
-        extra = sum(losses.extra.values(), torch.zeros((), device=device))
-        present = batch.labelled.any(0)
-        total = exp.weighting.backward(losses.tasks, extra, shared, present)
-        terms = {"total": total, **losses.detached()}
-        watch.update(step, terms, [p.grad for p in params if p.grad is not None])
+        batch = to_channels_last(batch.to(run.device, non_blocking=True), cfg.channels_last)
+        terms = _forward_backward(exp, batch, run, shared)
+        ddp.allreduce_gradients(params, run.env)
+        run.optim.unscale(run.scaler)
+        grads = [] if run.scaler else [p.grad for p in params if p.grad is not None]
+        watch.update(step, terms, grads)
         if step % CHECK_EVERY == 0 or step == n_steps - 1:
             _check_finite(watch, epoch, n_steps)  # one host sync per CHECK_EVERY steps
-        optim.step()
+        run.optim.step(run.scaler)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0) + value
         bar.update()
-        if cfg.progress and (step % CHECK_EVERY == 0 or step == n_steps - 1):
+        if show and (step % CHECK_EVERY == 0 or step == n_steps - 1):
             bar.set_postfix(loss=f"{sums['total'].item() / (step + 1):.4f}")
     bar.close()
-    means = {k: (v / max(n_steps, 1)).item() for k, v in sums.items()}
+    means = ddp.all_reduce_mean({k: v / max(n_steps, 1) for k, v in sums.items()}, run.env)
+    means = {k: v.item() for k, v in means.items()}
     exp.weighting.end_epoch({t: means[t] for t in exp.tasks if t in means})
     return {f"train/{k}": v for k, v in means.items()}
+
+
+def _forward_backward(exp: Experiment, batch, run: _Step, shared) -> dict[str, torch.Tensor]:
+    """Losses under autocast (in fp32: see mtpsl.speed), then the weighting's backward.
+
+    With fp16 the losses handed to the weighting are multiplied by the loss scale (exact for
+    the linear weightings fp16 is allowed with) and the logged total is divided back.
+    """
+    with autocast(exp.config.train.amp, run.device):
+        losses, _ = exp.method.compute(exp.model, batch)
+    run.optim.zero_grad()
+    task_losses = {k: v.float() for k, v in losses.tasks.items()}
+    extra = sum((v.float() for v in losses.extra.values()), torch.zeros((), device=run.device))
+    present = batch.labelled.any(0)
+    if run.scaler is None:
+        total = exp.weighting.backward(task_losses, extra, shared, present)
+    else:
+        scale = run.scaler.scale(torch.ones((), device=run.device))  # no host sync
+        scaled = {k: v * scale for k, v in task_losses.items()}
+        total = exp.weighting.backward(scaled, extra * scale, shared, present) / scale
+    return {"total": total, **losses.detached()}
 
 
 GRADIENTS = "gradients"
@@ -230,9 +368,10 @@ GRADIENTS = "gradients"
 class _DivergenceWatch:
     """Device-side record of the first step with a non-finite loss term or gradient norm."""
 
-    def __init__(self, device) -> None:
+    def __init__(self, device, env: DistEnv | None = None) -> None:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_terms: dict[str, torch.Tensor] = {}
+        self.env = env or DistEnv()
 
     def update(self, step: int, terms: dict[str, torch.Tensor], grads: list) -> None:
         flags = {k: ~torch.isfinite(v).all() for k, v in terms.items()}
@@ -247,11 +386,28 @@ class _DivergenceWatch:
             self.bad_terms[key] = self.bad_terms.get(key, false) | (bad & is_first)
 
     def report(self) -> tuple[int, list[str]] | None:
-        """(first bad step, bad term names) or None; this is the host sync."""
+        """(first bad step, bad term names) or None; this is the host sync.
+
+        Distributed: the earliest bad step of any process, so all of them stop together.
+        """
+        if self.env.enabled:
+            self._merge_ranks()
         step = int(self.first_bad.item())
         if step < 0:
             return None
         return step, [k for k, v in self.bad_terms.items() if bool(v.item())]
+
+
+    def _merge_ranks(self) -> None:
+        dist = torch.distributed
+        never = torch.iinfo(torch.int64).max
+        first = torch.where(self.first_bad < 0, never, self.first_bad)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        self.first_bad = torch.where(first == never, -1, first)
+        if self.bad_terms:
+            flags = torch.stack(list(self.bad_terms.values())).to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            self.bad_terms = dict(zip(self.bad_terms, flags.bool().unbind(), strict=True))
 
 
 def _check_finite(watch: _DivergenceWatch, epoch: int, n_steps: int) -> None:
@@ -272,7 +428,8 @@ def _check_finite(watch: _DivergenceWatch, epoch: int, n_steps: int) -> None:
     )
 
 
-def _state(exp: Experiment, optim: Optimisation, epoch: int) -> dict:
+def _state(exp: Experiment, run: _Step, epoch: int) -> dict:
+    extra = {"scaler": run.scaler.state_dict()} if run.scaler is not None else {}
     return {
         "epoch": epoch,
         "config": exp.config.model_dump(),
@@ -281,8 +438,9 @@ def _state(exp: Experiment, optim: Optimisation, epoch: int) -> dict:
         "model": exp.model.state_dict(),
         "method": exp.method.state_dict(),
         "weighting": exp.weighting.state_dict(),
-        "optim": optim.state_dict(),
+        "optim": run.optim.state_dict(),
         "rng": rng_state(),
+        **extra,
     }
 
 

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mtpsl.data.synthetic_scenes import Camera, Prim, Scene, build_indoor, build_street
+from mtpsl.data.synthetic_scenes import (
+    PERSON_LOOK,
+    Camera,
+    Prim,
+    Scene,
+    build_indoor,
+    build_pascal,
+    build_street,
+)
 
 NYU13 = ["bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "painting",
          "sofa", "table", "tv", "wall", "window"]
@@ -76,13 +84,22 @@ _STREET_LOOK = [
     ((0.60, 0.05, 0.05), (0.10, 0.10, 0.10), 2, 6.0),  # motorcycle
     ((0.10, 0.50, 0.60), (0.10, 0.10, 0.10), 2, 8.0),  # bicycle
 ]
+_PASCAL_LOOK = [*_INDOOR_LOOK, ((0.85, 0.65, 0.50), (0.20, 0.30, 0.65), 1, 9.0)]  # + person
+VOC21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+         "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+         "sheep", "sofa", "train", "tvmonitor"]
+# indoor look (NYUv2-13 order, then person) -> PASCAL-Context 21-class id (0 = background)
+_LOOK_TO_VOC = np.array([0, 0, 0, 9, 0, 0, 5, 0, 18, 11, 20, 0, 0, 15], np.int64)
+assert len(_PASCAL_LOOK) == len(_LOOK_TO_VOC) == PERSON_LOOK + 1
 # Appearance domains. "b" only changes colours/lighting/noise; geometry is untouched.
 _STYLES = {
     "a": dict(light=(1.0, 0.97, 0.90), gain=1.0, ambient=0.35, cast=(1.0, 1.0, 1.0),
               noise=0.01, gamma=1.1, mix=np.eye(3), pattern_shift=0, freq=1.0),
     "b": dict(light=(0.80, 0.90, 1.10), gain=0.75, ambient=0.25, cast=(0.92, 1.0, 1.08),
               noise=0.03, gamma=0.9, mix=0.55 * np.eye(3) + 0.45 * np.roll(np.eye(3), 1, 0),
-              pattern_shift=1, freq=1.5),
+              pattern_shift=1, freq=1.5,
+              # b only: distance haze (extinction per metre, haze colour) and lens vignetting
+              haze=(0.025, (0.62, 0.66, 0.75)), vignette=0.4),
 }
 
 
@@ -231,7 +248,7 @@ def _normals(scene: Scene, pts: np.ndarray, d: np.ndarray, pid: np.ndarray) -> n
 
 def _texture_params(scene: Scene, rng: np.random.Generator, style: dict) -> dict:
     """Per-instance texture parameters; the same rng draws for every style (same scene)."""
-    look = _INDOOR_LOOK if scene.family == "indoor" else _STREET_LOOK
+    look = {"indoor": _INDOOR_LOOK, "pascal": _PASCAL_LOOK}.get(scene.family, _STREET_LOOK)
     n = len(scene.instances) + 1  # last row: no-hit (sky)
     sky = 10 if scene.family == "street" else 2
     cls = np.array([i.cls for i in scene.instances] + [sky])
@@ -339,6 +356,19 @@ def _dropout(depth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(valid & (field > thr), 0.0, depth)
 
 
+def _haze_vignette(rgb: np.ndarray, dist: np.ndarray, style: dict) -> np.ndarray:
+    """Blend towards a haze colour with ``1 - exp(-k z)`` (no hit: full haze) and darken the
+    corners by ``vignette`` (radial, 0 at the centre): an appearance gap, not a label change."""
+    k, colour = style["haze"]
+    keep = np.exp(-k * dist)[..., None]
+    rgb = rgb * keep + np.asarray(colour) * style["gain"] * (1 - keep)
+    h, w = dist.shape
+    y = (np.arange(h) + 0.5) / h - 0.5
+    x = (np.arange(w) + 0.5) / w - 0.5
+    r2 = (x[None, :] ** 2 + y[:, None] ** 2) / 0.5
+    return rgb * (1 - style["vignette"] * r2)[..., None]
+
+
 def _render(scene: Scene, seed: int, height: int, width: int, style: str) -> dict:
     """Shared rendering pipeline for both families."""
     if style not in _STYLES:
@@ -357,6 +387,8 @@ def _render(scene: Scene, seed: int, height: int, width: int, style: str) -> dic
     pts = scene.camera.pos + np.where(hit, tbuf, 0.0)[..., None] * d
     nw = _normals(scene, pts, d, pid)
     rgb = _colour(scene, pts, nw, d, inst, glass, np.random.default_rng(r_app), st)
+    if "haze" in st:  # style b: another atmosphere and lens (style a stays unchanged)
+        rgb = _haze_vignette(rgb, np.where(hit, tbuf, np.inf), st)
     image = _finish(rgb, np.random.default_rng(r_noise), st)
     valid = hit & ~glass
     depth = _dropout(np.where(valid, tbuf, 0.0), np.random.default_rng(r_drop))
@@ -366,9 +398,13 @@ def _render(scene: Scene, seed: int, height: int, width: int, style: str) -> dic
     structural = np.array([i.structural for i in info] + [True])[inst]
     if np.random.default_rng(r_lab).random() < 0.35:  # annotators' void band at object borders
         sem[(edge == 1) & ~structural & hit] = -1
-    return dict(image=image, semantic=sem.astype(np.int64), depth=depth.astype(np.float32),
-                normal=normal.astype(np.float32), edge=edge, instance=inst.astype(np.int64),
-                intrinsics=k.astype(np.float32))
+    out = dict(image=image, semantic=sem.astype(np.int64), depth=depth.astype(np.float32),
+               normal=normal.astype(np.float32), edge=edge, instance=inst.astype(np.int64),
+               intrinsics=k.astype(np.float32))
+    if scene.part_of:  # body parts of people (PASCAL family only)
+        part_of = np.array([scene.part_of.get(i, 0) for i in range(len(scene.prims))])
+        out["parts"] = np.where(hit, part_of[np.maximum(pid, 0)], 0).astype(np.int64)
+    return out
 
 
 def _geometry_rng(seed: int) -> np.random.Generator:
@@ -472,3 +508,107 @@ def write_cityscapes_layout(root: str | Path, *, n_train: int, n_val: int, heigh
     """
     return _write_layout(root, "street", {"train": n_train, "val": n_val}, height, width, seed,
                          style, with_edges, progress)
+
+
+# ----------------------------------------------------------------------------- PASCAL-Context
+
+
+def render_pascal(seed: int, height: int, width: int, *, style: str = "a") -> dict:
+    """Render one five-task PASCAL-Context-like image: a room with 0-2 people.
+
+    Returns ``image``; ``semantic`` (H,W) int64 in the 21 PASCAL-Context classes, -1 void;
+    ``label_map`` (H,W) the void-free class map + 1 (0 = unlabelled clutter or no hit) from
+    which the loader derives semantic edges; ``parts`` (H,W) 0..6 body parts (0 off people);
+    ``people`` (H,W) bool masks stacked per visible person ``(P,H,W)``; ``normal`` (H,W,3);
+    ``saliency`` (H,W) uint8 0/1 = any labelled object (people and furniture). Images are
+    randomly cropped to 80-100 % of each side, so sizes differ as in the real data.
+    """
+    scene = build_pascal(_geometry_rng(seed))
+    out = _render(scene, seed, height, width, style)
+    look = np.array([i.cls for i in scene.instances] + [-1])
+    inst = out["instance"]
+    voc = np.where(look[inst] >= 0, _LOOK_TO_VOC[np.maximum(look[inst], 0)], -1)
+    sem = np.where(out["semantic"] >= 0, _LOOK_TO_VOC[np.maximum(out["semantic"], 0)], -1)
+    persons = [i for i, info in enumerate(scene.instances) if info.cls == PERSON_LOOK]
+    people = np.stack([inst == i for i in persons] + [np.zeros(inst.shape, bool)])
+    parts = out.get("parts", np.zeros(inst.shape, np.int64))
+    res = dict(image=out["image"], semantic=sem, label_map=voc + 1, parts=parts, people=people,
+               normal=out["normal"], saliency=(voc > 0).astype(np.uint8))
+    crop_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(6)[5])
+    h = round(height * crop_rng.uniform(0.8, 1.0))
+    w = round(width * crop_rng.uniform(0.8, 1.0))
+    top, left = crop_rng.integers(0, height - h + 1), crop_rng.integers(0, width - w + 1)
+    win = (slice(top, top + h), slice(left, left + w))
+    res = {k: (v[:, win[0], win[1]] if k == "people" else v[win]) for k, v in res.items()}
+    res["people"] = res["people"][res["people"].any(axis=(1, 2))]  # visible people only
+    return res
+
+
+_PART_NAMES = {1: "head", 2: "torso", 3: "luarm", 4: "llarm", 5: "luleg", 6: "llleg"}
+
+
+def _parts_annotation(out: dict) -> dict | None:
+    """A Pascal-Part style ``anno`` struct for the visible people; None if there is none."""
+    objects = []
+    for mask in out["people"]:
+        parts = [{"part_name": _PART_NAMES[k], "mask": (mask & (out["parts"] == k)).astype(
+            np.uint8)} for k in range(1, 7) if (mask & (out["parts"] == k)).any()]
+        if parts:
+            objects.append({"class": "person", "class_ind": 15, "mask": mask.astype(np.uint8),
+                            "parts": np.array(parts, dtype=object)})
+    if not objects:
+        return None
+    chair = (out["semantic"] == 9)
+    if chair.any():  # a non-person object without parts, as real annotations have
+        objects.append({"class": "chair", "class_ind": 9, "mask": chair.astype(np.uint8),
+                        "parts": np.zeros((0, 0))})
+    return {"imname": "synthetic", "objects": np.array(objects, dtype=object)}
+
+
+def write_pascal_layout(root: str | Path, *, n_train: int, n_val: int, height: int = 96,
+                        width: int = 128, seed: int = 0, style: str = "a",
+                        progress: bool = True) -> Path:
+    """Write PASCAL-like scenes in the benchmark's PASCAL-Context layout (see
+    :mod:`mtpsl.data.pascal`): JPEG images, PNG semantics/normals/saliency, ``.mat`` parts
+    (only for images with people) and context label maps, ``ImageSets/Context`` lists."""
+    from PIL import Image
+    from scipy.io import savemat
+
+    root = Path(root)
+    folders = {"image": "JPEGImages", "semantic": "semseg/pascal-context",
+               "parts": "human_parts", "normal": "normals_distill", "saliency": "sal_distill",
+               "edges": "pascal-context/trainval"}
+    for folder in [*folders.values(), "ImageSets/Context"]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in {"train": n_train, "val": n_val}.items():
+        ids = [f"synth_{split}_{i:06d}" for i in range(n)]
+        items = range(n)
+        if progress:
+            from tqdm import tqdm
+
+            items = tqdm(items, desc=f"synthetic pascal {split}", unit="img")
+        for i in items:
+            out = render_pascal(item_seed(seed, split, i), height, width, style=style)
+            name = ids[i]
+            rgb = np.round(out["image"] * 255).astype(np.uint8)
+            Image.fromarray(rgb).save(root / folders["image"] / f"{name}.jpg", quality=95)
+            sem = np.where(out["semantic"] >= 0, out["semantic"], 255).astype(np.uint8)
+            Image.fromarray(sem).save(root / folders["semantic"] / f"{name}.png")
+            # a unit vector never encodes to (0, 0, 0), which marks "no label"
+            valid = (out["normal"] != 0).any(-1, keepdims=True)
+            png = np.where(valid, np.clip(np.round((out["normal"] + 1) / 2 * 255), 0, 255), 0)
+            Image.fromarray(png.astype(np.uint8)).save(root / folders["normal"] / f"{name}.png")
+            Image.fromarray(out["saliency"] * 255).save(root / folders["saliency"] / f"{name}.png")
+            savemat(root / folders["edges"] / f"{name}.mat",
+                    {"LabelMap": out["label_map"].astype(np.uint16)})
+            anno = _parts_annotation(out)
+            if anno is not None:
+                savemat(root / folders["parts"] / f"{name}.mat", {"anno": anno})
+        (root / "ImageSets/Context" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    meta = dict(family="pascal", height=height, width=width, seed=seed, style=style,
+                splits={"train": n_train, "val": n_val}, class_names=VOC21,
+                part_names=["background", "head", "torso", "upper arm", "lower arm",
+                            "upper leg", "lower leg"],
+                note="images are random 80-100 % crops of height x width")
+    (root / "synthetic.json").write_text(json.dumps(meta, indent=2))
+    return root

@@ -80,6 +80,8 @@ class Scene:
     instances: list[Instance] = field(default_factory=list)
     lights: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     far: float = 1e9
+    part_of: dict[int, int] = field(default_factory=dict)
+    """Primitive index -> body-part class (1..6) for people with parts; empty elsewhere."""
 
     def inst(self, cls: int, **flags: bool) -> int:
         """Register an instance and return its id."""
@@ -398,4 +400,52 @@ def build_street(rng: np.random.Generator) -> Scene:
                       rng.uniform(-8, 8) * DEG, rng.uniform(-4, 3) * DEG)
     az, el = rng.uniform(-np.pi, np.pi), rng.uniform(25, 65) * DEG
     s.lights.append((np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el), 1.2, 1.0))
+    return s
+
+
+# ----------------------------------------------------------------------------- people (PASCAL)
+
+PERSON_LOOK = 13  # appearance row of a person (after the 13 indoor looks)
+# (part class, local centre at 1.7 m height, half extents) of a standing person facing -y
+_BODY = [
+    (2, (0.0, 0.0, 1.18), (0.18, 0.10, 0.27)),  # torso
+    (3, (-0.25, 0.0, 1.28), (0.05, 0.05, 0.15)),  # upper arms
+    (3, (0.25, 0.0, 1.28), (0.05, 0.05, 0.15)),
+    (4, (-0.25, 0.0, 0.99), (0.045, 0.045, 0.14)),  # lower arms
+    (4, (0.25, 0.0, 0.99), (0.045, 0.045, 0.14)),
+    (5, (-0.09, 0.0, 0.68), (0.075, 0.075, 0.23)),  # upper legs
+    (5, (0.09, 0.0, 0.68), (0.075, 0.075, 0.23)),
+    (6, (-0.09, 0.0, 0.225), (0.06, 0.06, 0.225)),  # lower legs
+    (6, (0.09, 0.0, 0.225), (0.06, 0.06, 0.225)),
+]
+
+
+def person_with_parts(s: Scene, base: tuple, height: float) -> int:
+    """A box-and-sphere person standing at ``base`` = (x, y, yaw); records each primitive's
+    body part (1 head, 2 torso, 3 upper arm, 4 lower arm, 5 upper leg, 6 lower leg)."""
+    inst, k = s.inst(PERSON_LOOK), height / 1.7
+    for part, (lx, ly, lz), half in _BODY:
+        s.part_of[len(s.prims)] = part
+        s.part(inst, base, (k * lx, k * ly, k * lz), tuple(k * h for h in half))
+    x, y, _ = base
+    s.part_of[len(s.prims)] = 1
+    s.sphere(inst, (x, y, k * 1.57), k * 0.12)
+    return inst
+
+
+def build_pascal(rng: np.random.Generator) -> Scene:
+    """An indoor room (as :func:`build_indoor`) with 0-2 people in front of the camera."""
+    s = build_indoor(rng)
+    s.family = "pascal"
+    rw, rd = s.prims[3].center[0], s.prims[5].center[1]  # the x = rw and y = rd walls
+    cam = s.camera
+    n_people = int(rng.choice([0, 1, 1, 1, 2, 2]))
+    for _ in range(n_people):
+        dist, side = rng.uniform(1.6, 3.5), rng.uniform(-0.45, 0.45)
+        fwd = np.array([np.sin(cam.yaw), np.cos(cam.yaw)])
+        right = np.array([fwd[1], -fwd[0]])
+        x, y = cam.pos[:2] + dist * fwd + side * dist * right
+        x, y = float(np.clip(x, 0.35, rw - 0.35)), float(np.clip(y, 0.35, rd - 0.35))
+        facing = cam.yaw + np.pi + rng.uniform(-0.8, 0.8)
+        person_with_parts(s, (x, y, facing), rng.uniform(1.55, 1.9))
     return s

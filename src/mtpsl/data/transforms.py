@@ -232,6 +232,55 @@ class RandomHorizontalFlip:
         return out
 
 
+def fit_to_size(
+    sample: Mapping[str, Tensor], tasks: Mapping[str, Task], size: tuple[int, int]
+) -> Sample:
+    """Bring one sample (image ``[3,H,W]``) to exactly ``size`` = (height, width).
+
+    Why: datasets whose images differ in size (PASCAL-Context) must batch, and evaluation
+    must see every pixel at its own resolution. An image that fits is padded at the bottom
+    and right: the image with zeros, every label with its task's blank value (ignored by
+    losses and metrics), so the padding is never scored. A larger image is first shrunk,
+    aspect kept, to fit (labels with their task's interpolation, normals re-normalised).
+    """
+    out = dict(sample)
+    height, width = sample["image"].shape[-2:]
+    th, tw = int(size[0]), int(size[1])
+    factor = min(th / height, tw / width)
+    if factor < 1.0:
+        new = (max(1, int(height * factor)), max(1, int(width * factor)))
+        out["image"] = F.interpolate(
+            sample["image"][None], size=new, mode="bilinear", align_corners=False
+        )[0].clamp(0.0, 1.0)
+        for name in _keys(sample, tasks)[1:]:
+            out[name] = _resize_label(sample[name], tasks[name], new)
+        height, width = new
+    pad = (0, tw - width, 0, th - height)
+    out["image"] = F.pad(out["image"], pad, value=0.0)
+    for name in _keys(sample, tasks)[1:]:
+        target = out[name]
+        canvas = tasks[name].blank_like(
+            target.new_zeros((*target.shape[:-2], th, tw))
+        )
+        canvas[..., :height, :width] = target
+        out[name] = canvas
+    return out
+
+
+def _resize_label(target: Tensor, task: Task, size: tuple[int, int]) -> Tensor:
+    """Resize one per-sample label (class map ``[H,W]`` or ``[C,H,W]``) to ``size``."""
+    x = target[None, None] if task.label_dims == 0 else target[None]
+    if task.interpolation == "bilinear":
+        moved = F.interpolate(x.to(torch.float32), size=size, mode="bilinear",
+                              align_corners=False)
+    else:
+        moved = F.interpolate(x.to(torch.float32), size=size, mode="nearest")
+    if isinstance(task, NormalTask):
+        moved = _renormalize(moved)
+    moved = moved.to(target.dtype)
+    return moved[0, 0] if task.label_dims == 0 else moved[0]
+
+
 Transform = Callable[..., Sample]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from ..models.segnet import scaled_filters
 from ..tasks import Task
 from .base import METHODS, Losses, Method, OptimGroup, supervised_losses
 from .joint_space import JointSpaceMapper, pair_index
+from .joint_space_resnet import mapper_for_model
 
 
 class JointSpaceOptions(BaseModel):
@@ -53,7 +54,10 @@ class JointSpaceOptions(BaseModel):
     film_step_size: int = Field(default=30, gt=0)
     film_gamma: float = Field(default=0.5, gt=0.0, le=1.0)
     width: float | None = Field(default=None, gt=0.0)
-    """Mapping-network width; None follows the SegNet encoder's channels."""
+    """Mapping-network width; None follows the SegNet encoder's channels (1.0 for resnet18)."""
+    mapper: Literal["segnet", "resnet18"] = "segnet"
+    """Mapping network: the paper's SegNet-style one, or a ResNet-18-style one (any encoder:
+    its output is projected and resized to the model's encoder feature)."""
 
 
 class XTCOptions(JointSpaceOptions):
@@ -61,6 +65,9 @@ class XTCOptions(JointSpaceOptions):
     """Weight of the regulariser towards the encoder feature."""
     regularize: bool = True
     """False is the "w/o reg" ablation of Table 6."""
+    implementation: Literal["batched", "per_sample"] = "batched"
+    """batched: all (image, pair, branch) mapping passes in one; per_sample: the reference's
+    per-image, per-pair batch-1 passes (same loss; for benchmarks and checks)."""
 
 
 @dataclass
@@ -231,9 +238,18 @@ class CrossTaskConsistency(Method):
                 f"method {self.label} needs a model with one shared encoder feature "
                 f"(features['encoder']); {type(model).__name__} has none"
             )
-        filters = scaled_filters(self.options.width) if self.options.width else model.filters
         in_channels = {n: t.out_channels for n, t in self.tasks.items()}
-        mapper = JointSpaceMapper(in_channels, self.options.conditioned, filters)
+        if self.options.mapper == "resnet18":
+            mapper = mapper_for_model(model, in_channels, self.options.conditioned,
+                                      self.options.width)
+        elif self.options.width is None and not hasattr(model, "filters"):
+            raise ConfigError(
+                f"method.options.mapper: the segnet mapper needs a SegNet-style model; "
+                f"{type(model).__name__} needs mapper=resnet18"
+            )
+        else:
+            filters = scaled_filters(self.options.width) if self.options.width else model.filters
+            mapper = JointSpaceMapper(in_channels, self.options.conditioned, filters)
         if mapper.out_channels != channels:
             raise ConfigError(
                 f"method.options.width: the mapping network gives {mapper.out_channels} "
@@ -281,6 +297,8 @@ class CrossTaskConsistency(Method):
         labelled: Tensor,
     ) -> dict[str, Tensor]:
         """The extra loss terms on the second view (already weighted by ``weight_now``)."""
-        per_image = self.loss_fn.consistency(preds, targets, feature, labelled)
+        per_sample = getattr(self.options, "implementation", "batched") == "per_sample"
+        form = self.loss_fn.reference_consistency if per_sample else self.loss_fn.consistency
+        per_image = form(preds, targets, feature, labelled)
         return {"xtc": self.weight_now * per_image.mean()}
 

@@ -1,0 +1,142 @@
+"""Speed options of the training step: autocast, channels_last, torch.compile, fused optimisers.
+
+Mixed precision keeps every loss, normalisation and metric in fp32: the model's task
+activations (log-softmax, L2 normalisation of normals) are run in fp32 outside autocast, and
+its outputs are cast to fp32 before a method sees them, so only convolutions and matmuls
+(the model's and the method's networks) run in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import TrainConfig
+from .errors import ConfigError
+from .methods.joint_space import SampleNorm
+from .models import ModelOutput
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_BACKEND = "inductor"
+"""torch.compile backend of ``train.compile`` (tests use "eager": tracing without codegen)."""
+LINEAR_WEIGHTINGS = ("uniform", "dwa")
+"""Weightings whose gradient is linear in the task losses within a step, so scaling the losses
+by the fp16 loss scale scales the gradient by the same factor (GradScaler's contract)."""
+
+
+def check_options(cfg: TrainConfig, device: torch.device, weighting: str) -> None:
+    """Reject combinations that cannot work, naming the config keys."""
+    if cfg.amp == "fp16" and weighting not in LINEAR_WEIGHTINGS:
+        raise ConfigError(
+            f"train.amp: fp16 needs a loss scale, which is exact only for weightings linear "
+            f"in the losses ({', '.join(LINEAR_WEIGHTINGS)}); method.weighting is "
+            f"{weighting!r}: use train.amp=bf16 or off"
+        )
+    if cfg.amp != "off" and not torch.amp.autocast_mode.is_autocast_available(device.type):
+        raise ConfigError(f"train.amp: autocast is not available on device {device.type!r}")
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of ``train.amp`` (a no-op for ``off``)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _fp32(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def activation(raw: Tensor) -> Tensor:
+        with torch.autocast(raw.device.type, enabled=False):
+            return fn(raw.float())
+
+    return activation
+
+
+def fp32_activations(model: nn.Module) -> int:
+    """Run every task activation of ``model`` in fp32; returns how many were wrapped.
+
+    Models keep their heads' activations in an ``activations`` dict (see models.segnet).
+    """
+    wrapped = 0
+    for module in model.modules():
+        table = getattr(module, "activations", None)
+        if isinstance(table, dict):
+            for name, fn in table.items():
+                if not getattr(fn, "_mtpsl_fp32", False):
+                    table[name] = _fp32(fn)
+                    table[name]._mtpsl_fp32 = True  # type: ignore[attr-defined]
+                    wrapped += 1
+    return wrapped
+
+
+def _outputs_to_fp32(module: nn.Module, args: tuple, output: ModelOutput) -> ModelOutput:
+    return ModelOutput(_float(output.preds), _float(output.features))
+
+
+def _float(maps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in maps.items()}
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """Apply ``train.amp`` / ``channels_last`` / ``compile`` to ``model`` in place."""
+    if cfg.amp != "off":
+        fp32_activations(model)
+        model.register_forward_hook(_outputs_to_fp32)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile(backend=COMPILE_BACKEND)
+
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, SampleNorm)
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def fp32_norms(module: nn.Module) -> int:
+    """Feed every normalisation layer of ``module`` fp32 inputs; returns how many.
+
+    Under autocast a convolution hands its norm a bf16/fp16 map; per-sample statistics of
+    small maps (XTC's mapping net ends at 1/32 resolution) and the cosine losses downstream
+    lose most of their precision that way (gradients off by tens of percent on CPU, where
+    autocast runs normalisations and cosine similarity in bf16). With fp32 inputs the norm,
+    the FiLM/ReLU after it and the network's output stay fp32; only convolutions run in bf16.
+    """
+    layers = [m for m in module.modules() if isinstance(m, NORMS)]
+    for m in layers:
+        m.register_forward_pre_hook(_inputs_to_fp32)
+    return len(layers)
+
+
+def prepare_aux(modules: Sequence[nn.Module], cfg: TrainConfig) -> None:
+    """The method's own networks (mapping net, discriminators): fp32 norms under autocast,
+    channels_last memory."""
+    for m in modules:
+        if cfg.amp != "off":
+            fp32_norms(m)
+        if cfg.channels_last:
+            m.to(memory_format=torch.channels_last)
+
+
+def to_channels_last(batch, enabled: bool):
+    """The batch with its images in NHWC memory (labels are left alone)."""
+    if not enabled:
+        return batch
+    for view in batch.views:
+        view.image = view.image.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def optimizer_extra(cfg: TrainConfig, device: torch.device) -> dict:
+    """Keyword arguments for Adam/SGD: fused kernels on CUDA (one launch per step)."""
+    if cfg.fused_optimizer and device.type == "cuda":
+        return {"fused": True}
+    return {}
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
