@@ -7,9 +7,11 @@
     python benchmarks/grid_run.py --device cuda --preset synthetic_semimtl \
         --height 64 --width 128                # SemiMTL on the synthetic cross-domain pair
 
-Writes ``benchmarks/results/<preset>_<device>.json`` (device name, torch version, the exact
-command, wall time, peak GPU memory, the table and every run's final metrics) and the
-Markdown table beside it, so the figures outlive the machine they were measured on.
+Cross-dataset presets print one more table per source (``mtpsl compare``'s own tables, with
+Delta_m over the preset's ``compare.delta_metrics``). Writes
+``benchmarks/results/<preset>_<device>.json`` (device name, torch version, the exact command,
+wall time, peak GPU memory, the table and every run's final metrics) and the Markdown table
+beside it, so the figures outlive the machine they were measured on.
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ from pathlib import Path
 
 import torch
 
-from mtpsl import report
 from mtpsl.compare import compare
 from mtpsl.config import load_config
 from mtpsl.data.cross_domain import write_synthetic_pair
-from mtpsl.data.synthetic import write_nyuv2_layout
+from mtpsl.data.synthetic import write_cityscapes_layout, write_nyuv2_layout, write_pascal_layout
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+SYNTHETIC_WRITERS = {
+    "nyuv2": write_nyuv2_layout,
+    "cityscapes": write_cityscapes_layout,
+    "pascal_context": write_pascal_layout,
+}
+"""Which built-in renderer stands in for a preset's dataset."""
 
 
 def main() -> int:
@@ -59,14 +68,16 @@ def main() -> int:
                                  n_train=args.n_train, n_val=args.n_val, height=args.height,
                                  width=args.width, progress=False)
     elif not (data / "synthetic.json").exists():
-        write_nyuv2_layout(data, n_train=args.n_train, n_val=args.n_val, height=args.height,
-                           width=args.width, progress=False)
+        writer = SYNTHETIC_WRITERS.get(config.dataset.name)
+        if writer is None:
+            print(f"error: no synthetic data for dataset {config.dataset.name!r}; known: "
+                  f"{', '.join(SYNTHETIC_WRITERS)}", file=sys.stderr)
+            return 2
+        writer(data, n_train=args.n_train, n_val=args.n_val, height=args.height,
+               width=args.width, progress=False)
     started = time.perf_counter()
     table = compare(config, work / f"runs-{args.device}")
     seconds = time.perf_counter() - started
-    for name, domain_table in domain_tables(config, work / f"runs-{args.device}").items():
-        table += f"\n\nEvaluated on source {name} (Δm over {', '.join(DOMAIN_DELTA)}):\n\n"
-        table += domain_table
     print(table)
     cuda = args.device == "cuda"
     device_name = torch.cuda.get_device_name(0) if cuda else _cpu_name()
@@ -96,34 +107,6 @@ def main() -> int:
     path.with_suffix(".md").write_text(f"`{record['command']}` on {device_name}\n\n{table}\n")
     print(f"wrote {path}")
     return 0
-
-
-DOMAIN_DELTA = ("semantic/miou", "depth/rmse")
-"""Delta_m of the per-source tables: mIoU and RMSE, as the SemiMTL paper."""
-DOMAIN_COLUMNS = ("semantic/pixel_acc", "semantic/miou", "depth/rel_err", "depth/rmse",
-                  "depth/delta1", "depth/delta2", "depth/delta3")
-
-
-def domain_tables(config, runs_dir: Path) -> dict[str, str]:
-    """Cross-dataset grids: one table per source from the runs' ``metrics@<source>``."""
-    order = {m: i for i, m in enumerate(config.compare.methods)}
-    results = []
-    for path in runs_dir.rglob("final_metrics.json"):
-        cell = path.parent  # runs_dir/<regime>/<method>/seed<k>
-        results.append({**json.loads(path.read_text()), "method": cell.parent.name,
-                        "regime": cell.parent.parent.name})
-    results.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
-    names = dict.fromkeys(k.removeprefix("metrics@") for r in results for k in r
-                          if k.startswith("metrics@"))
-    tables = {}
-    for name in names:
-        per = [{**r, "metrics": r[f"metrics@{name}"]} for r in results if f"metrics@{name}" in r]
-        columns = [k for k in DOMAIN_COLUMNS if any(k in r["metrics"] for r in per)]
-        better = report.metric_directions(columns)
-        delta = [k for k in DOMAIN_DELTA if k in columns]
-        rows = report.summarise(per, delta, better, config.compare.baseline)
-        tables[name] = report.markdown_table(rows, columns, better, config.compare.baseline)
-    return tables
 
 
 def _cpu_name() -> str:

@@ -145,3 +145,29 @@ def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
     (bad / "final_metrics.json").write_text("{not json")
     assert main(["report", str(bad)]) == 2
     assert "final_metrics.json" in capsys.readouterr().err
+
+
+def test_per_source_tables_use_the_keys_each_source_has(tmp_path, capsys):
+    """Hand-made cross-dataset runs: source S lacks depth, so its Δm is over mIoU alone; runs
+    that disagree on compare.delta_metrics fall back to the primary metrics, with a note."""
+    for method, miou, err, delta in (("stl", 0.5, 0.4, None), ("sl", 0.6, 0.2, ["depth/rmse"])):
+        folder = tmp_path / method
+        _run(folder, method, 0, miou, err, 30.0)
+        final = json.loads((folder / "final_metrics.json").read_text())
+        final["metrics@S"] = {"semantic/miou": miou / 2, "semantic/pixel_acc": 0.1}
+        (folder / "final_metrics.json").write_text(json.dumps(final))
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["compare"] = {"delta_metrics": delta}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    report = build_report([tmp_path])
+    eval_table, source = report["tables"]
+    assert source.source == "S" and source.primary == ["semantic/miou"]
+    sl = next(r for r in source.rows if r["method"] == "sl")
+    assert sl["delta_m"] == pytest.approx((0.3 - 0.25) / 0.25 * 100)
+    assert eval_table.primary == ["semantic/miou", "depth/abs_err", "normal/mean"]
+    assert "disagree on compare.delta_metrics" in report["markdown"]
+    assert "Evaluated on source S (Δm over semantic/miou):" in report["markdown"]
+    chosen = build_report([tmp_path], delta_metrics=["depth/rmse"])
+    assert chosen["tables"][1].primary == [] and "delta_m" not in chosen["tables"][1].rows[1]
+    sl = chosen["rows"][1]
+    assert sl["delta_m"] == pytest.approx(-(0.4 - 0.8) / 0.8 * 100)  # rmse = 2 * abs_err

@@ -369,6 +369,9 @@ def test_cli_trains_synthetic_xtask_with_each_weighting(street_root, tmp_path, w
     assert any(k.startswith("decoders.depth.") for k in state["model"])
     # model.backbone.depth reaches the builder: ResNet-18's layer3 has 2 blocks, not 6.
     assert "encoder.stages.2.1.conv1.weight" in state["model"]
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ["direct/semantic", "direct/depth", "transferred/semantic", "transferred/depth"]:
+        assert np.isfinite(row[f"train/{key}"]), key
     assert "encoder.stages.2.2.conv1.weight" not in state["model"]
 
 
@@ -401,3 +404,31 @@ def test_cli_runs_the_published_presets_at_tiny_size(tmp_path, preset, family):
     assert {"depth/abs_err", "semantic/miou"} <= set(final["metrics"])
     assert not any(k.startswith("normal/") for k in final["metrics"])
     assert "log_vars.0" in load_checkpoint(run / "checkpoint.pt")["weighting"]
+
+
+CLI_OPTION_SETS = [  # every value of every option appears in at least one CLI run
+    ["depth_loss=l1", "trans_depth_loss=ssim", "trans_seg_loss=kl", "label_smoothing=0.1",
+     "batch_norm=true"],
+    ["depth_loss=mse", "trans_depth_loss=l1", "trans_seg_loss=ce", "wider=true"],
+    ["depth_loss=logl1", "trans_depth_loss=ssim", "trans_seg_loss=ce", "alpha=0.01"],
+    ["depth_loss=smoothl1", "trans_depth_loss=l1", "trans_seg_loss=kl", "batch_norm=true",
+     "wider=true", "gamma=0.01"],
+]
+
+
+@pytest.mark.parametrize("options", CLI_OPTION_SETS, ids=lambda o: o[0].split("=")[1])
+def test_cli_trains_with_each_option_value(street_root, tmp_path, options):
+    run = tmp_path / "run"
+    overrides = [f"method.options.{o}" for o in options]
+    code = main(
+        ["train", "--config", "synthetic_xtask", "--run-dir", str(run),
+         f"dataset.root={street_root}", "model.width=0.0625", "model.backbone.depth=18",
+         "method.options.transfer_width=0.125", "train.epochs=1", "train.batch_size=2",
+         "train.max_steps_per_epoch=2", "train.eval_batch_size=4", "train.progress=false",
+         *overrides]
+    )
+    assert code == 0
+    saved = load_checkpoint(run / "checkpoint.pt")["config"]["method"]["options"]
+    for option in options:
+        key, value = option.split("=")
+        assert str(saved[key]).lower() == value, key

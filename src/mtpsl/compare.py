@@ -2,10 +2,12 @@
 
 Each cell is an ordinary run in ``OUT/<regime>/<method>/seed<k>``; a cell whose
 ``final_metrics.json`` exists is not trained again, so an interrupted grid resumes. Tables
-report the mean +- std over seeds of each task's primary metric and the multi-task gain
-Delta_m against the baseline method (STL) under the same regime (built by
-:mod:`mtpsl.report`, the one implementation of the tables), and ``curves.png/.pdf`` plots each
-task's primary metric over epochs, one line per method (mean over seeds).
+report the mean +- std over seeds of each task's primary metric (or of
+``compare.delta_metrics``) and the multi-task gain Delta_m against the baseline method (STL)
+under the same regime (built by :mod:`mtpsl.report`, the one implementation of the tables);
+cross-dataset grids get one more table per source, from the runs' ``metrics@<source>``.
+``curves.png/.pdf`` plots each task's primary metric over epochs, one line per method (mean
+over seeds).
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from pathlib import Path
 from . import report
 from .config import Config, MethodVariant, build_config
 from .errors import ConfigError
-from .evaluate import higher_is_better, primary_keys
+from .evaluate import higher_is_better
 from .experiment import open_dataset
-from .tasks import Task
 from .train import train
 
 ARROWS = report.ARROWS
@@ -91,22 +92,23 @@ def _apply_variant_weighting(method: dict, variant: MethodVariant) -> None:
         method["weighting_options"] = dict(variant.weighting_options)
 
 
-def summarise(
-    results: Sequence[Mapping], tasks: Mapping[str, Task], baseline: str
-) -> list[dict]:
-    """One row per (regime, method): mean/std per metric and Delta_m vs baseline."""
-    return report.summarise(results, primary_keys(tasks), higher_is_better(tasks), baseline,
-                            GROUP)
+def check_delta_metrics(config: Config) -> None:
+    """``compare.delta_metrics`` must name metrics of the dataset's tasks; checked before any
+    training so a typo cannot cost a grid."""
+    chosen = config.compare.delta_metrics
+    if chosen is None:
+        return
+    known = higher_is_better(open_dataset(config, config.dataset.eval_split).tasks)
+    unknown = [k for k in chosen if k not in known]
+    if unknown or not chosen:
+        what = f"{unknown} are not task/metric keys of the dataset" if unknown else "is empty"
+        raise ConfigError(f"compare.delta_metrics: {what}; allowed: {', '.join(known)} "
+                          "(or null for each task's primary metric)")
 
 
-def markdown_table(rows: Sequence[Mapping], tasks: Mapping[str, Task], baseline: str) -> str:
-    return report.markdown_table(rows, primary_keys(tasks), higher_is_better(tasks), baseline,
-                                 GROUP)
-
-
-def write_tables(rows: Sequence[Mapping], table: str, out: Path) -> None:
-    (out / "results.md").write_text(table + "\n")
-    report.write_csv(rows, out / "results.csv")
+def write_tables(tables: Sequence[report.Table], text: str, out: Path) -> None:
+    (out / "results.md").write_text(text + "\n")
+    report.write_csv(report.table_rows(tables), out / "results.csv")
 
 
 def write_curves(results: Sequence[Mapping], out: Path) -> list[Path]:
@@ -128,11 +130,11 @@ def compare(config: Config, out: Path) -> str:
         print(f"note: baseline {grid.baseline!r} is not in the grid; Delta_m is left out")
     if not grid.methods or not grid.regimes or not grid.seeds:
         raise ConfigError("compare: methods, regimes and seeds must each be non-empty")
+    check_delta_metrics(config)
     out.mkdir(parents=True, exist_ok=True)
     results = run_grid(config, out)
-    tasks = open_dataset(config, config.dataset.eval_split).tasks
-    rows = summarise(results, tasks, grid.baseline)
-    table = markdown_table(rows, tasks, grid.baseline)
-    write_tables(rows, table, out)
+    tables = report.build_tables(results, grid.baseline, GROUP, grid.delta_metrics)
+    text = report.tables_markdown(tables, grid.baseline, GROUP)
+    write_tables(tables, text, out)
     write_curves(results, out)
-    return table
+    return text

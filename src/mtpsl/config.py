@@ -174,6 +174,9 @@ class CompareConfig(Section):
     extra_cells: list[str] = []
     """Cells outside the grid as ``method@regime``, e.g. ``sl@full`` (paper tables' "SL
     (full labels)" row)."""
+    delta_metrics: list[str] | None = None
+    """``task/metric`` keys that Delta_m (and the tables' columns) use, e.g. ``[semantic/miou,
+    depth/rmse]`` as in SemiMTL; None = each task's primary metric."""
 
 
 class Config(Section):

@@ -115,3 +115,9 @@ class Optimisation:
             o.load_state_dict(s)
         for o, s in zip(self.schedulers, state["schedulers"], strict=True):
             o.load_state_dict(s)
+            if isinstance(o, LambdaLR):
+                # A poly schedule depends on train.epochs, which a resume may extend: the
+                # saved learning rate belongs to the old schedule, so recompute it.
+                for group, lr in zip(o.optimizer.param_groups, o.get_lr(), strict=True):
+                    group["lr"] = lr
+                o._last_lr = [g["lr"] for g in o.optimizer.param_groups]

@@ -5,9 +5,20 @@ over the group's seeds of every metric, and the multi-task gain Delta_m of each 
 the *mean* of the baseline method's runs in the same group, averaged over the seeds. The std
 is the population std over seeds (``numpy.std``, ddof=0), 0 for a single seed.
 
-This module holds the one implementation of the tables: :func:`summarise` builds the rows,
-:func:`markdown_table`, :func:`latex_table` and :func:`write_csv` render them.
-:mod:`mtpsl.compare` calls them with the regime as the only group column.
+Cross-dataset runs (``final_metrics.json`` holding ``metrics@<source>``) get one more table
+per source, built the same way from that source's metrics: Delta_m per source is measured
+against the baseline's runs evaluated on the same source.
+
+The metrics of Delta_m (and the tables' columns) are each task's primary metric
+(``Task.primary_metric``, recognised from the metric keys alone, see
+:func:`infer_primary_keys`), unless ``compare.delta_metrics`` (or ``--delta-metrics``) names
+them, e.g. ``[semantic/miou, depth/rmse]`` for SemiMTL. :func:`table_metrics` is the one place
+that decides, for compare and report alike.
+
+This module holds the one implementation of the tables: :func:`build_tables` (over
+:func:`summarise`) builds the rows, :func:`tables_markdown`, :func:`tables_latex` and
+:func:`write_csv` render them. :mod:`mtpsl.compare` calls them with the regime as the only
+group column.
 """
 
 from __future__ import annotations
@@ -17,12 +28,13 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from .errors import DataError, MtpslError
+from .errors import ConfigError, DataError, MtpslError
 from .metrics import METRICS, delta_m
 from .tasks import TASKS
 
@@ -31,6 +43,9 @@ TEX_ARROWS = {True: r"$\uparrow$", False: r"$\downarrow$"}
 FINAL = "final_metrics.json"
 REPORT_GROUP = ("dataset", "regime")
 """Group columns of ``mtpsl report`` (compare uses ``("regime",)``)."""
+SOURCE = "metrics@"
+"""Prefix of a cross-dataset run's per-source metrics in ``final_metrics.json``."""
+DELTA_KEY = "compare.delta_metrics / --delta-metrics"
 
 
 # -- metric keys -----------------------------------------------------------------------------
@@ -82,6 +97,20 @@ def infer_primary_keys(keys: Iterable[str]) -> list[str]:
     return out
 
 
+def table_metrics(
+    keys: Iterable[str], chosen: Sequence[str] | None = None
+) -> tuple[list[str], dict[str, bool]]:
+    """The Delta_m keys of one table and their directions, from the table's metric keys.
+
+    ``chosen`` (``compare.delta_metrics``) wins where given, restricted to the keys present
+    (a source may lack a task); otherwise each task's primary metric. Metric keys are all it
+    needs, so compare and report decide the same way without opening the dataset.
+    """
+    keys = list(dict.fromkeys(keys))
+    primary = infer_primary_keys(keys) if chosen is None else [k for k in chosen if k in keys]
+    return primary, metric_directions(primary)
+
+
 # -- loading runs ----------------------------------------------------------------------------
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -110,15 +139,18 @@ def load_result(run_dir: str | Path) -> dict:
     missing = [k for k in ("method", "regime", "metrics") if k not in final]
     if missing:
         raise DataError(f"{run_dir / FINAL}: lacks {', '.join(missing)}")
-    name, root = "?", "?"
     config_path = run_dir / "config.yaml"
+    config: dict = {}
     if config_path.is_file():
         try:
-            dataset = (yaml.safe_load(config_path.read_text()) or {}).get("dataset", {})
+            config = yaml.safe_load(config_path.read_text()) or {}
         except yaml.YAMLError as err:
             raise DataError(f"{config_path}: not valid YAML ({err})") from None
-        name, root = str(dataset.get("name", "?")), str(dataset.get("root", "?"))
+    dataset = config.get("dataset") or {}
+    name, root = str(dataset.get("name", "?")), str(dataset.get("root", "?"))
+    chosen = (config.get("compare") or {}).get("delta_metrics")
     return {**final, "dataset": f"{name}:{root}", "dataset_name": name, "root": root,
+            "delta_metrics": None if chosen is None else tuple(chosen),
             "run_dir": str(run_dir)}
 
 
@@ -180,6 +212,92 @@ def missing_baseline(rows: Sequence[Mapping], baseline: str, group: Sequence[str
     groups = dict.fromkeys(tuple(r[g] for g in group) for r in rows)
     have = {tuple(r[g] for g in group) for r in rows if r["method"] == baseline}
     return [" / ".join(map(str, g)) for g in groups if g not in have]
+
+
+# -- tables: the evaluation split's, then one per source ------------------------------------
+
+@dataclass(frozen=True)
+class Table:
+    """The rows of one table and the metrics of its Delta_m (also its metric columns)."""
+
+    source: str | None
+    """None: the evaluation split (``eval/``); else a cross-dataset source's label."""
+    rows: list[dict]
+    primary: list[str]
+    better: dict[str, bool]
+
+    @property
+    def eval_set(self) -> str:
+        return "eval" if self.source is None else self.source
+
+
+def source_names(results: Sequence[Mapping]) -> list[str]:
+    """Sources with their own metrics (``metrics@<source>``), in order of first appearance."""
+    return list(dict.fromkeys(k.removeprefix(SOURCE) for r in results for k in r
+                              if k.startswith(SOURCE)))
+
+
+def on_source(results: Sequence[Mapping], source: str) -> list[dict]:
+    """The runs evaluated on ``source``, with that source's metrics as their ``metrics``."""
+    return [{**r, "metrics": r[SOURCE + source]} for r in results if SOURCE + source in r]
+
+
+def build_tables(
+    results: Sequence[Mapping],
+    baseline: str,
+    group: Sequence[str],
+    chosen: Sequence[str] | None = None,
+) -> list[Table]:
+    """The evaluation split's table, then one per source of cross-dataset runs.
+
+    ``chosen`` keys that no table has are an error (a typo would silently drop a task).
+    """
+    sets = [(None, list(results))] + [(s, on_source(results, s)) for s in source_names(results)]
+    if chosen is not None:
+        have = {k for _, runs in sets for r in runs for k in r["metrics"]}
+        unknown = [k for k in chosen if k not in have]
+        if unknown:
+            raise ConfigError(f"{DELTA_KEY}: {unknown} are not metrics of the runs; they have "
+                              f"{sorted(have)}")
+    tables = []
+    for source, runs in sets:
+        primary, better = table_metrics((k for r in runs for k in r["metrics"]), chosen)
+        rows = summarise(runs, primary, better, baseline, group)
+        tables.append(Table(source, rows, primary, better))
+    return tables
+
+
+def table_rows(tables: Sequence[Table]) -> list[dict]:
+    """Every table's rows for one CSV; an ``eval_set`` column first when there are sources."""
+    if len(tables) == 1:
+        return list(tables[0].rows)
+    return [{"eval_set": t.eval_set, **row} for t in tables for row in t.rows]
+
+
+def _source_title(table: Table, latex: bool = False) -> str:
+    keys = ", ".join(table.primary) or "no shared metric"
+    if latex:
+        return f"% evaluated on source {table.source}; Delta_m over {keys}"
+    return f"Evaluated on source {table.source} (Δm over {keys}):"
+
+
+def tables_markdown(tables: Sequence[Table], baseline: str, group: Sequence[str]) -> str:
+    """The Markdown tables, each source's under a line naming it and its Delta_m metrics."""
+    parts = []
+    for t in tables:
+        if t.source is not None:
+            parts.append(_source_title(t))
+        parts.append(markdown_table(t.rows, t.primary, t.better, baseline, group))
+    return "\n\n".join(parts)
+
+
+def tables_latex(tables: Sequence[Table], baseline: str, group: Sequence[str]) -> str:
+    """One ``tabular`` per table, each source's after a comment naming it."""
+    parts = []
+    for t in tables:
+        head = _source_title(t, latex=True) + "\n" if t.source is not None else ""
+        parts.append(head + latex_table(t.rows, t.primary, t.better, baseline, group))
+    return "\n".join(parts)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -311,14 +429,19 @@ def _ordered(results: list[dict], baseline: str) -> list[dict]:
     ))
 
 
-def build_report(paths: Sequence[str | Path], baseline: str = "stl") -> dict:
-    """Load the runs under ``paths`` and build the report's rows and rendered tables."""
+def build_report(
+    paths: Sequence[str | Path], baseline: str = "stl", delta_metrics: Sequence[str] | None = None
+) -> dict:
+    """Load the runs under ``paths`` and build the report's tables (rows and rendered text).
+
+    Delta_m uses ``delta_metrics``, else the runs' ``compare.delta_metrics`` when they all
+    agree, else each task's primary metric.
+    """
     results = _ordered([load_result(p) for p in find_runs(paths)], baseline)
-    keys = list(dict.fromkeys(k for r in results for k in r["metrics"]))
-    primary = infer_primary_keys(keys)
-    better = metric_directions(primary)
-    rows = summarise(results, primary, better, baseline, REPORT_GROUP)
     notes = []
+    chosen, origin = _delta_choice(results, delta_metrics, notes)
+    tables = build_tables(results, baseline, REPORT_GROUP, chosen)
+    rows = tables[0].rows
     lacking = missing_baseline(rows, baseline, REPORT_GROUP)
     if lacking:
         n_groups = len({tuple(r[g] for g in REPORT_GROUP) for r in rows})
@@ -327,13 +450,31 @@ def build_report(paths: Sequence[str | Path], baseline: str = "stl") -> dict:
                      "Δm is omitted there")
     n_seeds = sorted({r["seeds"] for r in rows})
     notes.append(f"{len(results)} runs; mean ± std (population, ddof=0) over "
-                 f"{'/'.join(map(str, n_seeds))} seed(s); Δm in % over the primary metrics, "
-                 f"each run against the mean of {baseline!r} under the same dataset and regime.")
-    markdown = markdown_table(rows, primary, better, baseline, REPORT_GROUP)
+                 f"{'/'.join(map(str, n_seeds))} seed(s); Δm in % over {origin}, "
+                 f"each run against the mean of {baseline!r} under the same dataset and regime"
+                 f"{' (and source)' if len(tables) > 1 else ''}.")
+    markdown = tables_markdown(tables, baseline, REPORT_GROUP)
     markdown += "\n\n" + "\n".join(notes) + "\n"
-    latex = latex_table(rows, primary, better, baseline, REPORT_GROUP)
-    return {"rows": rows, "primary": primary, "better": better, "markdown": markdown,
-            "latex": latex, "runs": [r["run_dir"] for r in results]}
+    first = tables[0]
+    return {"rows": rows, "primary": first.primary, "better": first.better, "tables": tables,
+            "markdown": markdown, "latex": tables_latex(tables, baseline, REPORT_GROUP),
+            "runs": [r["run_dir"] for r in results]}
+
+
+def _delta_choice(
+    results: Sequence[Mapping], given: Sequence[str] | None, notes: list[str]
+) -> tuple[list[str] | None, str]:
+    """The Delta_m keys (None: primary metrics) and how they were chosen, for the notes."""
+    if given is not None:
+        return list(given), f"{', '.join(given)} (--delta-metrics)"
+    choices = {r.get("delta_metrics") for r in results}
+    if len(choices) == 1 and None not in choices:
+        keys = list(next(iter(choices)))
+        return keys, f"{', '.join(keys)} (compare.delta_metrics of the runs)"
+    if len(choices) > 1:
+        notes.append("note: the runs' configs disagree on compare.delta_metrics; "
+                     "each task's primary metric is used (see --delta-metrics)")
+    return None, "each task's primary metric"
 
 
 def default_out(paths: Sequence[str | Path]) -> Path:
@@ -346,6 +487,6 @@ def write_report(report: Mapping, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.md", out / "report.csv", out / "report.tex"]
     paths[0].write_text(report["markdown"])
-    write_csv(report["rows"], paths[1])
+    write_csv(table_rows(report["tables"]), paths[1])
     paths[2].write_text(report["latex"])
     return paths

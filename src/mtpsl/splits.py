@@ -104,9 +104,18 @@ class Split:
     def __len__(self) -> int:
         return self.labelled.shape[0]
 
-    def counts(self) -> dict[str, int]:
-        """Labelled images per task."""
-        return {t: int(c) for t, c in zip(self.task_names, self.labelled.sum(0), strict=True)}
+    def counts(
+        self, available: np.ndarray | None = None, rows: np.ndarray | None = None
+    ) -> dict[str, int]:
+        """Labelled images per task: by the regime alone, or (``available``: bool ``[N, T]``,
+        which labels exist in the data) the labels training can actually see.
+
+        ``rows`` (a bool mask or indices) restricts the count to some images, e.g. a source.
+        """
+        labelled = self.labelled if available is None else self.labelled & available
+        if rows is not None:
+            labelled = labelled[rows]
+        return {t: int(c) for t, c in zip(self.task_names, labelled.sum(0), strict=True)}
 
     def summary(self) -> str:
         per_task = ", ".join(f"{t}={c}" for t, c in self.counts().items())

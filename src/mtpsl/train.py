@@ -456,7 +456,7 @@ def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
         "reported": "last epoch",
         "metrics": _eval_metrics(last),
         **_extra_eval_metrics(last),
-        "split": exp.split.counts(),
+        **_split_counts(exp),
         "parameters": count_parameters(exp.model),
         "train_seconds_this_session": round(seconds, 1),
     }
@@ -473,6 +473,69 @@ def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
             "metrics": _eval_metrics(best),
         }
     return final
+
+
+def _split_counts(exp: Experiment) -> dict:
+    """``split``: labelled images per task that training can see (the regime's labels that
+    also exist in the data), and ``split_detail``: the regime's own counts, per-source counts
+    for cross-dataset data, and how they were counted.
+
+    The regime alone (e.g. ``full``) would claim labels a source never provides. Which labels
+    exist comes from the dataset's ``available`` ``[N, T]`` array, filled from file listings
+    when it was opened (no label is decoded here); a dataset without one falls back to the
+    regime's counts, with a note saying so.
+    """
+    split = exp.split
+    dataset = _unwrap(exp.train_set.dataset)
+    available = label_availability(dataset, len(split), split.task_names)
+    detail: dict = {"images": len(split), "labelled_by_regime": split.counts()}
+    if exp.val_set is not None:
+        detail["carved_for_validation"] = len(exp.val_set)
+    if available is None:
+        detail["note"] = (f"{type(dataset).__name__} does not list which labels exist (no "
+                          "available [N, T] array): the counts are the regime's")
+        return {"split": split.counts(), "split_detail": detail}
+    per_source = _per_source_counts(dataset, split, available)
+    if per_source:
+        detail["per_source"] = per_source
+    detail["note"] = ("images of the training split (split.json) whose label the regime "
+                      "gives and the data has" + (", validation carve included"
+                                                  if exp.val_set is not None else ""))
+    return {"split": split.counts(available), "split_detail": detail}
+
+
+def _unwrap(dataset):
+    """The dataset under any ``Subset`` (the split's rows are its images)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def label_availability(dataset, n_images: int, task_names: Sequence[str]) -> np.ndarray | None:
+    """Which labels exist, bool ``[N, T]`` in ``task_names`` order, or None when unknown.
+
+    Read from the dataset's ``available`` array (layout, PASCAL-Context and cross-domain
+    datasets fill it from their file listings); None where there is none, or it does not
+    match the split's images and tasks.
+    """
+    available = getattr(dataset, "available", None)
+    names = tuple(getattr(dataset, "task_names", task_names))
+    if not isinstance(available, np.ndarray) or names != tuple(task_names):
+        return None
+    if available.shape != (n_images, len(task_names)):
+        return None
+    return available.astype(bool)
+
+
+def _per_source_counts(dataset, split: Split, available: np.ndarray) -> dict:
+    """Cross-dataset data: ``{source: {"images": n, task: count, ...}}``; {} otherwise."""
+    ids = getattr(dataset, "domain_ids", None)
+    names = getattr(dataset, "domain_names", None)
+    if ids is None or names is None:
+        return {}
+    ids = np.asarray(ids)
+    return {name: {"images": int((ids == d).sum()), **split.counts(available, ids == d)}
+            for d, name in enumerate(names)}
 
 
 def _extra_eval_metrics(row: dict) -> dict:

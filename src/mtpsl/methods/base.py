@@ -34,9 +34,13 @@ class Losses:
     """Supervised loss per task (scalar): what a weighting strategy combines."""
     extra: dict[str, Tensor] = field(default_factory=dict)
     """Extra terms (consistency, adversarial, ...), already scaled by their weight."""
+    logs: dict[str, Tensor] = field(default_factory=dict)
+    """Components worth logging that are already part of the terms above (never optimised)."""
 
     def detached(self) -> dict[str, Tensor]:
-        return {k: v.detach() for k, v in {**self.tasks, **self.extra}.items()}
+        """Every term and log entry, detached, for the per-epoch training averages."""
+        terms = {**self.tasks, **self.extra, **self.logs}
+        return {k: v.detach() for k, v in terms.items()}
 
 
 class Method(nn.Module):

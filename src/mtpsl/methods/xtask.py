@@ -22,8 +22,9 @@ weighting and GradNorm; the strategy (``method.weighting``: uniform, uncertainty
 Ltd by gamma; its README, and these options, tie alpha to the transferred depth loss. The
 published setups use alpha = gamma, where both readings agree.) Under uniform weighting the
 total equals the seed's plain sum whichever way the terms are paired. ``Losses.extra`` stays
-empty (its terms would be added outside the weighting); the four terms of the last step are
-kept, detached, in :attr:`TaskTransfer.last_terms` for inspection.
+empty (its terms would be added outside the weighting); the four terms go to ``Losses.logs``
+(logged per epoch as ``train/direct/<task>`` and ``train/transferred/<task>``) and the last
+step's are kept, detached, in :attr:`TaskTransfer.last_terms`.
 
 Seed flag -> mtpsl config: ``lp`` -> ``method.options.depth_loss``; ``tdep_loss`` ->
 ``trans_depth_loss``; ``tseg_loss`` -> ``trans_seg_loss``; ``label_smoothing``, ``batch_norm``,
@@ -294,7 +295,7 @@ class TaskTransfer(Method):
             s: (1 - o.alpha) * terms[f"direct/{s}"] + o.alpha * terms[f"transferred/{d}"],
             d: (1 - o.gamma) * terms[f"direct/{d}"] + o.gamma * terms[f"transferred/{s}"],
         }
-        return Losses(tasks), out
+        return Losses(tasks, logs=self.last_terms), out
 
     def terms(self, preds: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """The four scalar terms: ``direct/<task>`` and ``transferred/<task>`` (the
