@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 FAMILIES = {
     # folder -> (kind, extra): kind "label" with number of classes, or "depth"/"normal"
@@ -84,3 +85,23 @@ def nyuv2_frames() -> Path:
     if not (root / "val" / "image").is_dir():
         pytest.skip(f"shared data not available at {root}")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny-tensor tests: faster, far faster on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY_TRAIN = [
+    "model.width=0.0625",
+    "train.epochs=1",
+    "train.batch_size=2",
+    "train.eval_batch_size=4",
+    "train.max_steps_per_epoch=1",
+    "train.progress=false",
+]
+"""Overrides for a one-step CLI training run on tiny data."""

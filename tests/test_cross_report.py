@@ -19,13 +19,10 @@ from mtpsl.splits import Split, make_split
 from mtpsl.tasks import TASKS, build_task
 from mtpsl.train import _split_counts, label_availability
 
+from conftest import TINY_TRAIN
+
 TINY = [
-    "model.width=0.0625",
-    "train.epochs=1",
-    "train.batch_size=2",
-    "train.eval_batch_size=4",
-    "train.max_steps_per_epoch=1",
-    "train.progress=false",
+    *TINY_TRAIN,
     "train.device=cpu",
     "dataset.augment.scales=[1.0]",
 ]

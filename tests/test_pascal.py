@@ -22,6 +22,8 @@ from mtpsl.data.transforms import build_train_transform
 from mtpsl.errors import DataError
 from mtpsl.splits import Split
 
+from conftest import TINY_TRAIN
+
 SIZES = {"a": (10, 14), "b": (12, 9), "c": (8, 8)}  # (h, w) per image id
 
 
@@ -352,12 +354,7 @@ def test_synthetic_pascal_scene_labels():
 
 
 TINY = [
-    "model.width=0.0625",
-    "train.epochs=1",
-    "train.batch_size=2",
-    "train.eval_batch_size=4",
-    "train.max_steps_per_epoch=1",
-    "train.progress=false",
+    *TINY_TRAIN,
     "dataset.options.size=[32,32]",
 ]
 

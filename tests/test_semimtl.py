@@ -30,6 +30,8 @@ from mtpsl.models.base import HeadSpec
 from mtpsl.optim import Optimisation
 from mtpsl.tasks import build_task
 
+from conftest import TINY_TRAIN
+
 TASKS = {
     "semantic": build_task("segmentation", "semantic", num_classes=7),
     "depth": build_task("depth", "depth"),
@@ -264,12 +266,7 @@ def pair_root(tmp_path_factory):
 
 
 TINY = [
-    "model.width=0.0625",
-    "train.epochs=1",
-    "train.batch_size=2",
-    "train.eval_batch_size=4",
-    "train.max_steps_per_epoch=1",
-    "train.progress=false",
+    *TINY_TRAIN,
     "train.device=cpu",
     "dataset.augment.scales=[1.0]",
 ]

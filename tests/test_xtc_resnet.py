@@ -18,14 +18,7 @@ from mtpsl.methods.xtc import XTCLoss, consistency_pairs
 from mtpsl.models import HeadSpec, build_model, count_parameters
 from mtpsl.tasks import SegmentationTask, build_task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FIVE = {

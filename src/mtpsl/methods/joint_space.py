@@ -92,7 +92,45 @@ class ConvNormFiLM(nn.Module):
         return F.relu(x)
 
 
-class JointSpaceMapper(nn.Module):
+class Mapper(nn.Module):
+    """What every joint-space mapping network shares: per-task input layers (``inputs``, each a
+    conv + :class:`SampleNorm`), a pair-conditioned ``encode``, and FiLM parameters kept apart
+    (they have their own optimiser in paper 001). Subclasses build ``inputs`` and ``encode``."""
+
+    inputs: nn.ModuleDict
+
+    def encode(self, h: Tensor, pairs: Tensor, batch1_reference: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    def film_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules() if isinstance(m, FiLM) for p in m.parameters()]
+
+    def other_parameters(self) -> list[nn.Parameter]:
+        film = {id(p) for p in self.film_parameters()}
+        return [p for p in self.parameters() if id(p) not in film]
+
+    def embed(self, task: str, x: Tensor, batch1_reference: bool = False) -> Tensor:
+        """The task-specific input layer (keeps the spatial size)."""
+        layer = self.inputs[task]
+        x = x.to(layer["conv"].weight.dtype)  # one-hot labels arrive as float32
+        return F.relu(layer["norm"](layer["conv"](x), batch1_reference))
+
+    def forward(self, task: str, x: Tensor, pairs: Tensor) -> Tensor:
+        return self.encode(self.embed(task, x), pairs)
+
+    def reference_forward(self, task: str, x: Tensor, pair: int) -> Tensor:
+        """One sample, literal batch-1 train-mode BatchNorm (the reference's form)."""
+        pairs = torch.tensor([pair], device=x.device)
+        return self.encode(self.embed(task, x, True), pairs, True)
+
+
+def init_conv_only(module: nn.Module) -> None:
+    """SegNet's xavier init for convolutions; FiLM keeps its (1, 0) identity initialisation."""
+    if isinstance(module, nn.Conv2d):
+        init_weights(module)
+
+
+class JointSpaceMapper(Mapper):
     """Maps a task's (encoded) prediction or label into the joint space of a task pair.
 
     Args:
@@ -128,21 +166,7 @@ class JointSpaceMapper(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.pool_after = {sum(n for _, n in LEVELS[: i + 1]) - 1 for i in range(len(LEVELS))}
         self.out_channels = c_in
-        self.apply(_init_conv_only)
-
-    def film_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers if layer.film is not None
-                for p in layer.film.parameters()]
-
-    def other_parameters(self) -> list[nn.Parameter]:
-        film = {id(p) for p in self.film_parameters()}
-        return [p for p in self.parameters() if id(p) not in film]
-
-    def embed(self, task: str, x: Tensor, batch1_reference: bool = False) -> Tensor:
-        """The task-specific input layer."""
-        layer = self.inputs[task]
-        x = x.to(layer["conv"].weight.dtype)  # one-hot labels arrive as float32
-        return F.relu(layer["norm"](layer["conv"](x), batch1_reference))
+        self.apply(init_conv_only)
 
     def encode(self, h: Tensor, pairs: Tensor, batch1_reference: bool = False) -> Tensor:
         """The shared, pair-conditioned encoder: [N, f0, H, W] -> [N, f4, H/32, W/32]."""
@@ -151,17 +175,3 @@ class JointSpaceMapper(nn.Module):
             if i in self.pool_after:
                 h = F.max_pool2d(h, 2, 2)
         return h
-
-    def forward(self, task: str, x: Tensor, pairs: Tensor) -> Tensor:
-        return self.encode(self.embed(task, x), pairs)
-
-    def reference_forward(self, task: str, x: Tensor, pair: int) -> Tensor:
-        """One sample, literal batch-1 train-mode BatchNorm (the reference's form)."""
-        pairs = torch.tensor([pair], device=x.device)
-        return self.encode(self.embed(task, x, True), pairs, True)
-
-
-def _init_conv_only(module: nn.Module) -> None:
-    # SegNet's xavier init for convolutions; FiLM keeps its (1, 0) identity initialisation.
-    if isinstance(module, nn.Conv2d):
-        init_weights(module)

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.resnet_trunk import ResNetTrunk
-from ..models.segnet import init_weights
-from .joint_space import FiLM, SampleNorm
+from .joint_space import FiLM, Mapper, SampleNorm, init_conv_only
 
 BASE_WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
 SizeFn = Callable[[int, int], tuple[int, int]]
@@ -103,7 +102,7 @@ def stage_plan(output_stride: int) -> list[tuple[int, tuple[int, int], int]]:
     return plan
 
 
-class ResNetJointSpaceMapper(nn.Module):
+class ResNetJointSpaceMapper(Mapper):
     """ResNet-18-style pair-conditioned mapping network; see the module docstring.
 
     Args:
@@ -149,20 +148,7 @@ class ResNetJointSpaceMapper(nn.Module):
         self.project = nn.Conv2d(c_in, out_channels, 1) if c_in != out_channels else None
         self.out_channels = out_channels
         self.feature_size = feature_size
-        self.apply(_init_conv_only)
-
-    def film_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules() if isinstance(m, FiLM) for p in m.parameters()]
-
-    def other_parameters(self) -> list[nn.Parameter]:
-        film = {id(p) for p in self.film_parameters()}
-        return [p for p in self.parameters() if id(p) not in film]
-
-    def embed(self, task: str, x: Tensor, batch1_reference: bool = False) -> Tensor:
-        """The task-specific input layer (keeps the spatial size)."""
-        layer = self.inputs[task]
-        x = x.to(layer["conv"].weight.dtype)
-        return F.relu(layer["norm"](layer["conv"](x), batch1_reference))
+        self.apply(init_conv_only)
 
     def encode(self, h: Tensor, pairs: Tensor, batch1_reference: bool = False) -> Tensor:
         """Shared conditioned ResNet: [N, w0, H, W] -> [N, out_channels, *feature_size(H, W)]."""
@@ -185,20 +171,6 @@ class ResNetJointSpaceMapper(nn.Module):
         if h.shape[-2] >= target[0] and h.shape[-1] >= target[1]:
             return F.adaptive_avg_pool2d(h, target)
         return F.interpolate(h, size=target, mode="bilinear", align_corners=False)
-
-    def forward(self, task: str, x: Tensor, pairs: Tensor) -> Tensor:
-        return self.encode(self.embed(task, x), pairs)
-
-    def reference_forward(self, task: str, x: Tensor, pair: int) -> Tensor:
-        """One sample, literal batch-1 train-mode BatchNorm (the reference's form)."""
-        pairs = torch.tensor([pair], device=x.device)
-        return self.encode(self.embed(task, x, True), pairs, True)
-
-
-def _init_conv_only(module: nn.Module) -> None:
-    # Convolutions get the SegNet (xavier) init; FiLM keeps its identity (1, 0) start.
-    if isinstance(module, nn.Conv2d):
-        init_weights(module)
 
 
 def mapper_for_model(

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..config import BackboneConfig
 from .base import MODELS, HeadSpec, ModelOutput
 from .resnet_trunk import ResNetTrunk, resnet_trunk
+from .segnet import init_weights
 
 MID_CHANNELS = 128
 DEFAULT_DEPTH = 34
@@ -79,18 +80,6 @@ class UNetDecoder(nn.Module):
         return self.head(h)
 
 
-def init_decoder(module: nn.Module) -> None:
-    """The seed's init for everything but the encoder: xavier-normal convs, BN at identity."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 class XTaskNet(nn.Module):
     """Shared ResNet encoder + one U-Net decoder per task (TaskTransferNet's multi-task net).
 
@@ -123,7 +112,7 @@ class XTaskNet(nn.Module):
                 for task, spec in heads.items()
             }
         )
-        init_decoder(self.decoders)
+        init_weights(self.decoders)  # the seed's: xavier-normal convs, BN at identity
         # Activations are plain callables, not modules: keep them out of the module tree.
         self.activations = {task: spec.activation for task, spec in heads.items()}
 
