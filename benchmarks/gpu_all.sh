@@ -2,7 +2,7 @@
 # Every GPU measurement the README and issues 2-6 still wait for, on one CUDA machine.
 #
 #   bash benchmarks/gpu_all.sh            # all sections, in order (about 1-2 GPU hours)
-#   bash benchmarks/gpu_all.sh speed      # one section: speed | demo | table | semimtl | pascal
+#   bash benchmarks/gpu_all.sh speed      # one section: smoke|speed|demo|table|semimtl|pascal
 #
 # Each section writes benchmarks/results/*_cuda*.json (+ .md) with the GPU name, the torch
 # version and its command, and takes under 10 minutes on an H100 except `table` (the 48-run
@@ -12,6 +12,16 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 R=benchmarks/results
 EPOCHS=${EPOCHS:-40}
+
+smoke() {  # the GPU-only code paths: tests that skip without CUDA, and the CLI on cuda
+  $PY -m pytest -q -p no:warnings tests/test_speed.py tests/test_xtc.py tests/test_ddp.py
+  work=$(mktemp -d)
+  mtpsl data synth --out "$work/data" --n-train 16 --n-val 8 --height 96 --width 128
+  mtpsl train --config synthetic_demo --run-dir "$work/run" dataset.root="$work/data" \
+    method.name=xtc train.epochs=2 train.device=cuda train.amp=bf16 train.channels_last=true \
+    train.compile=true train.deterministic=false train.progress=false
+  cp "$work/run/final_metrics.json" "$R/smoke_cuda_final_metrics.json"
+}
 
 speed() {
   for batch in 2 32; do
@@ -50,10 +60,10 @@ pascal() {
 }
 
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(speed demo semimtl pascal table)
+[ ${#sections[@]} -eq 0 ] && sections=(smoke speed demo semimtl pascal table)
 for s in "${sections[@]}"; do
   case "$s" in
-    speed|demo|table|semimtl|pascal) echo "== $s"; "$s" ;;
-    *) echo "unknown section $s; choose from speed demo table semimtl pascal" >&2; exit 2 ;;
+    smoke|speed|demo|table|semimtl|pascal) echo "== $s"; "$s" ;;
+    *) echo "unknown section $s; choose from smoke speed demo table semimtl pascal" >&2; exit 2 ;;
   esac
 done

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtpsl.metrics import EdgeMetric, SaliencyMetric, SegmentationMetric, disc_offsets
+from mtpsl.metrics import EdgeMetric, SaliencyMetric, SegmentationMetric, _disc_max, disc_offsets
 from mtpsl.tasks import build_task
 
 BINS = 10
@@ -158,6 +158,24 @@ def test_disc_offsets():
     assert len(disc_offsets(1.0)) == 5
     assert len(disc_offsets(math.sqrt(2))) == 9
     assert len(disc_offsets(2.0)) == 13
+
+
+@pytest.mark.parametrize("radius", [0.0, 1.0, math.sqrt(2), 2.5, 3.6, 5.4, 7.3])
+@pytest.mark.parametrize("pool", [False, True])
+def test_disc_dilation_equals_max_over_every_offset(radius, pool):
+    """Both fast dilations (CPU rows; max_pool2d rectangles, the default off CPU) equal the
+    direct max over every disc offset, image borders skipped."""
+    rng = np.random.default_rng(int(radius * 10))
+    x = rng.integers(-1, 100, size=(2, 17, 23)).astype(np.float32)
+    offsets = disc_offsets(radius)
+    want = np.full_like(x, -np.inf)
+    h, w = x.shape[1:]
+    for dy, dx in offsets:
+        ys, xs = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
+        yd, xd = slice(max(0, dy), min(h, h + dy)), slice(max(0, dx), min(w, w + dx))
+        want[:, ys, xs] = np.maximum(want[:, ys, xs], x[:, yd, xd])
+    got = _disc_max(torch.from_numpy(x), offsets, pool=pool)
+    np.testing.assert_array_equal(got.numpy(), want)
 
 
 # ----------------------------------------------------------------------------- saliency

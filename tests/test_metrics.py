@@ -6,13 +6,17 @@ independently written reference proves they are not per-batch averages in disgui
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mtpsl.evaluate import accumulate
 from mtpsl.metrics import (
     METRICS,
     DepthMetric,
@@ -20,6 +24,7 @@ from mtpsl.metrics import (
     NormalMetric,
     SegmentationMetric,
     _float_dtype,
+    argmax_classes,
     build_metric,
     delta_m,
 )
@@ -130,6 +135,42 @@ def test_segmentation_class_map_equals_scores_and_bad_ids_are_misses() -> None:
     _assert_close(_feed(SegmentationMetric(5), _batches(labels, target)), want)
 
 
+@pytest.mark.parametrize("classes", [1, 2, 5, 13, 300])
+def test_argmax_classes_is_argmax_with_ties_nan_and_inf(classes: int) -> None:
+    """The CPU plane-by-plane scan must reproduce argmax exactly: first maximum on ties,
+    first NaN wins, -inf/+inf ordinary values."""
+    g = torch.Generator().manual_seed(classes)
+    x = torch.randint(-2, 3, (3, classes, 7, 9), generator=g).float()  # many ties
+    u = torch.rand(x.shape, generator=g)
+    x[u < 0.05] = math.nan
+    x[(u >= 0.05) & (u < 0.1)] = -math.inf
+    x[(u >= 0.1) & (u < 0.12)] = math.inf
+    x[0, :, 0, 0] = math.nan  # all NaN
+    x[0, :, 0, 1] = -math.inf  # all -inf
+    assert torch.equal(argmax_classes(x), x.argmax(dim=1))
+    assert torch.equal(argmax_classes(x.to(torch.bfloat16)), x.to(torch.bfloat16).argmax(1))
+
+
+def test_accumulate_takes_half_precision_predictions() -> None:
+    """bf16 predictions (autocast) go in as they are; results equal their fp32 widening."""
+    rng = np.random.default_rng(6)
+    scores, target = _seg_data(rng)
+    npred, ntarget = _normal_data(rng)
+    preds = {
+        "seg": torch.from_numpy(scores).bfloat16(),
+        "normal": torch.from_numpy(npred).bfloat16(),
+    }
+    targets = {"seg": torch.from_numpy(target), "normal": torch.from_numpy(ntarget)}
+    half = {"seg": SegmentationMetric(5), "normal": NormalMetric()}
+    full = {"seg": SegmentationMetric(5), "normal": NormalMetric()}
+    accumulate(half, preds, targets)
+    accumulate(full, {k: v.float() for k, v in preds.items()}, targets)
+    for name in half:
+        assert half[name].compute() == pytest.approx(full[name].compute(), nan_ok=True)
+    want = brute_normal(preds["normal"].float().numpy(), ntarget)
+    assert half["normal"].compute()["mean"] == pytest.approx(want["mean"], rel=RTOL)
+
+
 def test_segmentation_all_ignore_gives_nan_and_reset_clears() -> None:
     m = SegmentationMetric(3)
     m.update(torch.zeros(2, 4, 4, dtype=torch.long), torch.full((2, 4, 4), -1))
@@ -195,6 +236,34 @@ def test_depth_matches_brute_force() -> None:
     pred, target = _depth_data(np.random.default_rng(3))
     assert (pred[target > 0] <= 0).any()
     _assert_close(_feed(DepthMetric(), _batches(pred, target)), brute_depth(pred, target))
+
+
+def test_depth_signed_zeros_and_non_finite_values_match_brute_force() -> None:
+    """-0.0 predictions have no ratio (never "within"), -0.0 and +-inf targets are unlabelled,
+    and non-finite predictions at unlabelled pixels are ignored."""
+    pred, target = _depth_data(np.random.default_rng(7))
+    pred[2, 0, 0, :] = -0.0
+    pred[2, 0, 1, :] = 0.0
+    target[4, 0, 0, :] = -0.0
+    target[4, 0, 1, 0] = -np.inf
+    target[5, 0, 2, :] = 0
+    pred[5, 0, 2, :] = [np.nan, np.inf, -np.inf, np.nan, 1.0, 2.0]
+    assert (target[2, 0, :2] > 0).any()
+    _assert_close(_feed(DepthMetric(), _batches(pred, target)), brute_depth(pred, target))
+
+
+def test_float64_inputs_are_computed_in_float64() -> None:
+    """float32 is the fast default; a caller passing float64 keeps float64 exactness."""
+    rng = np.random.default_rng(8)
+    target = rng.uniform(0.5, 10, size=(2, 1, 4, 5))
+    pred = target * (1 + rng.normal(0, 1e-9, size=target.shape))  # below float32 resolution
+    got = _feed(DepthMetric(), _batches(pred, target, splits=(1, 1)))
+    want = brute_depth(pred, target)
+    assert got["abs_err"] == pytest.approx(want["abs_err"], rel=1e-9)
+    npred, ntarget = _normal_data(rng)
+    npred64, ntarget64 = npred.astype(np.float64), ntarget.astype(np.float64)
+    got = _feed(NormalMetric(), _batches(npred64, ntarget64))
+    assert got["mean"] == pytest.approx(brute_normal(npred64, ntarget64)["mean"], rel=1e-12)
 
 
 def test_depth_no_valid_pixels_and_reset() -> None:
@@ -374,3 +443,27 @@ def test_delta_m_errors_name_the_key() -> None:
         delta_m({"a/y": 1.0}, {"a/y": 1.0}, hib)
     with pytest.raises(ValueError, match=r"'a/x'.*is 0"):
         delta_m({"a/x": 1.0}, {"a/x": 0.0}, hib)
+
+
+# ------------------------------------------------------------------- benchmark smoke
+
+
+@pytest.mark.parametrize("dataset", ["nyuv2", "pascal"])
+def test_bench_eval_streaming_agrees_with_naive_host_path(dataset: str, tmp_path: Path) -> None:
+    """benchmarks/bench_eval.py runs both paths on the same batches; their metrics agree
+    (the streaming normal median is a 1e-3 degree bin, so within 5e-4 of numpy's)."""
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    argv = ["--device", "cpu", "--dataset", dataset, "--height", "40", "--width", "56",
+            "--batch-size", "2", "--batches", "2", "--repeats", "1", "--out", str(out)]
+    report = bench.main(argv)
+    assert json.loads(out.read_text())["command"].endswith(" ".join(argv))
+    assert report["max_abs_metric_gap"] < 5e-4 + 1e-6, report["max_gap_metric"]
+    want = {"nyuv2": {"semantic/miou", "depth/abs_err", "normal/median"},
+            "pascal": {"parts/miou", "saliency/maxf", "edges/odsf", "normal/mean"}}[dataset]
+    assert want <= set(report["metrics"])
+    assert report["streaming_images_per_s"] > 0 and report["naive_host_images_per_s"] > 0

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .metrics import METRICS, Metric, SegmentationMetric
+from .metrics import METRICS, Metric
 from .speed import autocast
 from .tasks import Task
 
@@ -37,14 +37,12 @@ def accumulate(
 ) -> None:
     """Update every task's streaming metric with one batch, on the predictions' device.
 
-    Segmentation scores are reduced to a class map here with ``max(1).indices``, the same
-    first-maximum as ``argmax(1)`` but several times faster over the class axis on CPU.
+    Predictions go in as the model produced them (fp32 or bf16/fp16 under autocast): each
+    metric converts what it needs itself, so segmentation scores are not copied to fp32 just
+    to be argmax-ed (the conversion is exact, so the class map is the same).
     """
     for name, metric in metrics.items():
-        pred = preds[name].float()
-        if isinstance(metric, SegmentationMetric) and pred.ndim == 4:
-            pred = pred.max(dim=1).indices
-        metric.update(pred, targets[name])
+        metric.update(preds[name], targets[name])
 
 
 @torch.no_grad()

@@ -4,9 +4,11 @@ Why global: averaging per-batch scores weights a batch of 2 images like a batch 
 mIoU depend on the batch size. Every metric here keeps raw counts (int64) and sums (float64;
 float32 on devices without float64, such as MPS) on the device that holds the predictions, so
 ``update`` never calls ``.item()``/``.cpu()`` and never forces a host sync: counting uses
-``index_add_`` (a sync-free, bincount-equivalent scatter; ``torch.bincount`` on CUDA reads its
-input's max back to the host). ``compute`` is the one place values reach the host, and
-``state_tensors`` exposes the accumulators so a DDP trainer can ``all_reduce(SUM)`` them first.
+``scatter_add_`` (a sync-free, bincount-equivalent scatter; ``torch.bincount`` on CUDA reads
+its input's max back to the host). Per-pixel maths runs in float32 (float64 if the inputs
+are), sums accumulate in float64, counts in int64. ``compute`` is the one place values reach
+the host, and ``state_tensors`` exposes the accumulators so a DDP trainer can
+``all_reduce(SUM)`` them first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mtpsl.registry import Registry
@@ -41,16 +44,68 @@ def _float_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _work_float(*tensors: Tensor) -> list[Tensor]:
+    """Detached copies for per-pixel maths: float32 (half precision is widened), or float64
+    when an input already is (its caller asked for that precision)."""
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [t.detach().to(dt) for t in tensors]
+
+
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _count_into(acc: Tensor, index: Tensor, keep: Tensor) -> None:
-    """acc[index[i]] += keep[i] for all i: bincount into a persistent accumulator, no host sync.
+def _count_into(acc: Tensor, index: Tensor, keep: Tensor | None = None) -> None:
+    """acc[index[i]] += keep[i] for all i (1 without ``keep``): a bincount into a persistent
+    1-D accumulator, with no host sync.
 
     Excluded elements (keep=False) must still carry an in-range index; they add zero.
+    ``scatter_add_`` rather than ``torch.bincount``: the latter reads the largest index back
+    to the host on CUDA, and on CPU it is no faster than this scatter.
     """
-    acc.index_add_(0, index.reshape(-1), keep.reshape(-1).to(acc.dtype))
+    index = index.reshape(-1)
+    if keep is None:
+        ones = torch.ones((), dtype=acc.dtype, device=acc.device).expand(index.shape)
+        acc.scatter_add_(0, index, ones)
+    else:
+        acc.scatter_add_(0, index, keep.reshape(-1).to(acc.dtype))
+
+
+def _count_below(x: Tensor, threshold: float, acc_dtype: torch.dtype) -> Tensor:
+    """Number of elements ``< threshold`` (NaN never is), as a 0-d int64 tensor on x's device.
+
+    The comparison is written as 0/1 floats and summed in ``acc_dtype`` (exact: float64 up to
+    2^53 elements): writing a bool tensor is several times slower on CPU.
+    """
+    flags = torch.lt(x, threshold, out=torch.empty_like(x))
+    return flags.sum(dtype=acc_dtype).to(torch.int64)
+
+
+def argmax_classes(scores: Tensor) -> Tensor:
+    """Class map of ``[B, C, H, W]`` scores, exactly ``scores.argmax(dim=1)``: the first
+    maximum, and the first NaN if there is one (argmax counts NaN as the maximum).
+
+    On CPU, reductions over the strided class axis are slow (``argmax`` ~4x, ``max`` ~2x the
+    time of numpy), so the classes are scanned one plane at a time with contiguous
+    elementwise ops, flags written as 0/1 floats (bool outputs are slow there too). CUDA
+    reduces the strided axis at memory speed: ``max(dim=1).indices`` (same definition).
+    """
+    if scores.device.type != "cpu" or scores.shape[1] > 2**24:
+        return scores.max(dim=1).indices
+    planes = scores.unbind(1)
+    best = planes[0].clone()
+    f32 = {"dtype": torch.float32}  # flags and ids in float32 (bf16 holds ids only to 256)
+    index = torch.zeros_like(best, **f32)
+    flag, nan = torch.empty_like(best, **f32), torch.empty_like(best, **f32)
+    best_nan = torch.ne(best, best, out=torch.empty_like(best, **f32))
+    for c, plane in enumerate(planes[1:], start=1):
+        torch.gt(plane, best, out=flag)
+        torch.ne(plane, plane, out=nan)
+        flag.addcmul_(nan, 1.0 - best_nan)  # a first NaN takes over; later NaNs do not
+        index.addcmul_(flag, c - index)  # index = c where flagged (exact small integers)
+        torch.maximum(best, plane, out=best)  # propagates NaN
+        best_nan.add_(nan).clamp_(max=1.0)
+    return index.long()
 
 
 class Metric(ABC):
@@ -173,7 +228,7 @@ class SegmentationMetric(Metric):
                     f"segmentation pred scores: expected shape {expected} (target "
                     f"{_shape(target)}, num_classes={c}), got {_shape(pred)}"
                 )
-            labels = pred.argmax(dim=1)
+            labels = argmax_classes(pred.detach())
         elif pred.ndim == 3:
             if pred.is_floating_point() or pred.is_complex():
                 raise ValueError(
@@ -191,12 +246,15 @@ class SegmentationMetric(Metric):
                 f"matching target {_shape(target)}, got {_shape(pred)}"
             )
         self._follow(pred, target)
-        gt = target.long()
-        labels = labels.long()
-        valid = (gt >= 0) & (gt < c)
-        col = torch.where((labels >= 0) & (labels < c), labels, c)
-        index = torch.where(valid, gt * (c + 1) + col, 0)
-        _count_into(self._state["confusion"].view(-1), index, valid)
+        if pred.ndim == 3:  # a given class map may hold ids outside [0, C)
+            labels = labels.long()
+            labels = torch.where((labels >= 0) & (labels < c), labels, c)
+        # Rows of a scratch matrix: 0 = gt < 0, 1..C = classes, C + 1 = gt >= C; the two
+        # ignore rows are dropped. Clamping is cheaper than building a validity mask.
+        row = target.long().clamp(-1, c) + 1
+        scratch = torch.zeros((c + 2) * (c + 1), dtype=torch.int64, device=labels.device)
+        _count_into(scratch, row * (c + 1) + labels)
+        self._state["confusion"] += scratch.view(c + 2, c + 1)[1:-1]
 
     def compute(self) -> dict[str, float]:
         c = self.num_classes
@@ -239,6 +297,10 @@ class DepthMetric(Metric):
 
     ``delta_k`` is the percentage of valid pixels with ``max(p/g, g/p) < 1.25**k``; a
     non-positive prediction (or target) has no meaningful ratio and counts as outside.
+
+    Per-pixel arithmetic is float32 (what a float32 prediction carries anyway), each batch's
+    sums are accumulated in float64. So a ratio within one float32 rounding (~6e-8 relative)
+    of ``1.25**k`` may fall on the other side of the threshold than in float64.
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {
@@ -263,22 +325,24 @@ class DepthMetric(Metric):
         _check_dense_pair("depth", pred, target, 1)
         self._follow(pred, target)
         s = self._state
-        dt = s["abs"].dtype
-        p = pred.detach().to(dt)
-        g = target.detach().to(dt)
+        acc = s["abs"].dtype
+        p, g = _work_float(pred, target)
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite = unlabelled
+        valid = g.bool()
         # Masking with torch.where, not boolean indexing: indexing would sync to size the output.
-        valid = (g != 0) & torch.isfinite(g)
-        g_safe = torch.where(valid, g, 1)
-        diff = torch.where(valid, p - g_safe, 0)
+        diff = torch.where(valid, p - g, 0.0)
         adiff = diff.abs()
+        g_safe = g + torch.eq(g, 0.0, out=torch.empty_like(g))  # 1 where unlabelled
         s["count"] += valid.sum()
-        s["abs"] += adiff.sum()
-        s["rel"] += (adiff / g_safe).sum()
-        s["sq"] += (diff * diff).sum()
-        pos = valid & (p > 0) & (g > 0)
-        p_safe = torch.where(pos, p, 1)
-        ratio = torch.where(pos, torch.maximum(p_safe / g_safe, g_safe / p_safe), math.inf)
-        s["within"] += torch.stack([(ratio < 1.25**k).sum() for k in (1, 2, 3)])
+        s["abs"] += adiff.sum(dtype=acc)
+        s["rel"] += (adiff / g_safe).sum(dtype=acc)
+        s["sq"] += (diff * diff).sum(dtype=acc)
+        # Unless p > 0 and g > 0 the ratio is inf or NaN (x / 0 with x >= 0), never "within";
+        # + 0.0 turns -0.0 into +0.0 so that 1 / 0 is +inf.
+        p_pos = p.clamp_min(0.0).add_(0.0)
+        g_pos = g.clamp_min(0.0).add_(0.0)
+        ratio = torch.maximum(p_pos / g_pos, g_pos / p_pos)
+        s["within"] += torch.stack([_count_below(ratio, 1.25**k, acc) for k in (1, 2, 3)])
 
     def compute(self) -> dict[str, float]:
         s, n, within = self._host_counts()
@@ -297,14 +361,39 @@ class DepthMetric(Metric):
 NORMAL_THRESHOLDS_DEG: tuple[float, ...] = (11.25, 22.5, 30.0)
 
 
+def _normal_angles(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel angle in degrees ``[B, H, W]`` (0 where invalid) and the valid mask.
+
+    The three channels are combined by hand: ``norm``/``any``/``sum`` over the strided
+    channel axis of an NCHW tensor are an order of magnitude slower on CPU than a few
+    elementwise ops on the contiguous channel planes. ``(p . t) / max(|p|, 1e-12)`` is the
+    dot product of the normalised prediction with the target, up to rounding.
+    """
+    px, py, pz = pred.unbind(1)
+    tx, ty, tz = target.unbind(1)
+    valid = tx.bool() | ty.bool() | tz.bool()  # any non-zero channel (bool() is != 0)
+    norm = torch.sqrt(px * px + py * py + pz * pz).clamp_min_(1e-12)
+    dot = ((px * tx + py * ty + pz * tz) / norm).clamp_(-1.0, 1.0)
+    angle = torch.rad2deg(torch.acos(dot))
+    return torch.where(valid, angle, 0.0), valid
+
+
 @METRICS.register("normal")
 class NormalMetric(Metric):
     """Angular error (degrees) of surface normals over valid pixels (any non-zero gt channel).
 
     The prediction is L2-normalised here (a network head need not output unit vectors); the
     target is used as given (assumed unit). The median comes from a histogram with
-    ``median_bin_deg`` bins over [0, 180] (bin centre, error <= bin/2) so memory does not grow
-    with the set; threshold percentages are exact counts.
+    ``median_bin_deg`` bins over [0, 180] so memory does not grow with the set: it is the
+    centre of the bin holding the median angle, so its resolution is ``median_bin_deg``
+    (1e-3 degrees by default; error <= bin/2 from the median of the angles as computed).
+    Threshold percentages are exact counts, mean and RMSE exact sums.
+
+    Angles are computed in float32 per pixel (float64 is ~10x slower on CPU) and summed in
+    float64. Measured against float64 on the same float32 inputs, a pixel's angle is off by
+    at most ~3e-5 degrees for angles in [20, 120], ~2e-4 in [5, 20], ~1e-3 in [1, 5], and up
+    to ~0.04 degrees within 1 degree of 0 or 180, where the float32 cosine is too coarse
+    (``acos`` is ill-conditioned there). Set means and medians move far less than that.
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {
@@ -338,18 +427,17 @@ class NormalMetric(Metric):
         _check_dense_pair("normal", pred, target, 3)
         self._follow(pred, target)
         s = self._state
-        dt = s["sum"].dtype
-        p = pred.detach().to(dt)
-        t = target.detach().to(dt)
-        valid = (t != 0).any(dim=1)
-        p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        dot = (p * t).sum(dim=1).clamp(-1.0, 1.0)
-        angle = torch.where(valid, torch.rad2deg(torch.acos(dot)), 0)
-        s["count"] += valid.sum()
-        s["sum"] += angle.sum()
-        s["sq"] += (angle * angle).sum()
-        s["within"] += torch.stack([(valid & (angle < th)).sum() for th in NORMAL_THRESHOLDS_DEG])
-        bins = torch.floor(angle / self.median_bin_deg).long().clamp(0, self.num_bins - 1)
+        acc = s["sum"].dtype
+        angle, valid = _normal_angles(*_work_float(pred, target))
+        n_valid = valid.sum()
+        s["count"] += n_valid
+        s["sum"] += angle.sum(dtype=acc)
+        s["sq"] += (angle * angle).sum(dtype=acc)
+        # invalid pixels hold angle 0, below every threshold: count all, then remove them
+        n_invalid = valid.numel() - n_valid
+        below = [_count_below(angle, th, acc) for th in NORMAL_THRESHOLDS_DEG]
+        s["within"] += torch.stack(below) - n_invalid
+        bins = torch.floor(angle / self.median_bin_deg).long().clamp_(0, self.num_bins - 1)
         _count_into(s["hist"], bins, valid)
 
     def compute(self) -> dict[str, float]:
@@ -384,7 +472,8 @@ def _binary_bins(pred: Tensor, target: Tensor, num_bins: int, name: str) -> tupl
     prediction is positive at threshold ``k / num_bins`` when its bin is >= k.
     """
     _check_dense_pair(name, pred, target, 1)
-    valid = ((target == 0) | (target == 1))[:, 0]
+    t = target[:, 0]
+    valid = ~(t * (1 - t)).bool()  # t == 0 or t == 1, without slow bool-output comparisons
     bins = torch.floor(pred.detach()[:, 0].to(torch.float64 if pred.device.type != "mps"
                                               else torch.float32) * num_bins)
     return bins.clamp(0, num_bins - 1).long(), valid
@@ -431,7 +520,7 @@ class SaliencyMetric(Metric):
     def update(self, pred: Tensor, target: Tensor) -> None:
         bins, valid = _binary_bins(pred, target, self.num_bins, "saliency")
         self._follow(pred, target)
-        fg = (target[:, 0] == 1).long()
+        fg = target[:, 0].bool().long()  # 1 = salient where valid
         _count_into(self._state["hist"].view(-1), fg * self.num_bins + bins, valid)
 
     def compute(self) -> dict[str, float]:
@@ -459,15 +548,68 @@ def disc_offsets(radius: float) -> list[tuple[int, int]]:
             if dy * dy + dx * dx <= radius * radius]
 
 
-def _disc_max(x: Tensor, offsets: list[tuple[int, int]], fill: float) -> Tensor:
-    """Grey-scale dilation of ``[B,H,W]`` by a disc: max over the shifted copies."""
-    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    h, w = x.shape[-2:]
-    padded = torch.nn.functional.pad(x, (r, r, r, r), value=fill)
-    out = torch.full_like(x, fill)
+def _disc_rectangles(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-sizes ``(hy, hx)`` of axis-aligned rectangles whose union is the disc.
+
+    Row ``dy`` of the disc spans ``|dx| <= w(dy)``, with ``w`` non-increasing in ``|dy|``; for
+    each distinct half-width ``hx``, the rows reaching it form ``|dy| <= hy``. A point of the
+    disc lies in the rectangle of its own row's width, and every rectangle point in the disc.
+    """
+    width: dict[int, int] = {}
     for dy, dx in offsets:
-        out = torch.maximum(out, padded[:, r + dy : r + dy + h, r + dx : r + dx + w])
+        width[abs(dy)] = max(width.get(abs(dy), 0), abs(dx))
+    rects: dict[int, int] = {}
+    for dy, hx in width.items():
+        rects[hx] = max(rects.get(hx, 0), dy)
+    return sorted((hy, hx) for hx, hy in rects.items())
+
+
+def _disc_max_pooled(x: Tensor, offsets: list[tuple[int, int]]) -> Tensor:
+    """``_disc_max`` as the max over the disc's rectangles, each a separable pair of
+    ``max_pool2d`` passes (which pad with -inf, i.e. skip outside positions)."""
+    x4 = x.unsqueeze(1)
+    out: Tensor | None = None
+    for hy, hx in _disc_rectangles(offsets):
+        y = x4
+        if hx:
+            y = F.max_pool2d(y, (1, 2 * hx + 1), stride=1, padding=(0, hx))
+        if hy:
+            y = F.max_pool2d(y, (2 * hy + 1, 1), stride=1, padding=(hy, 0))
+        out = y if out is None else torch.maximum(out, y)
+    assert out is not None  # offsets always hold (0, 0)
+    return out.squeeze(1)
+
+
+def _disc_max_rows(x: Tensor, offsets: list[tuple[int, int]]) -> Tensor:
+    """``_disc_max`` by rows: running horizontal maxima of growing half-width (two shifted
+    maxima per step), then the max over the ``2 r + 1`` rows, each with its own half-width:
+    about ``4 r`` elementwise passes instead of ``pi r^2``."""
+    width: dict[int, int] = {}
+    for dy, dx in offsets:
+        width[dy] = max(width.get(dy, 0), abs(dx))
+    r = max(width.values())  # the centre row is the widest
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (r, r, r, r), value=-math.inf)
+    rows = {0: padded[..., r : r + w]}
+    for hx in range(1, r + 1):
+        left, right = padded[..., r - hx : r - hx + w], padded[..., r + hx : r + hx + w]
+        rows[hx] = torch.maximum(torch.maximum(rows[hx - 1], left), right)
+    out = rows[width[0]][..., r : r + h, :]
+    for dy, hx in width.items():
+        if dy:
+            out = torch.maximum(out, rows[hx][..., r + dy : r + dy + h, :])
     return out
+
+
+def _disc_max(x: Tensor, offsets: list[tuple[int, int]], pool: bool | None = None) -> Tensor:
+    """Grey-scale dilation of ``[N, H, W]`` by a disc: the max over ``x[y + dy, x + dx]``,
+    positions outside the image skipped (``(0, 0)`` is in every disc, so it is >= ``x``).
+
+    ``pool`` (default: off CPU) uses ``max_pool2d`` over the disc's rectangles, fast on
+    CUDA; on CPU ``max_pool2d`` is ~10x slower than elementwise maxima, so rows are used.
+    """
+    pool = x.device.type != "cpu" if pool is None else pool
+    return _disc_max_pooled(x, offsets) if pool else _disc_max_rows(x, offsets)
 
 
 @METRICS.register("edge")
@@ -535,13 +677,14 @@ class EdgeMetric(Metric):
         self._follow(pred, target)
         h, w = bins.shape[-2:]
         offsets = disc_offsets(self.max_dist * math.hypot(h, w))
-        gt = valid & (target[:, 0] == 1)
-        near = _disc_max(gt.to(torch.float32), offsets, 0.0) > 0
+        gt = valid & target[:, 0].bool()
+        masked = (bins + 1) * valid - 1  # -1 where unlabelled
+        # both dilations in one pass: gt edges (is one near?) and prediction bins (best near)
+        dilated = _disc_max(torch.cat([gt, masked]).to(torch.float32), offsets)
+        near, best = dilated[: len(gt)] > 0, dilated[len(gt) :].long() + 1
         s = self._state
         _count_into(s["pred_all"], bins, valid)
         _count_into(s["pred_near"], bins, valid & near)
-        masked = torch.where(valid, bins, -1).to(torch.float32)
-        best = _disc_max(masked, offsets, -1.0).long() + 1
         _count_into(s["gt_best"], best, gt)
 
     def compute(self) -> dict[str, float]:
