@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mtpsl.cli import main
 from mtpsl.config import load_config
@@ -234,3 +235,17 @@ def test_style_b_is_a_real_appearance_gap_on_the_same_geometry():
     corner = ib[:6, :6].mean() / ia[:6, :6].mean()
     centre = ib[21:27, 29:35].mean() / ia[21:27, 29:35].mean()
     assert corner < centre
+
+
+def test_unbalanceable_batch_size_is_a_config_error_and_leaves_no_run_folder(
+    pair, tmp_path, capsys
+):
+    run = tmp_path / "runs" / "r"
+    domains = yaml.safe_dump(_domains(), default_flow_style=True).strip()
+    code = main(["train", "--run-dir", str(run), "dataset.name=cross_domain",
+                 f"dataset.root={pair}", f"dataset.options.domains={domains}",
+                 "labels.regime=full", "method.name=jtl", "train.batch_size=3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.batch_size: 3 must be a multiple") and "(2)" in err
+    assert not run.exists()

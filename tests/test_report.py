@@ -171,3 +171,19 @@ def test_per_source_tables_use_the_keys_each_source_has(tmp_path, capsys):
     assert chosen["tables"][1].primary == [] and "delta_m" not in chosen["tables"][1].rows[1]
     sl = chosen["rows"][1]
     assert sl["delta_m"] == pytest.approx(-(0.4 - 0.8) / 0.8 * 100)  # rmse = 2 * abs_err
+
+
+def test_variants_of_one_method_stay_separate_rows(tmp_path):
+    """Two compare variants running the same method (e.g. sl under uniform and under
+    pcgrad weighting) are told apart by their label, not merged into one row."""
+    for label, miou in (("mtl", 0.40), ("pcgrad", 0.50)):
+        folder = tmp_path / "g" / "onelabel" / label / "seed0"
+        _run(folder, "sl", 0, miou, 0.5, 30.0)
+        final = json.loads((folder / "final_metrics.json").read_text())
+        (folder / "final_metrics.json").write_text(json.dumps({**final, "label": label}))
+    code = main(["report", str(tmp_path / "g"), "--baseline", "mtl", "--out",
+                 str(tmp_path / "rep")])
+    assert code == 0
+    rows = list(csv.DictReader((tmp_path / "rep" / "report.csv").open()))
+    assert [r["method"] for r in rows] == ["mtl", "pcgrad"]
+    assert [r["seeds"] for r in rows] == ["1", "1"]

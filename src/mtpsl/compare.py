@@ -64,6 +64,7 @@ def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Conf
     """The run config of one cell: the base config with the cell's regime, method and seed."""
     data = config.model_dump()
     data["name"] = f"{_slug(regime)}-{method}-seed{seed}"
+    data["label"] = method
     data["seed"] = seed
     name, _, ratios = regime.partition(":")
     data["labels"]["regime"] = name

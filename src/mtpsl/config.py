@@ -181,6 +181,9 @@ class CompareConfig(Section):
 
 class Config(Section):
     name: str = "run"
+    label: str | None = None
+    """How tables name this run; ``compare`` sets the grid cell's method or variant name.
+    None = ``method.name``."""
     seed: int = 0
     output_dir: str = "runs"
     dataset: DatasetConfig = DatasetConfig()

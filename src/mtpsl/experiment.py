@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .config import Config
 from .data import DATASETS
 from .data.batch import Collate, PartialLabelSet
-from .data.sampling import train_sampler
+from .data.sampling import check_balanced_batch, train_sampler
 from .data.transforms import build_train_transform
 from .errors import ConfigError
 from .methods import METHODS, Method, build_method
@@ -175,6 +175,9 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
         Subset(train_full, train_idx), tasks, split.labelled[train_idx], transform,
         n_views=method.n_views, seed=config.seed,
     )
+    domains = train_set.domain_ids()
+    if domains is not None:
+        check_balanced_batch(config.train.batch_size, len(np.unique(domains)))
     val_set = None
     if len(val_idx):
         # Validation images keep only the labels the regime gives them: selecting an epoch

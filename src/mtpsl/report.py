@@ -149,6 +149,9 @@ def load_result(run_dir: str | Path) -> dict:
     dataset = config.get("dataset") or {}
     name, root = str(dataset.get("name", "?")), str(dataset.get("root", "?"))
     chosen = (config.get("compare") or {}).get("delta_metrics")
+    # Tables name a run by its label (a compare variant, e.g. pcgrad) rather than the
+    # method it runs (sl), so variants of one method stay separate rows.
+    final = {**final, "method": final.get("label") or final["method"]}
     return {**final, "dataset": f"{name}:{root}", "dataset_name": name, "root": root,
             "delta_metrics": None if chosen is None else tuple(chosen),
             "run_dir": str(run_dir)}

@@ -123,7 +123,12 @@ def train(config: Config, run_dir: Path | None = None) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
         run_dir = Path(_from_rank0(str(run_dir), env))
         seed_everything(config.seed, config.train.deterministic)
-        exp = build_experiment(config)
+        try:
+            exp = build_experiment(config)
+        except MtpslError:
+            if env.is_main and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # a config or data error leaves no empty run folder behind
+            raise
         if env.is_main:
             save_config(config, run_dir / "config.yaml")
             exp.split.save(run_dir / "split.json")
@@ -449,6 +454,7 @@ def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
     final = {
         "name": exp.config.name,
         "method": exp.config.method.name,
+        "label": exp.config.label or exp.config.method.name,
         "regime": exp.split.regime,
         "seed": exp.config.seed,
         "epochs": exp.config.train.epochs,

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import DistributedSampler, Sampler
 
+from ..errors import ConfigError
+
 
 class DomainBalancedSampler(Sampler[int]):
     """Batches of ``batch_size`` images, ``batch_size / D`` from each of the D domains.
@@ -34,11 +36,7 @@ class DomainBalancedSampler(Sampler[int]):
         self.domain_ids = np.asarray(domain_ids)
         self.domains = np.unique(self.domain_ids)
         n_domains = len(self.domains)
-        if batch_size % n_domains:
-            raise ValueError(
-                f"train.batch_size {batch_size} must be a multiple of the number of source "
-                f"datasets ({n_domains}) so every batch holds each of them equally"
-            )
+        check_balanced_batch(batch_size, n_domains)
         self.batch_size = batch_size
         self.per_domain = batch_size // n_domains
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
@@ -62,6 +60,15 @@ class DomainBalancedSampler(Sampler[int]):
         for b in range(self.rank, n_batches, self.num_replicas):
             part = slice(b * self.per_domain, (b + 1) * self.per_domain)
             yield from (int(i) for stream in streams for i in stream[part])
+
+
+def check_balanced_batch(batch_size: int, n_domains: int) -> None:
+    """Balanced batches need ``batch_size`` to be a multiple of the number of sources."""
+    if batch_size % n_domains:
+        raise ConfigError(
+            f"train.batch_size: {batch_size} must be a multiple of the number of source "
+            f"datasets ({n_domains}) so every batch holds each of them equally"
+        )
 
 
 def _cycled_permutation(indices: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
