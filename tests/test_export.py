@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -126,3 +127,113 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "nowhere"), "--format", "torchscript"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere" in err
+
+
+# ----------------------------------------------------------------------------- five tasks
+
+PASCAL_TASK_NAMES = ["semantic", "parts", "normal", "saliency", "edges"]
+PASCAL_TINY = ["method.name=sl", "model.width=0.0625", "train.epochs=1", "train.batch_size=2",
+               "train.eval_batch_size=4", "train.max_steps_per_epoch=2", "train.progress=false",
+               "dataset.options.size=[32,48]"]
+
+
+@pytest.fixture(scope="module")
+def pascal_run(tmp_path_factory):
+    """A tiny sl run on the synthetic PASCAL-Context layout (five tasks)."""
+    base = tmp_path_factory.mktemp("pascal")
+    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
+                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
+    run = base / "run"
+    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
+                 f"dataset.root={base / 'data'}", *PASCAL_TINY]) == 0
+    return run
+
+
+def _check_activation(activation, out):
+    """The output really is what its metadata says (checked in numpy, per definition)."""
+    if activation == "log_softmax":
+        np.testing.assert_allclose(np.exp(out).sum(axis=1), 1.0, atol=1e-4)
+        assert (out <= 1e-6).all()
+    elif activation == "sigmoid":
+        assert out.shape[1] == 1 and ((out >= 0) & (out <= 1)).all()
+    elif activation == "l2_normalize":
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
+    else:
+        raise AssertionError(f"unexpected activation {activation!r}")
+
+
+def test_five_task_metadata_names_every_activation(pascal_run, tmp_path):
+    assert main(["export", "--run", str(pascal_run), "--format", "torchscript",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    _, meta = load_torchscript(tmp_path / "m.pt")
+    assert json.loads((tmp_path / "m.pt.json").read_text())["tasks"] == meta["tasks"]
+    tasks = {t["name"]: t for t in meta["tasks"]}
+    assert list(tasks) == PASCAL_TASK_NAMES
+    assert {n: (t["kind"], t["channels"], t["activation"]) for n, t in tasks.items()} == {
+        "semantic": ("segmentation", 21, "log_softmax"),
+        "parts": ("segmentation", 7, "log_softmax"),
+        "normal": ("normal", 3, "l2_normalize"),
+        "saliency": ("saliency", 1, "sigmoid"),
+        "edges": ("edge", 1, "sigmoid"),
+    }
+    plain = torch.jit.load(str(tmp_path / "m.pt"))
+    x = torch.rand(3, 3, 32, 48, generator=torch.Generator().manual_seed(4))
+    _, ref = _reference(pascal_run, x)
+    with torch.no_grad():
+        got = plain(x)
+    assert len(got) == 5
+    for g, r, task in zip(got, ref, meta["tasks"], strict=True):
+        np.testing.assert_allclose(g.numpy(), r, atol=1e-4)
+        _check_activation(task["activation"], g.numpy())
+
+
+def test_five_task_onnx_matches_eager(pascal_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(pascal_run), "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == PASCAL_TASK_NAMES
+    x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    _, ref = _reference(pascal_run, x)
+    got = session.run(None, {"image": x.numpy()})
+    for g, r, task in zip(got, ref, meta["tasks"], strict=True):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4)
+        _check_activation(task["activation"], g)
+
+
+def test_activation_name_probes_the_task():
+    from dataclasses import dataclass
+
+    from mtpsl.export import activation_name
+    from mtpsl.tasks import DepthTask, build_task
+
+    assert activation_name(build_task("depth", "d")) == "identity"
+    assert activation_name(build_task("edge", "e")) == "sigmoid"
+
+    @dataclass(frozen=True)
+    class SquaredDepth(DepthTask):  # an activation the metadata has no name for
+        def activate(self, raw):
+            return raw * raw
+
+    assert activation_name(SquaredDepth(name="sq")) == "custom"
+
+
+def test_onnx_failure_is_one_line_without_the_exporters_graph_dump(runs, tmp_path, capfd,
+                                                                     monkeypatch):
+    """The TorchScript-based exporter prints its whole graph to fd 1 when it fails."""
+    pytest.importorskip("onnx")
+
+    def failing_export(*args, **kwargs):
+        os.write(1, b"Torch IR graph at exception: graph(...)\n")
+        raise RuntimeError("Unsupported: ONNX export of operator adaptive_avg_pool2d\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    assert main(["export", "--run", str(runs["sl"]), "--out", str(tmp_path / "m.onnx")]) == 2
+    out, err = capfd.readouterr()
+    assert "Torch IR graph" not in out + err
+    assert err.count("\n") == 1 and "adaptive_avg_pool2d" in err and "--opset 18" in err
+    assert not list(tmp_path.iterdir())
+    print("still printing")  # fd 1 is restored afterwards
+    assert capfd.readouterr().out == "still printing\n"

@@ -185,3 +185,115 @@ def test_figures_registry_is_the_commands_extension_point():
     assert {"curves", "qualitative"} <= set(figures.FIGURES)
     assert figures.FIGURES["qualitative"].uses_images
     assert not figures.FIGURES["curves"].uses_images
+
+
+# -- five tasks (PASCAL-Context layout) ------------------------------------------------------
+
+PASCAL_TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2",
+               "train.eval_batch_size=4", "train.max_steps_per_epoch=2", "train.progress=false",
+               "dataset.options.size=[32,48]"]
+
+
+@pytest.fixture(scope="module")
+def pascal_run(tmp_path_factory):
+    """A tiny sl run on the synthetic PASCAL-Context layout (five tasks)."""
+    base = tmp_path_factory.mktemp("pascal")
+    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
+                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
+    run = base / "run"
+    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
+                 f"dataset.root={base / 'data'}", "method.name=sl", *PASCAL_TINY]) == 0
+    return run
+
+
+def _saliency_miou(prob, label, bins=100):
+    """Threshold-max mean of foreground/background IoU over thresholds k/bins (numpy)."""
+    valid = (label == 0) | (label == 1)
+    fg = label == 1
+    best = -1.0
+    for k in range(1, bins):
+        pos = np.floor(prob.astype(np.float64) * bins) >= k
+        ious = []
+        for p, g in ((pos, fg), (~pos, ~fg)):
+            union = ((p | g) & valid).sum()
+            ious.append(((p & g) & valid).sum() / union if union else 1.0)
+        best = max(best, float(np.mean(ious)))
+    return best
+
+
+def _edge_f(binary, label, max_dist=0.0075):
+    """F-measure of a 0/1 edge map with the metric's distance tolerance (scipy EDT)."""
+    from scipy.ndimage import distance_transform_edt
+
+    valid = (label == 0) | (label == 1)
+    pred, gt = (binary > 0) & valid, (label == 1) & valid
+    radius = max_dist * np.hypot(*label.shape)
+    near_gt = distance_transform_edt(~gt) <= radius if gt.any() else np.zeros_like(gt)
+    near_pred = distance_transform_edt(~pred) <= radius if pred.any() else np.zeros_like(pred)
+    precision = (pred & near_gt).sum() / pred.sum() if pred.sum() else 0.0
+    recall = (gt & near_pred).sum() / gt.sum() if gt.sum() else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def test_five_task_qualitative_cells_match_their_scores(pascal_run, tmp_path, capsys):
+    data = figures.collect_qualitative([pascal_run], [0, 1], labels=["SL"], device="cpu")
+    assert list(data.tasks) == ["semantic", "parts", "normal", "saliency", "edges"]
+    names = list(data.tasks)
+    for k in range(2):
+        row = figures._panels(data, k)
+        assert len(row) == 1 + 5 * 2
+        cells = {name: row[1 + 2 * t: 3 + 2 * t] for t, name in enumerate(names)}
+        # parts: the palette of its 7 classes, ignore black
+        parts_gt = data.targets["parts"][k].numpy()
+        np.testing.assert_array_equal(cells["parts"][0][0],
+                                      figures.colour_segmentation(parts_gt, 7))
+        # saliency: label masked where unlabelled, prediction as the probability itself
+        sal_gt = data.targets["saliency"][k].numpy()[0]
+        (label_cell, scale), (pred_cell, _) = cells["saliency"]
+        np.testing.assert_array_equal(label_cell.mask, (sal_gt != 0) & (sal_gt != 1))
+        np.testing.assert_array_equal(label_cell.filled(-1), np.where(
+            (sal_gt == 0) | (sal_gt == 1), sal_gt, -1))
+        assert (scale["vmin"], scale["vmax"]) == (0.0, 1.0)
+        prob = data.preds[0]["saliency"][k].numpy()[0]
+        np.testing.assert_array_equal(pred_cell, prob)
+        assert data.scores["SL"]["saliency"][k] == pytest.approx(
+            _saliency_miou(prob, sal_gt), abs=1e-9)
+        # edges: the binary map shown scores exactly the titled per-image odsF
+        edge_gt = data.targets["edges"][k].numpy()[0]
+        edge_bin = cells["edges"][1][0]
+        assert set(np.unique(edge_bin)) <= {0.0, 1.0}
+        assert data.scores["SL"]["edges"][k] == pytest.approx(
+            _edge_f(edge_bin, edge_gt), abs=1e-9)
+    assert main(["figures", "qualitative", "--runs", str(pascal_run), "--indices", "0", "1",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    w, h = _size(tmp_path / "qualitative.png")
+    assert w == round(11 * figures.CELL_IN * figures.DPI)
+    assert abs(h - 2 * (figures.CELL_IN * 32 / 48 + figures.TITLE_IN) * figures.DPI) <= 1
+
+
+def test_edge_map_picks_the_threshold_that_recovers_the_edge():
+    from mtpsl.tasks import build_task
+
+    task = build_task("edge", "edges")
+    label = torch.zeros(1, 20, 30)
+    label[0, 10, 3:27] = 1  # one horizontal edge
+    label[0, :, 28:] = -1  # an unlabelled strip
+    prob = torch.full((1, 20, 30), 0.55)
+    prob[0, 10, 3:27] = 0.8
+    prob[0, ::4, ::5] = 0.3  # below the background: never shown alone
+    shown = figures.edge_map(task, prob, label)
+    expected = np.zeros((20, 30), np.float32)
+    expected[10, 3:27] = 1
+    expected[:, 28:] = shown[:, 28:]  # unlabelled pixels do not decide the threshold
+    np.testing.assert_array_equal(shown, expected)
+    assert _edge_f(shown, label[0].numpy()) == 1.0
+
+
+def test_edge_map_without_an_edge_to_find_thresholds_at_one_half():
+    from mtpsl.tasks import build_task
+
+    task = build_task("edge", "edges")
+    prob = torch.linspace(0, 1, 24).reshape(1, 4, 6)
+    for fill in (0.0, -1.0):  # no edge pixel / no labelled pixel: every threshold ties
+        shown = figures.edge_map(task, prob, torch.full((1, 4, 6), fill))
+        np.testing.assert_array_equal(shown, (np.floor(prob[0].double().numpy() * 100) >= 50))

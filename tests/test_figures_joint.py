@@ -3,6 +3,8 @@ values it is titled with against an independent computation, and its errors."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,88 @@ def test_cli_pair_option_reaches_the_figure(xtc_run, tmp_path, capsys):
     code = main(["figures", "joint-space", "--runs", str(xtc_run), "--indices", "0",
                  "--device", "cpu", "--out", str(tmp_path), "--pair", "semantic,colour"])
     assert code == 2 and "unknown task 'colour'" in capsys.readouterr().err
+
+
+# -- five tasks (PASCAL-Context layout) ------------------------------------------------------
+
+PASCAL_TASKS = ["semantic", "parts", "normal", "saliency", "edges"]
+PASCAL_TINY = ["method.name=xtc", "model.width=0.0625", "train.epochs=1", "train.batch_size=2",
+               "train.eval_batch_size=4", "train.max_steps_per_epoch=2", "train.progress=false",
+               "dataset.options.size=[32,48]"]
+
+
+@pytest.fixture(scope="module")
+def pascal_xtc(tmp_path_factory):
+    """A tiny xtc run on the synthetic PASCAL-Context layout (five tasks, 20 ordered pairs)."""
+    base = tmp_path_factory.mktemp("pascal")
+    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
+                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
+    run = base / "xtc"
+    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
+                 f"dataset.root={base / 'data'}", *PASCAL_TINY]) == 0
+    return run
+
+
+def _encode(kind, array, is_label, channels):
+    """Mapping-network input of one prediction / label, written out in numpy."""
+    if kind == "SegmentationTask":
+        ids = array if is_label else array.argmax(0)
+        valid = (ids >= 0) & (ids < channels)
+        return (np.eye(channels, dtype=np.float32)[np.where(valid, ids, 0)]
+                * valid[..., None]).transpose(2, 0, 1)
+    if kind == "NormalTask":
+        return (array + 1.0) / 2.0
+    if is_label:  # binary label: 0/1 kept, unlabelled (-1) -> 0
+        return np.where((array == 0) | (array == 1), array, 0.0).astype(np.float32)
+    return array
+
+
+# Every task once as the source and once as the target, each kind of pair (segmentation,
+# normals and binary tasks on either side); one full collection per pair is ~1 s on a CPU.
+CYCLE = list(zip(PASCAL_TASKS, PASCAL_TASKS[1:] + PASCAL_TASKS[:1], strict=True))
+
+
+def test_pair_ids_of_five_tasks_are_distinct():
+    ids = [pair_index(PASCAL_TASKS.index(s), PASCAL_TASKS.index(t), 5)
+           for s, t in itertools.permutations(PASCAL_TASKS, 2)]
+    assert sorted(ids) == list(range(20))
+    for s, t in itertools.permutations(PASCAL_TASKS, 2):
+        assert figures_joint.parse_pair(f"{s},{t}", PASCAL_TASKS) == (s, t)
+
+
+def test_cycle_of_pairs_of_five_tasks(pascal_xtc):
+    run = load_run(pascal_xtc)
+    assert list(run.tasks) == PASCAL_TASKS
+    mapper = load_method(run).loss_fn.mapper
+    for s, t in CYCLE:
+        data = figures_joint.collect_joint_space(pascal_xtc, f"{s},{t}", [0, 1], device="cpu")
+        pid = pair_index(PASCAL_TASKS.index(s), PASCAL_TASKS.index(t), 5)
+        assert data.pair_id == pid
+        for k in range(2):
+            cells = figures_joint._cells(data, k)
+            assert len(cells) == figures_joint.COLUMNS
+            task_s, task_t = run.tasks[s], run.tasks[t]
+            x_s = _encode(type(task_s).__name__, data.source_pred[k].numpy(), False,
+                          task_s.out_channels)
+            x_t = _encode(type(task_t).__name__, data.target_label[k].numpy(), True,
+                          task_t.out_channels)
+            with torch.no_grad():
+                m_s = mapper.reference_forward(s, torch.from_numpy(x_s)[None], pid)[0].numpy()
+                m_t = mapper.reference_forward(t, torch.from_numpy(x_t)[None], pid)[0].numpy()
+            dot = (m_s * m_t).sum(0)
+            norm = np.maximum(np.linalg.norm(m_s, axis=0) * np.linalg.norm(m_t, axis=0), 1e-8)
+            assert data.mean_cosine[k] == pytest.approx(float((dot / norm).mean()),
+                                                        rel=1e-4, abs=1e-5), (s, t, k)
+
+
+def test_five_task_cli_figure_with_binary_tasks(pascal_xtc, tmp_path):
+    assert main(["figures", "joint-space", "--runs", str(pascal_xtc), "--indices", "0",
+                 "--device", "cpu", "--out", str(tmp_path), "--pair", "saliency,edges"]) == 0
+    with Image.open(tmp_path / "joint-space.png") as img:
+        assert img.size[0] == round(figures_joint.COLUMNS * figures.CELL_IN * figures.DPI)
+    assert (tmp_path / "joint-space.pdf").read_bytes().startswith(b"%PDF")
+    data = figures_joint.collect_joint_space(pascal_xtc, "edges,saliency", [1], device="cpu")
+    pred_cell, label_cell = figures_joint._cells(data, 0)[1:3]
+    np.testing.assert_array_equal(pred_cell[0], data.source_pred[0, 0].numpy())  # probability
+    label = data.target_label[0, 0].numpy()
+    np.testing.assert_array_equal(label_cell[0].mask, (label != 0) & (label != 1))

@@ -11,7 +11,13 @@ from PIL import Image
 
 from mtpsl.cli import main
 from mtpsl.inference import load_run, read_image
-from mtpsl.predict import collect_images, palette, reflect_pad, tile_starts
+from mtpsl.predict import (
+    collect_images,
+    palette,
+    probability_to_u8,
+    reflect_pad,
+    tile_starts,
+)
 
 from conftest import make_layout
 
@@ -139,3 +145,68 @@ def test_tiles_cover_the_image_and_padding_reflects():
     np.testing.assert_array_equal(padded[:2, :3], image)
     np.testing.assert_array_equal(padded[2, :3], image[0])  # reflection about the last row
     assert reflect_pad(np.ones((1, 1, 3), np.float32), 4, 5).shape == (4, 5, 3)
+
+
+# ----------------------------------------------------------------------------- five tasks
+
+PASCAL_TINY = ["method.name=sl", "model.width=0.0625",
+               "train.epochs=1", "train.batch_size=2", "train.eval_batch_size=4",
+               "train.max_steps_per_epoch=2", "train.progress=false",
+               "dataset.options.size=[32,48]"]
+
+
+@pytest.fixture(scope="module")
+def pascal_run(tmp_path_factory):
+    """A tiny sl run on the synthetic PASCAL-Context layout (five tasks)."""
+    base = tmp_path_factory.mktemp("pascal")
+    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
+                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
+    run = base / "run"
+    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
+                 f"dataset.root={base / 'data'}", *PASCAL_TINY]) == 0
+    return run
+
+
+@pytest.mark.parametrize("mode", ["resize", "tile"])
+def test_five_task_outputs(pascal_run, images, tmp_path, mode):
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(pascal_run), str(images), "--out", str(out),
+                 "--mode", mode, "--device", "cpu"]) == 0
+    for name, (h, w) in SIZES.items():
+        stem = name.split(".")[0]
+        for task, classes in (("semantic", 21), ("parts", 7)):
+            ids = _load(out / f"{stem}_{task}_index.png")
+            assert ids.shape == (h, w) and ids.dtype == np.uint8 and ids.max() < classes
+            np.testing.assert_array_equal(_load(out / f"{stem}_{task}.png"), palette()[ids])
+        for task in ("saliency", "edges"):
+            prob = np.load(out / f"{stem}_{task}.npy")
+            assert prob.shape == (h, w) and prob.dtype == np.float32
+            assert prob.min() >= 0 and prob.max() <= 1
+            grey = _load(out / f"{stem}_{task}.png")
+            assert grey.shape == (h, w) and grey.dtype == np.uint8
+            assert np.abs(grey / 255.0 - prob).max() <= 1 / 255
+        assert _load(out / f"{stem}_normal.png").shape == (h, w, 3)
+
+
+def test_binary_png_decodes_to_the_models_probabilities(pascal_run, tmp_path):
+    """At the input size the PNG is the model's own sigmoid output, 8-bit rounded."""
+    path = _write_image(tmp_path / "exact.png", (32, 48), seed=7)
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(pascal_run), str(path), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    loaded = load_run(pascal_run)
+    x = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        preds = loaded.model(x).preds
+    for task in ("saliency", "edges"):
+        expected = preds[task][0, 0].double().numpy()
+        np.testing.assert_allclose(np.load(out / f"exact_{task}.npy"), expected, atol=1e-6)
+        decoded = _load(out / f"exact_{task}.png").astype(np.float64) / 255.0
+        assert np.abs(decoded - expected).max() <= 0.5 / 255 + 1e-6
+    ids = _load(out / "exact_parts_index.png")
+    np.testing.assert_array_equal(ids, preds["parts"][0].argmax(0).numpy())
+
+
+def test_probability_to_u8_rounds_and_clips():
+    prob = np.array([0.0, 1.0, 0.4 / 255, 0.6 / 255, 254.4 / 255, np.nan, 1.2, -0.1])
+    np.testing.assert_array_equal(probability_to_u8(prob), [0, 255, 0, 1, 254, 0, 255, 0])

@@ -2,11 +2,14 @@
 
 The exported graph takes images ``float32 [B,3,H,W]`` in [0, 1] (B is dynamic; H, W are the
 run's training size) and returns one tensor per task, in task order, already activated
-(segmentation log-probabilities, depth, unit normals) exactly like ``ModelOutput.preds``.
+(segmentation log-probabilities, depth, unit normals, saliency/edge sigmoid probabilities)
+exactly like ``ModelOutput.preds``.
 
-Task names, channels and the input size travel with the file: ONNX output names are the task
-names and the model's metadata holds ``mtpsl`` (JSON); TorchScript files carry the same JSON
-as the extra file ``mtpsl.json``; both formats also get a sidecar ``<file>.json``.
+Task names, types, channels, activations and the input size travel with the file: ONNX output
+names are the task names and the model's metadata holds ``mtpsl`` (JSON); TorchScript files
+carry the same JSON as the extra file ``mtpsl.json``; both formats also get a sidecar
+``<file>.json``. A task's ``activation`` is read off the task itself (:func:`activation_name`
+probes ``Task.activate``), so a new task type cannot be mislabelled.
 
 SegNet decodes with ``MaxUnpool2d``, which ``torch.jit.trace`` cannot record (its output-size
 check needs Python ints). Exports therefore swap every unpooling layer, in a copy of the
@@ -16,18 +19,23 @@ and gives identical values; ONNX sees a plain ``ScatterElements``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import MtpslError
 from .inference import LoadedRun, load_run
 from .predict import run_input_size
+from .tasks import TASKS, Task
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -93,6 +101,39 @@ class ExportWrapper(nn.Module):
         return tuple(preds[name] for name in self.task_names)
 
 
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x,
+    "sigmoid": torch.sigmoid,
+    "log_softmax": lambda x: F.log_softmax(x, dim=1),
+    "softmax": lambda x: F.softmax(x, dim=1),
+    "l2_normalize": lambda x: F.normalize(x, p=2, dim=1, eps=1e-12),
+}
+"""Activation names the metadata may use (over the channel dim 1), each with its function."""
+
+
+def activation_name(task: Task) -> str:
+    """The name in :data:`ACTIVATIONS` of the function ``task.activate`` computes, found by
+    applying both to fixed random logits; ``"custom"`` when none matches.
+
+    Probing the task, rather than mapping class names, keeps the metadata right for subclasses
+    and for task types added later.
+    """
+    gen = torch.Generator().manual_seed(0)
+    raw = 3.0 * torch.randn(2, max(task.out_channels, 1), 3, 4, generator=gen)
+    with torch.no_grad():
+        out = task.activate(raw)
+        for name, fn in ACTIVATIONS.items():
+            ref = fn(raw)
+            if ref.shape == out.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-6):
+                return name
+    return "custom"
+
+
+def task_kind(task: Task) -> str | None:
+    """The task type's registry name (``build_task``'s ``kind``), None if unregistered."""
+    return next((k for k in TASKS.names() if TASKS.get(k) is type(task)), None)
+
+
 def export_metadata(loaded: LoadedRun, input_size: tuple[int, int]) -> dict:
     """What a consumer needs to interpret the outputs (written next to / inside the file)."""
     return {
@@ -100,9 +141,8 @@ def export_metadata(loaded: LoadedRun, input_size: tuple[int, int]) -> dict:
         "input": {"name": "image", "shape": ["batch", 3, *input_size], "dtype": "float32",
                   "range": [0.0, 1.0]},
         "tasks": [
-            {"name": name, "type": type(task).__name__, "channels": task.out_channels,
-             "activation": {"SegmentationTask": "log_softmax", "NormalTask": "l2_normalize"}
-             .get(type(task).__name__, "identity")}
+            {"name": name, "type": type(task).__name__, "kind": task_kind(task),
+             "channels": task.out_channels, "activation": activation_name(task)}
             for name, task in loaded.tasks.items()
         ],
         "input_size": list(input_size),
@@ -160,24 +200,44 @@ def _export_onnx(wrapper: nn.Module, example: Tensor, names: list[str], path: Pa
         kwargs.update(dynamo=True, verbose=False,
                       dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
     else:
-        kwargs.update(dynamo=False,
+        kwargs.update(dynamo=False, verbose=False,
                       dynamic_axes={n: {0: "batch"} for n in ["image", *names]})
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _silent_stdout_fd():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (example,), str(tmp), **kwargs)
         model = onnx.load(str(tmp))
     except MtpslError:
         raise
     except Exception as err:  # exporter failures are long internal traces
+        hint = "; --opset 18 uses the torch.export-based exporter" if opset < 18 else ""
         raise MtpslError(f"ONNX export (opset {opset}) failed: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+                         f"{str(err).splitlines()[0] if str(err) else ''}{hint}") from err
     finally:
         tmp.unlink(missing_ok=True)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
     onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _silent_stdout_fd() -> Iterator[None]:
+    """Discard what is written to file descriptor 1 meanwhile.
+
+    On a failure the TorchScript-based ONNX exporter prints its whole graph (often 100s of
+    kB) to the C-level stdout, whatever ``verbose`` says (torch 2.9 checks the function object
+    of ``_jit_is_onnx_log_enabled``, always truthy); the one-line error says what failed.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _export_torchscript(wrapper: nn.Module, example: Tensor, path: Path, meta: dict) -> None:

@@ -321,38 +321,87 @@ def cell_titles(data: Qualitative) -> list[list[str]]:
     return titles
 
 
-def _panels(data: Qualitative, k: int) -> list[tuple[np.ndarray, dict]]:
-    """(array, imshow kwargs) of every cell of image ``k``'s row."""
-    from .tasks import DepthTask, NormalTask, SegmentationTask
+Cell = tuple[np.ndarray, dict]
+"""One grid panel: (array, imshow kwargs)."""
+UNLABELLED = "tab:blue"
+"""Colour of unlabelled pixels in binary-task panels (black and white are values there)."""
 
-    cells: list[tuple[np.ndarray, dict]] = [(data.images[k], {})]
+
+def _panels(data: Qualitative, k: int) -> list[Cell]:
+    """(array, imshow kwargs) of every cell of image ``k``'s row."""
+    cells: list[Cell] = [(data.images[k], {})]
     for name, task in data.tasks.items():
-        target = data.targets[name][k].numpy()
-        preds = [p[name][k].numpy() for p in data.preds]
-        if isinstance(task, SegmentationTask):
-            cells.append((colour_segmentation(target, task.num_classes), {}))
-            cells += [(colour_segmentation(p.argmax(0), task.num_classes), {}) for p in preds]
-        elif isinstance(task, DepthTask):
-            valid = (target[0] != 0) & np.isfinite(target[0])
-            values = [target[0][valid]] + [p[0].ravel() for p in preds]
-            values = np.concatenate(values)
-            values = values[np.isfinite(values)]
-            vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0, 1)
-            scale = {"cmap": _depth_cmap(), "vmin": vmin, "vmax": vmax}
-            cells.append((np.ma.masked_array(target[0], ~valid), scale))
-            cells += [(p[0], scale) for p in preds]
-        elif isinstance(task, NormalTask):
-            cells.append((colour_normals(target), {}))
-            cells += [(colour_normals(p), {}) for p in preds]
-        else:
-            raise MtpslError(f"task {name!r} ({type(task).__name__}) has no qualitative display")
+        cells += task_panels(task, data.targets[name][k], [p[name][k] for p in data.preds])
     return cells
+
+
+def task_panels(task: Task, target: torch.Tensor, preds: Sequence[torch.Tensor]) -> list[Cell]:
+    """The ground-truth cell, then one cell per prediction, of one image and task (unbatched
+    batch-format label, activated predictions)."""
+    from .tasks import BinaryTask, DepthTask, EdgeTask, NormalTask, SegmentationTask
+
+    label, arrays = target.numpy(), [p.numpy() for p in preds]
+    if isinstance(task, SegmentationTask):
+        return [(colour_segmentation(label, task.num_classes), {})] + [
+            (colour_segmentation(p.argmax(0), task.num_classes), {}) for p in arrays]
+    if isinstance(task, DepthTask):
+        valid = (label[0] != 0) & np.isfinite(label[0])
+        values = np.concatenate([label[0][valid]] + [p[0].ravel() for p in arrays])
+        values = values[np.isfinite(values)]
+        vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0, 1)
+        scale = {"cmap": _depth_cmap(), "vmin": vmin, "vmax": vmax}
+        return [(np.ma.masked_array(label[0], ~valid), scale)] + [(p[0], scale) for p in arrays]
+    if isinstance(task, NormalTask):
+        return [(colour_normals(label), {})] + [(colour_normals(p), {}) for p in arrays]
+    if isinstance(task, EdgeTask):
+        return [binary_label_cell(label)] + [
+            (edge_map(task, p, target), _binary_scale()) for p in preds]
+    if isinstance(task, BinaryTask):
+        return [binary_label_cell(label)] + [probability_cell(p) for p in arrays]
+    raise MtpslError(f"task {task.name!r} ({type(task).__name__}) has no qualitative display")
 
 
 def _depth_cmap():
     from matplotlib import colormaps
 
     return colormaps["viridis"].with_extremes(bad="black")  # invalid ground-truth pixels
+
+
+def _binary_scale() -> dict:
+    """Grey scale fixed to [0, 1] (1 white); masked (unlabelled) pixels :data:`UNLABELLED`."""
+    from matplotlib import colormaps
+
+    return {"cmap": colormaps["gray"].with_extremes(bad=UNLABELLED), "vmin": 0.0, "vmax": 1.0}
+
+
+def binary_label_cell(label: np.ndarray) -> Cell:
+    """A ``[1, H, W]`` binary label: 1 white, 0 black, any other value (unlabelled) masked."""
+    valid = (label[0] == 0) | (label[0] == 1)
+    return np.ma.masked_array(np.where(valid, label[0], 0.0), ~valid), _binary_scale()
+
+
+def probability_cell(pred: np.ndarray) -> Cell:
+    """A ``[1, H, W]`` probability map in grey on the fixed [0, 1] scale."""
+    return pred[0], _binary_scale()
+
+
+def edge_map(task: Task, pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """A ``[1, H, W]`` edge probability map as the 0/1 map its per-image score is taken at:
+    thresholded, with the metric's binning, at the threshold where this image alone reaches
+    its best odsF; at 0.5 where no threshold scores above 0 (no labelled pixel, or no edge in
+    the label), since any threshold then ties."""
+    import torch
+
+    from .evaluate import build_metrics
+
+    metric = build_metrics({task.name: task})[task.name]
+    metric.update(pred[None], target[None])
+    best = metric.compute()[task.primary_metric]
+    threshold = metric.best["threshold"] if best > 0 else 0.5  # NaN > 0 is False
+    bins = metric.num_bins
+    k = round(threshold * bins)
+    prob = pred[0].to(torch.float64).numpy()  # the metric's bins are taken in float64
+    return (np.floor(prob * bins) >= k).astype(np.float32)
 
 
 def qualitative_size(data: Qualitative) -> tuple[float, float]:
@@ -364,9 +413,12 @@ def qualitative_size(data: Qualitative) -> tuple[float, float]:
 
 def plot_qualitative(data: Qualitative, out_stem: str | Path) -> list[Path]:
     """The grid of paper 001's Fig. 4, one row per image: RGB, then per task the ground truth
-    and each run's prediction titled with its per-image score. Segmentation in a fixed
-    palette (ignore black), depth on one colour scale per image (invalid black), normals as
-    RGB. Returns [png, pdf]."""
+    and each run's prediction titled with its per-image score. Segmentation (semantic,
+    parts) in a fixed palette (ignore black), depth on one colour scale per image (invalid
+    black), normals as RGB; saliency as grey probabilities and 0/1 labels on a fixed [0, 1]
+    scale, edges as 0/1 maps (the prediction thresholded where the image's odsF peaks, see
+    :func:`edge_map`); unlabelled pixels of binary tasks :data:`UNLABELLED`. Returns
+    [png, pdf]."""
     width, _ = qualitative_size(data)
     rows = [_panels(data, k) for k in range(len(data.indices))]
     return plot_panel_grid(rows, cell_titles(data), data.images.shape[1:3], width, out_stem)

@@ -214,8 +214,16 @@ def joint_space_titles(data: JointSpace) -> list[list[str]]:
 
 
 def _task_cell(task: Task, array: np.ndarray, is_label: bool) -> tuple[np.ndarray, dict]:
-    from .figures import _depth_cmap, colour_normals, colour_segmentation
-    from .tasks import DepthTask, NormalTask, SegmentationTask
+    """Display of the source prediction / target label. A binary prediction (saliency,
+    edges) is shown as its probability map, which is what enters the mapping network."""
+    from .figures import (
+        _depth_cmap,
+        binary_label_cell,
+        colour_normals,
+        colour_segmentation,
+        probability_cell,
+    )
+    from .tasks import BinaryTask, DepthTask, NormalTask, SegmentationTask
 
     if isinstance(task, SegmentationTask):
         labels = array if is_label else array.argmax(0)
@@ -228,6 +236,8 @@ def _task_cell(task: Task, array: np.ndarray, is_label: bool) -> tuple[np.ndarra
         return np.ma.masked_array(depth, ~valid), {"cmap": _depth_cmap(), "vmin": lo, "vmax": hi}
     if isinstance(task, NormalTask):
         return colour_normals(array), {}
+    if isinstance(task, BinaryTask):
+        return binary_label_cell(array) if is_label else probability_cell(array)
     raise MtpslError(f"task {task.name!r} ({type(task).__name__}) has no display")
 
 

@@ -9,10 +9,15 @@ Two ways to bring an image of arbitrary size to the network:
   than a tile is padded by reflection first), predict every tile and average the overlaps
   (log-probabilities, depth, normals re-normalised afterwards).
 
-Outputs per image stem and task, chosen by the task's class: segmentation
+Binary tasks (saliency, edges: sigmoid probabilities) are resized bilinearly / averaged
+over tiles as probabilities.
+
+Outputs per image stem and task, chosen by the task's class: segmentation (semantic, parts)
 ``<stem>_<task>.png`` (palette colours) and ``<stem>_<task>_index.png`` (class ids); depth
 ``<stem>_<task>.png`` (magma), ``.npy`` (float32 metres) and ``_16bit.png`` (uint16 mm);
-normals ``<stem>_<task>.png`` ((n+1)/2*255) and ``.npy`` (float32 H,W,3); any other task type
+normals ``<stem>_<task>.png`` ((n+1)/2*255) and ``.npy`` (float32 H,W,3); binary tasks
+``<stem>_<task>.png`` (8-bit grey probability, ``round(255 p)``, so ``png / 255`` is within
+1/510 of ``p``) and ``.npy`` (float32 H,W probabilities); any other task type
 ``<stem>_<task>.npy`` (float32 H,W,C).
 """
 
@@ -31,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .errors import DataError, MtpslError
 from .inference import LoadedRun, read_image
-from .tasks import DepthTask, NormalTask, SegmentationTask, Task
+from .tasks import BinaryTask, DepthTask, NormalTask, SegmentationTask, Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = ("resize", "tile")
@@ -181,11 +186,14 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
 def finalise(task: Task, pred: Tensor) -> np.ndarray:
     """A full-size ``[C,H,W]`` activated prediction as the array that gets written:
     segmentation class ids (H,W) int64, depth (H,W) float32, normals unit (H,W,3) float32,
-    anything else (H,W,C) float32."""
+    binary probabilities (H,W) float32 in [0, 1], anything else (H,W,C) float32."""
     if isinstance(task, SegmentationTask):
         return pred.argmax(dim=0).cpu().numpy()
     if isinstance(task, DepthTask):
         return pred[0].cpu().numpy().astype(np.float32)
+    if isinstance(task, BinaryTask):
+        # Resizing and tile averaging keep probabilities in [0, 1] up to rounding.
+        return pred[0].clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
     if isinstance(task, NormalTask):
         pred = F.normalize(pred, p=2, dim=0, eps=1e-12)
     return pred.permute(1, 2, 0).cpu().numpy().astype(np.float32)
@@ -219,6 +227,13 @@ def depth_to_mm16(depth: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(mm), 0, 65535).astype(np.uint16)
 
 
+def probability_to_u8(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 ``round(255 p)`` (NaN -> 0): a lossless-enough grey
+    PNG (decoding as ``png / 255`` is off by at most 1/510)."""
+    scaled = np.nan_to_num(prob.astype(np.float64), nan=0.0) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def write_outputs(out_dir: Path, stem: str, tasks: dict[str, Task],
                   arrays: dict[str, np.ndarray]) -> list[Path]:
     """Write every task's files for one image; return their paths."""
@@ -249,6 +264,9 @@ def write_outputs(out_dir: Path, stem: str, tasks: dict[str, Task],
         elif isinstance(task, NormalTask):
             rgb = np.clip(np.rint((array + 1.0) / 2.0 * 255.0), 0, 255).astype(np.uint8)
             save_png(rgb, name)
+            save_npy(array, name)
+        elif isinstance(task, BinaryTask):
+            save_png(probability_to_u8(array), name)
             save_npy(array, name)
         else:
             save_npy(array, name)
