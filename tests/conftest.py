@@ -105,3 +105,38 @@ TINY_TRAIN = [
     "train.progress=false",
 ]
 """Overrides for a one-step CLI training run on tiny data."""
+
+
+PASCAL_TASKS = ["semantic", "parts", "normal", "saliency", "edges"]
+"""The task order of the (synthetic) PASCAL-Context layout."""
+
+
+def _train_pascal(base: Path, method: str) -> Path:
+    from mtpsl.cli import main
+
+    data = base / "data"
+    if not data.exists():
+        assert main(["data", "synth", "--layout", "pascal_context", "--out", str(data),
+                     "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
+    run = base / method
+    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
+                 f"dataset.root={data}", f"method.name={method}", *TINY_TRAIN,
+                 "train.max_steps_per_epoch=2", "dataset.options.size=[32,48]"]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def pascal_base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pascal")
+
+
+@pytest.fixture(scope="session")
+def pascal_run(pascal_base: Path) -> Path:
+    """A tiny sl run on the synthetic PASCAL-Context layout (five tasks), shared by tests."""
+    return _train_pascal(pascal_base, "sl")
+
+
+@pytest.fixture(scope="session")
+def pascal_xtc(pascal_base: Path) -> Path:
+    """A tiny xtc run on the same data (five tasks, 20 ordered pairs)."""
+    return _train_pascal(pascal_base, "xtc")

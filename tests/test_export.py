@@ -14,7 +14,7 @@ from mtpsl.cli import main
 from mtpsl.export import ExportWrapper, ScatterUnpool2d, exportable, load_torchscript
 from mtpsl.inference import load_run
 
-from conftest import make_layout
+from conftest import PASCAL_TASKS, make_layout
 
 TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.progress=false",
         "train.eval_every=1"]
@@ -131,22 +131,8 @@ def test_export_errors_are_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- five tasks
 
-PASCAL_TASK_NAMES = ["semantic", "parts", "normal", "saliency", "edges"]
-PASCAL_TINY = ["method.name=sl", "model.width=0.0625", "train.epochs=1", "train.batch_size=2",
-               "train.eval_batch_size=4", "train.max_steps_per_epoch=2", "train.progress=false",
-               "dataset.options.size=[32,48]"]
 
 
-@pytest.fixture(scope="module")
-def pascal_run(tmp_path_factory):
-    """A tiny sl run on the synthetic PASCAL-Context layout (five tasks)."""
-    base = tmp_path_factory.mktemp("pascal")
-    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
-                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
-    run = base / "run"
-    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
-                 f"dataset.root={base / 'data'}", *PASCAL_TINY]) == 0
-    return run
 
 
 def _check_activation(activation, out):
@@ -168,7 +154,7 @@ def test_five_task_metadata_names_every_activation(pascal_run, tmp_path):
     _, meta = load_torchscript(tmp_path / "m.pt")
     assert json.loads((tmp_path / "m.pt.json").read_text())["tasks"] == meta["tasks"]
     tasks = {t["name"]: t for t in meta["tasks"]}
-    assert list(tasks) == PASCAL_TASK_NAMES
+    assert list(tasks) == PASCAL_TASKS
     assert {n: (t["kind"], t["channels"], t["activation"]) for n, t in tasks.items()} == {
         "semantic": ("segmentation", 21, "log_softmax"),
         "parts": ("segmentation", 7, "log_softmax"),
@@ -193,7 +179,7 @@ def test_five_task_onnx_matches_eager(pascal_run, tmp_path):
     assert main(["export", "--run", str(pascal_run), "--out", str(out)]) == 0
     meta = json.loads((tmp_path / "m.onnx.json").read_text())
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == PASCAL_TASK_NAMES
+    assert [o.name for o in session.get_outputs()] == PASCAL_TASKS
     x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
     _, ref = _reference(pascal_run, x)
     got = session.run(None, {"image": x.numpy()})

@@ -189,21 +189,8 @@ def test_figures_registry_is_the_commands_extension_point():
 
 # -- five tasks (PASCAL-Context layout) ------------------------------------------------------
 
-PASCAL_TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2",
-               "train.eval_batch_size=4", "train.max_steps_per_epoch=2", "train.progress=false",
-               "dataset.options.size=[32,48]"]
 
 
-@pytest.fixture(scope="module")
-def pascal_run(tmp_path_factory):
-    """A tiny sl run on the synthetic PASCAL-Context layout (five tasks)."""
-    base = tmp_path_factory.mktemp("pascal")
-    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
-                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
-    run = base / "run"
-    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
-                 f"dataset.root={base / 'data'}", "method.name=sl", *PASCAL_TINY]) == 0
-    return run
 
 
 def _saliency_miou(prob, label, bins=100):

@@ -18,7 +18,7 @@ from mtpsl.inference import load_method, load_run
 from mtpsl.methods.joint_space import JointSpaceMapper, pair_index
 from mtpsl.models.segnet import scaled_filters
 
-from conftest import make_layout
+from conftest import PASCAL_TASKS, make_layout
 
 H, W = 64, 96
 INDICES = [0, 3]
@@ -166,22 +166,8 @@ def test_cli_pair_option_reaches_the_figure(xtc_run, tmp_path, capsys):
 
 # -- five tasks (PASCAL-Context layout) ------------------------------------------------------
 
-PASCAL_TASKS = ["semantic", "parts", "normal", "saliency", "edges"]
-PASCAL_TINY = ["method.name=xtc", "model.width=0.0625", "train.epochs=1", "train.batch_size=2",
-               "train.eval_batch_size=4", "train.max_steps_per_epoch=2", "train.progress=false",
-               "dataset.options.size=[32,48]"]
 
 
-@pytest.fixture(scope="module")
-def pascal_xtc(tmp_path_factory):
-    """A tiny xtc run on the synthetic PASCAL-Context layout (five tasks, 20 ordered pairs)."""
-    base = tmp_path_factory.mktemp("pascal")
-    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
-                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
-    run = base / "xtc"
-    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
-                 f"dataset.root={base / 'data'}", *PASCAL_TINY]) == 0
-    return run
 
 
 def _encode(kind, array, is_label, channels):

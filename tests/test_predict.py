@@ -149,22 +149,8 @@ def test_tiles_cover_the_image_and_padding_reflects():
 
 # ----------------------------------------------------------------------------- five tasks
 
-PASCAL_TINY = ["method.name=sl", "model.width=0.0625",
-               "train.epochs=1", "train.batch_size=2", "train.eval_batch_size=4",
-               "train.max_steps_per_epoch=2", "train.progress=false",
-               "dataset.options.size=[32,48]"]
 
 
-@pytest.fixture(scope="module")
-def pascal_run(tmp_path_factory):
-    """A tiny sl run on the synthetic PASCAL-Context layout (five tasks)."""
-    base = tmp_path_factory.mktemp("pascal")
-    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(base / "data"),
-                 "--n-train", "4", "--n-val", "2", "--height", "32", "--width", "48"]) == 0
-    run = base / "run"
-    assert main(["train", "--config", "synthetic_table3", "--run-dir", str(run),
-                 f"dataset.root={base / 'data'}", *PASCAL_TINY]) == 0
-    return run
 
 
 @pytest.mark.parametrize("mode", ["resize", "tile"])
