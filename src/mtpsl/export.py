@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .errors import MtpslError
 from .inference import LoadedRun, load_run
 from .predict import run_input_size
-from .tasks import TASKS, Task
+from .tasks import Task, task_kind
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -127,11 +127,6 @@ def activation_name(task: Task) -> str:
             if ref.shape == out.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-6):
                 return name
     return "custom"
-
-
-def task_kind(task: Task) -> str | None:
-    """The task type's registry name (``build_task``'s ``kind``), None if unregistered."""
-    return next((k for k in TASKS.names() if TASKS.get(k) is type(task)), None)
 
 
 def export_metadata(loaded: LoadedRun, input_size: tuple[int, int]) -> dict:

@@ -324,3 +324,8 @@ def _broadcast_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:
 def build_task(kind: str, name: str, **kwargs) -> Task:
     """Create a named task instance of a registered type."""
     return TASKS.get(kind)(name=name, **kwargs)
+
+
+def task_kind(task: Task) -> str | None:
+    """The task type's registry name (``build_task``'s ``kind``), None if unregistered."""
+    return next((k for k in TASKS.names() if TASKS.get(k) is type(task)), None)

@@ -103,6 +103,13 @@ def _plain_sum(task_losses: Mapping[str, Tensor], names: Sequence[str]) -> Tenso
     return torch.stack([task_losses[t] for t in names]).sum()
 
 
+def _weighted_sum(
+    weights: Tensor, task_losses: Mapping[str, Tensor], names: Sequence[str]
+) -> Tensor:
+    """``sum_k weights[k] * L_k`` in ``names`` order."""
+    return torch.stack([weights[i] * task_losses[t] for i, t in enumerate(names)]).sum()
+
+
 @WEIGHTINGS.register("uniform")
 class Uniform(Weighting):
     """Equal weights: the plain sum of the task losses (Eq. 1 of paper 001)."""
@@ -224,8 +231,7 @@ class GradNorm(Weighting):
         return w * len(w) / w.sum()
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
-        w = self.current_weights()
-        return torch.stack([w[i] * task_losses[t] for i, t in enumerate(self.task_names)]).sum()
+        return _weighted_sum(self.current_weights(), task_losses, self.task_names)
 
     def backward(
         self,
@@ -312,8 +318,7 @@ class DWA(Weighting):
         self.register_buffer("lambdas", torch.ones(n))
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
-        w = self.lambdas
-        return torch.stack([w[i] * task_losses[t] for i, t in enumerate(self.task_names)]).sum()
+        return _weighted_sum(self.lambdas, task_losses, self.task_names)
 
     @torch.no_grad()
     def end_epoch(self, task_means: Mapping[str, float]) -> None:

@@ -80,12 +80,17 @@ def supervised_losses(
     gives the mean over images of the sum of that image's labelled-task losses.
     """
     targets = batch.views[view].targets
-    losses = {}
-    for name, task in tasks.items():
-        per_image = task.loss(preds[name], targets[name])
-        mask = batch.labelled_for(name).to(per_image.dtype)
-        losses[name] = (per_image * mask).sum() / len(batch)
-    return losses
+    return {
+        name: labelled_sum(task.loss(preds[name], targets[name]), batch, name)
+        for name, task in tasks.items()
+    }
+
+
+def labelled_sum(per_image: Tensor, batch: Batch, task: str) -> Tensor:
+    """A per-image loss ``[B]`` summed over the images labelled for ``task``, divided by the
+    batch size (the reduction of :func:`supervised_losses`)."""
+    mask = batch.labelled_for(task).to(per_image.dtype)
+    return (per_image * mask).sum() / len(batch)
 
 
 def build_method(name: str, tasks: Mapping[str, Task], options: Mapping[str, Any]) -> Method:

@@ -68,7 +68,7 @@ from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models import ModelOutput
 from ..tasks import DepthTask, SegmentationTask, Task
-from .base import METHODS, Losses, Method, OptimGroup
+from .base import METHODS, Losses, Method, OptimGroup, labelled_sum
 
 DISC_CHANNELS = (64, 128, 256, 512)
 DISC_BETAS = (0.9, 0.99)
@@ -108,8 +108,7 @@ def task_losses(
             per_image = berhu_per_image(preds[name], target, task.valid(target))
         else:
             per_image = task.loss(preds[name], target)
-        mask = batch.labelled_for(name).to(per_image.dtype)
-        losses[name] = (per_image * mask).sum() / len(batch)
+        losses[name] = labelled_sum(per_image, batch, name)
     return losses
 
 

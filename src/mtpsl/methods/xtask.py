@@ -74,8 +74,8 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models import ModelOutput
-from ..tasks import TASKS, DepthTask, SegmentationTask, Task
-from .base import METHODS, Losses, Method
+from ..tasks import DepthTask, SegmentationTask, Task, task_kind
+from .base import METHODS, Losses, Method, labelled_sum
 
 TRANSFER_WIDTHS: tuple[int, int, int] = (64, 128, 256)
 SSIM_C1 = 0.01**2
@@ -251,16 +251,12 @@ def transfer_widths(options: XTaskOptions) -> list[int]:
 # ---------------------------------------------------------------------------- method
 
 
-def _kind(task: Task) -> str:
-    return next((n for n in TASKS.names() if TASKS.get(n) is type(task)), type(task).__name__)
-
-
 def seg_and_depth(tasks: Mapping[str, Task], method: str) -> tuple[str, str]:
     """Names of the one segmentation and the one depth task, or a ConfigError."""
     segs = [n for n, t in tasks.items() if isinstance(t, SegmentationTask)]
     depths = [n for n, t in tasks.items() if isinstance(t, DepthTask)]
     if len(tasks) != 2 or len(segs) != 1 or len(depths) != 1:
-        listed = ", ".join(f"{n} ({_kind(t)})" for n, t in tasks.items())
+        listed = ", ".join(f"{n} ({task_kind(t) or type(t).__name__})" for n, t in tasks.items())
         raise ConfigError(
             f"method.name: {method} needs exactly one segmentation and one depth task; the "
             f"dataset gives {listed}; choose them with dataset.tasks, e.g. [semantic, depth]"
@@ -311,10 +307,7 @@ class TaskTransfer(Method):
         # The task's fixed loss factor, as Task.loss applies it to the seg term.
         weight = getattr(depth_task, "loss_weight", 1.0)
         per_image[d] = masked_image_mean(per_pixel, depth_task.valid(targets[d])) * weight
-        return {
-            f"direct/{t}": (loss * batch.labelled_for(t).to(loss.dtype)).sum() / len(batch)
-            for t, loss in per_image.items()
-        }
+        return {f"direct/{t}": labelled_sum(loss, batch, t) for t, loss in per_image.items()}
 
     def transferred_terms(self, preds: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """Transferred predictions against the detached direct ones, over every image."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import BackboneConfig
 from ..errors import ConfigError
-from ..tasks import TASKS, Task
+from ..tasks import TASKS, Task, task_kind
 from .base import MODELS, HeadSpec, ModelOutput
 from .heads import HEAD_KINDS, PSP_BINS, build_head
 from .resnet_trunk import resnet_trunk
@@ -43,9 +43,7 @@ def task_of(spec: HeadSpec) -> Task | None:
 
 def kind_of(task: Task | None) -> str | None:
     """The ``TASKS`` registry name of a task's class (``segmentation``, ``depth``, ...)."""
-    if task is None:
-        return None
-    return next((n for n in TASKS.names() if TASKS.get(n) is type(task)), None)
+    return None if task is None else task_kind(task)
 
 
 def default_head(spec: HeadSpec) -> str:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..config import BackboneConfig
 from .base import MODELS, HeadSpec, ModelOutput
 from .resnet_trunk import ResNetTrunk, resnet_trunk
-from .segnet import init_weights
+from .segnet import conv_bn_relu, init_weights
 
 MID_CHANNELS = 128
 DEFAULT_DEPTH = 34
@@ -36,23 +36,15 @@ STEM_CHANNELS = 64
 """Width of the stride-2 stem output (conv1-BN-ReLU) of every torchvision ResNet."""
 
 
-def conv3x3_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
 class DecoderBlock(nn.Module):
     """Three conv3x3-BN-ReLU layers, then bilinear upsampling (x2, or to a given size)."""
 
     def __init__(self, in_channels: int, channels: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            conv3x3_bn_relu(in_channels, channels),
-            conv3x3_bn_relu(channels, channels),
-            conv3x3_bn_relu(channels, channels),
+            conv_bn_relu(in_channels, channels),
+            conv_bn_relu(channels, channels),
+            conv_bn_relu(channels, channels),
         )
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
