@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .metrics import METRICS, Metric
-from .speed import autocast
+from .speed import autocast, to_channels_last
 from .tasks import Task
 
 
@@ -58,19 +58,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Run ``model`` over ``loader``; return flat ``{"task/metric": value}``.
 
-    ``amp`` autocasts the forward pass only; metrics always accumulate fp32 predictions on
-    the device (no per-batch host copies).
+    ``amp`` autocasts the forward pass only; metrics take the predictions as the model
+    returns them and convert what they need, on the device (no per-batch host copies).
     """
     metrics = build_metrics(tasks)
     was_training = model.training
     model.eval()
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        batch = batch.to(device, non_blocking=True)
-        image = batch.image
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        batch = to_channels_last(batch.to(device, non_blocking=True), channels_last)
         with autocast(amp, device):
-            preds = model(image).preds
+            preds = model(batch.image).preds
         accumulate(metrics, preds, batch.targets)
     model.train(was_training)
     return {

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.base import scaled
 from ..models.resnet_trunk import ResNetTrunk
 from .joint_space import FiLM, Mapper, SampleNorm, init_conv_only
 
@@ -129,7 +130,7 @@ class ResNetJointSpaceMapper(Mapper):
         k = len(self.task_names)
         self.n_pairs = k * (k - 1)
         n_pairs = self.n_pairs if conditioned else None
-        w = [max(1, round(c * width)) for c in BASE_WIDTHS]
+        w = [scaled(c, width) for c in BASE_WIDTHS]
         self.inputs = nn.ModuleDict(
             {
                 name: nn.ModuleDict(

@@ -67,6 +67,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models import ModelOutput
+from ..models.base import scaled
 from ..tasks import DepthTask, SegmentationTask, Task
 from .base import METHODS, Losses, Method, OptimGroup, labelled_sum
 
@@ -124,7 +125,7 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         prev = in_channels
         for base in DISC_CHANNELS:
-            ch = max(1, round(base * width))
+            ch = scaled(base, width)
             layers += [
                 spectral_norm(nn.Conv2d(prev, ch, 4, stride=2, padding=1)),
                 nn.LeakyReLU(0.2),

@@ -85,6 +85,11 @@ def build_model(name: str, heads: Mapping[str, HeadSpec], **kwargs: object) -> n
     return MODELS.get(name)(heads=heads, **kwargs)
 
 
+def scaled(channels: int, width: float) -> int:
+    """A channel count scaled by a width multiplier (rounded, at least 1)."""
+    return max(1, round(channels * width))
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (works on meta-device modules, which hold no storage)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -27,16 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from .base import scaled
+
 HEAD_KINDS: tuple[str, ...] = ("psp", "aspp", "deeplab", "conv")
 PSP_BINS: tuple[int, ...] = (1, 2, 3, 6)
 #: DeepLab v3 atrous rates per output stride; OS 32 halves the OS-16 rates (our choice: the
 #: paper only defines 8 and 16, and rates larger than the map are pure padding).
 ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
-
-
-def scaled(channels: int, width: float) -> int:
-    """A hidden channel count scaled by ``width`` (at least 1)."""
-    return max(1, round(channels * width))
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3) -> nn.Sequential:

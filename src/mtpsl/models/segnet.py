@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from mtpsl.models.base import MODELS, HeadSpec, ModelOutput
+from mtpsl.models.base import MODELS, HeadSpec, ModelOutput, scaled
 
 BASE_FILTERS: tuple[int, ...] = (64, 128, 256, 512, 512)
 # Extra conv_bn_relu layers after the first one at each level (levels 0..4), as in MTAN.
@@ -41,7 +41,7 @@ def scaled_filters(width: float) -> list[int]:
     """Per-level channel counts for a width multiplier (rounded, at least 1)."""
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
-    return [max(1, round(f * width)) for f in BASE_FILTERS]
+    return [scaled(f, width) for f in BASE_FILTERS]
 
 
 def init_weights(module: nn.Module) -> None:

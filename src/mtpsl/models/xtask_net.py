@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BackboneConfig
-from .base import MODELS, HeadSpec, ModelOutput
+from .base import MODELS, HeadSpec, ModelOutput, scaled
 from .resnet_trunk import ResNetTrunk, resnet_trunk
 from .segnet import conv_bn_relu, init_weights
 
@@ -96,7 +96,7 @@ class XTaskNet(nn.Module):
             trunk.stem[0] = nn.Conv2d(in_channels, STEM_CHANNELS, 7, 2, 3, bias=False)
         self.encoder = trunk
         self.encoder_channels = trunk.channels[-1]
-        self.mid_channels = max(1, round(MID_CHANNELS * width))
+        self.mid_channels = scaled(MID_CHANNELS, width)
         skips = [*reversed(trunk.channels), STEM_CHANNELS]
         self.decoders = nn.ModuleDict(
             {
