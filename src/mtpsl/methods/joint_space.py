@@ -76,20 +76,28 @@ class FiLM(nn.Module):
         return x * gamma + beta
 
 
-class ConvNormFiLM(nn.Module):
-    """conv -> per-sample norm -> FiLM (if conditioned) -> ReLU."""
+class NormFiLM(nn.Module):
+    """conv -> per-sample norm -> FiLM (if conditioned); the ReLU is left to the caller."""
 
-    def __init__(self, c_in: int, c_out: int, n_pairs: int | None) -> None:
+    def __init__(self, conv: nn.Conv2d, n_pairs: int | None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm = SampleNorm(c_out)
-        self.film = FiLM(n_pairs, c_out) if n_pairs else None
+        self.conv = conv
+        self.norm = SampleNorm(conv.out_channels)
+        self.film = FiLM(n_pairs, conv.out_channels) if n_pairs else None
 
     def forward(self, x: Tensor, pairs: Tensor, batch1_reference: bool = False) -> Tensor:
         x = self.norm(self.conv(x), batch1_reference)
-        if self.film is not None:
-            x = self.film(x, pairs)
-        return F.relu(x)
+        return self.film(x, pairs) if self.film is not None else x
+
+
+class ConvNormFiLM(NormFiLM):
+    """3x3 conv -> per-sample norm -> FiLM (if conditioned) -> ReLU: the SegNet-style layer."""
+
+    def __init__(self, c_in: int, c_out: int, n_pairs: int | None) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1), n_pairs)
+
+    def forward(self, x: Tensor, pairs: Tensor, batch1_reference: bool = False) -> Tensor:
+        return F.relu(super().forward(x, pairs, batch1_reference))
 
 
 class Mapper(nn.Module):

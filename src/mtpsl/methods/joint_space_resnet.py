@@ -37,24 +37,10 @@ from torch import Tensor, nn
 
 from ..models.base import scaled
 from ..models.resnet_trunk import ResNetTrunk
-from .joint_space import FiLM, Mapper, SampleNorm, init_conv_only
+from .joint_space import Mapper, NormFiLM, SampleNorm, init_conv_only
 
 BASE_WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
 SizeFn = Callable[[int, int], tuple[int, int]]
-
-
-class NormFiLM(nn.Module):
-    """conv -> per-sample norm -> FiLM (if conditioned); the ReLU is left to the caller."""
-
-    def __init__(self, conv: nn.Conv2d, n_pairs: int | None) -> None:
-        super().__init__()
-        self.conv = conv
-        self.norm = SampleNorm(conv.out_channels)
-        self.film = FiLM(n_pairs, conv.out_channels) if n_pairs else None
-
-    def forward(self, x: Tensor, pairs: Tensor, batch1_reference: bool = False) -> Tensor:
-        x = self.norm(self.conv(x), batch1_reference)
-        return self.film(x, pairs) if self.film is not None else x
 
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
