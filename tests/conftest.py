@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from mtpsl.models import HeadSpec
+from mtpsl.tasks import build_task
+
 FAMILIES = {
     # folder -> (kind, extra): kind "label" with number of classes, or "depth"/"normal"
     "nyuv2": {"label": ("label", 13), "depth": ("depth", 0), "normal": ("normal", 0)},
@@ -140,3 +143,12 @@ def pascal_run(pascal_base: Path) -> Path:
 def pascal_xtc(pascal_base: Path) -> Path:
     """A tiny xtc run on the same data (five tasks, 20 ordered pairs)."""
     return _train_pascal(pascal_base, "xtc")
+
+
+NYU_TASKS = {
+    "semantic": build_task("segmentation", "semantic", num_classes=13),
+    "depth": build_task("depth", "depth"),
+    "normal": build_task("normal", "normal"),
+}
+"""NYUv2's three tasks, as the dataset builds them."""
+NYU_HEADS = {n: HeadSpec(t.out_channels, t.activate) for n, t in NYU_TASKS.items()}

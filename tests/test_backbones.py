@@ -18,17 +18,12 @@ from mtpsl.models.heads import ASPP_RATES
 from mtpsl.models.resnet import resolve_heads
 from mtpsl.tasks import build_task
 
-from conftest import make_layout
+from conftest import NYU_HEADS, NYU_TASKS, make_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TASKS = {
-    "semantic": build_task("segmentation", "semantic", num_classes=13),
-    "depth": build_task("depth", "depth"),
-    "normal": build_task("normal", "normal"),
-}
-HEADS = {n: HeadSpec(t.out_channels, t.activate) for n, t in TASKS.items()}
+TASKS, HEADS = NYU_TASKS, NYU_HEADS
 W = 0.0625
 
 

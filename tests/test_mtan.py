@@ -10,20 +10,14 @@ import pytest
 import torch
 
 from mtpsl.cli import main
-from mtpsl.models import HeadSpec, SegNet, build_model, count_parameters
-from mtpsl.tasks import build_task
+from mtpsl.models import SegNet, build_model, count_parameters
 
-from conftest import make_layout
+from conftest import NYU_HEADS, NYU_TASKS, make_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TASKS = {
-    "semantic": build_task("segmentation", "semantic", num_classes=13),
-    "depth": build_task("depth", "depth"),
-    "normal": build_task("normal", "normal"),
-}
-HEADS = {n: HeadSpec(t.out_channels, t.activate) for n, t in TASKS.items()}
+TASKS, HEADS = NYU_TASKS, NYU_HEADS
 
 
 def _att(c_in: int, c_mid: int, c_out: int) -> int:
