@@ -152,3 +152,20 @@ NYU_TASKS = {
 }
 """NYUv2's three tasks, as the dataset builds them."""
 NYU_HEADS = {n: HeadSpec(t.out_channels, t.activate) for n, t in NYU_TASKS.items()}
+
+
+def assert_same_state(a, b, where: str = "state") -> None:
+    """Bitwise equality of nested checkpoint states (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

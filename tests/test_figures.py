@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mtpsl import figures
-from mtpsl.checkpoint import load_checkpoint
+from mtpsl.checkpoint import load_checkpoint, save_checkpoint
 from mtpsl.cli import main
 from mtpsl.inference import load_run
 
@@ -173,7 +173,7 @@ def test_runs_with_different_task_sets_are_refused(runs, tmp_path, capsys):
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("nets.normal")}
     two = tmp_path / "two-tasks"
     two.mkdir()
-    torch.save(state, two / "checkpoint.pt")
+    save_checkpoint(state, two / "checkpoint.pt")
     assert list(load_run(two).tasks) == ["semantic", "depth"]
     args = ["figures", "qualitative", "--runs", str(runs[1]), str(two), "--indices", "0",
             "--device", "cpu", "--out", str(tmp_path)]

@@ -75,8 +75,9 @@ def test_divergence_stops_the_run_and_names_step_and_term(
 
     err = capsys.readouterr().err
     assert code == 2, err
-    line = err.strip()
-    assert line.startswith("error: ") and "\n" not in line and "Traceback" not in line
+    line = err.strip().splitlines()[-1]  # after epoch 1's progress line
+    assert line.startswith("error: ") and "Traceback" not in err
+    assert [k for k in err.strip().splitlines() if not k.startswith("epoch 1/3")] == [line]
     assert f"epoch 2, step {step_in_epoch} of {STEPS}:" in line
     assert expect in line
     assert not any(word in line for word in absent)

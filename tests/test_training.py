@@ -151,3 +151,24 @@ def _run_preset(root, run_dir):
                  "train.progress=false", "train.eval_batch_size=1"])
     assert code == 0
     return json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def test_runs_record_their_setup_signature_and_environment(tiny_root, tmp_path, capsys):
+    """Seeds of one set-up share a signature; any setting that changes what is learned (a
+    weighting, the model width) or the data gives another; where files go does not."""
+    base = ["train.epochs=1"]
+    runs = {
+        "seed0": _train(tiny_root, tmp_path / "a", *base),
+        "seed1": _train(tiny_root, tmp_path / "b", *base, "seed=1", f"output_dir={tmp_path}"),
+        "dwa": _train(tiny_root, tmp_path / "c", *base, "method.weighting=dwa"),
+        "wider": _train(tiny_root, tmp_path / "d", *base, "model.width=0.125"),
+    }
+    signature = {k: r["setup_signature"] for k, r in runs.items()}
+    assert signature["seed0"] == signature["seed1"]
+    assert len({signature["seed0"], signature["dwa"], signature["wider"]}) == 3
+    assert runs["dwa"]["setup"]["method"]["weighting"] == "dwa"
+    env = runs["seed0"]["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["deterministic"] is True and env["device"] == "cpu"
+    err = capsys.readouterr().err
+    assert "epoch 1/1  loss " in err and "img/s  ETA" in err  # one line per epoch

@@ -1,7 +1,9 @@
 """The ``mtpsl`` command line: train, eval, compare, data synth/check, presets.
 
-Every user-facing failure is an :class:`~mtpsl.errors.MtpslError` and is printed as one line
-(``error: ...``) with exit status 2, never as a traceback.
+One error boundary (:func:`main`): every expected failure (an :class:`~mtpsl.errors.MtpslError`,
+an OSError of any kind: a full disk, a denied permission, a folder where a file belongs) is one
+line ``error: <what>`` with exit status 2, never a traceback. A preempted run exits 75, Ctrl-C
+130. Anything else is a bug in mtpsl: it keeps its traceback, marked as an internal error.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .commands import add_all
-from .errors import MtpslError
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, MtpslError, strip_worker_traceback
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -84,12 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .train import resume, train
 
     if args.resume:
+        if args.config or args.run_dir:
+            raise MtpslError("--resume takes the run's own config and folder: drop --config "
+                             "and --run-dir (train.* overrides are allowed)")
+        from .train import resume
+
         final = resume(args.resume, args.overrides)
     else:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)  # before torch: typos fail fast
+        from .train import train
+
         final = train(config, Path(args.run_dir) if args.run_dir else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(json.dumps(final, indent=2))
@@ -100,10 +109,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if bool(args.run) == bool(args.checkpoint):
         raise MtpslError("give exactly one of --run DIR or --checkpoint FILE")
-    metrics = evaluate_checkpoint(args.run, args.checkpoint, args.split, args.root, args.device)
-    text = json.dumps(metrics, indent=2)
+    lock = None
     if args.out:
-        Path(args.out).write_text(text)
+        from .rundir import lock_if_run_folder
+
+        lock = lock_if_run_folder(args.out)  # eval --out into a run folder: one writer
+    try:
+        metrics = evaluate_checkpoint(args.run, args.checkpoint, args.split, args.root,
+                                      args.device)
+        text = json.dumps(metrics, indent=2)
+        if args.out:
+            from .files import write_text
+
+            write_text(args.out, text + "\n")
+    finally:
+        if lock is not None:
+            lock.release()
     print(text)
 
 
@@ -145,6 +166,13 @@ def cmd_check(args: argparse.Namespace) -> None:
 
     ds = DATASETS.get(args.dataset)(args.root, args.split)
     print(ds)
+    missing = getattr(ds, "missing_counts", None) or {}
+    for task, n_missing in missing.items():
+        line = f"  {task}: {len(ds) - n_missing} of {len(ds)} images labelled"
+        if n_missing:
+            line += (f", {n_missing} without a label file (read as partially annotated: "
+                     "training never sees this task for them)")
+        print(line)
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -160,16 +188,34 @@ def cmd_presets(args: argparse.Namespace) -> None:
         print("\n".join(preset_names()))
 
 
+def describe_os_error(err: OSError) -> str:
+    """``<file>: <reason>`` for an OSError (a DataLoader worker's one without its traceback)."""
+    reason = err.strerror or strip_worker_traceback(str(err))
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except MtpslError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"error: {strip_worker_traceback(str(err))}", file=sys.stderr)
+        return err.exit_code
     except KeyError as err:  # registry lookups outside a config (e.g. `data check --dataset`)
         print(f"error: {err.args[0]}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        print("internal error: the traceback above is a bug in mtpsl, not a problem with your "
+              "input; please report it with the command you ran", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,15 +13,18 @@ over seeds).
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import report
-from .config import Config, MethodVariant, build_config
-from .errors import ConfigError
+from .config import Config, MethodVariant, build_config, load_config
+from .errors import ConfigError, RunFolderError
 from .evaluate import higher_is_better
 from .experiment import open_dataset
-from .train import train
+from .rundir import holds_run
+from .train import first_difference, resume, train
 
 ARROWS = report.ARROWS
 GROUP = ("regime",)
@@ -42,18 +45,43 @@ def grid_cells(config: Config) -> list[tuple[str, str]]:
 def run_grid(config: Config, out: Path) -> list[dict]:
     """Train every (regime, method, seed) cell; return their final metrics."""
     results = []
-    for regime, method in grid_cells(config):
-        for seed in config.compare.seeds:
-            cell = out / _slug(regime) / method / f"seed{seed}"
-            final_path = cell / "final_metrics.json"
-            if not final_path.exists():
-                cell_config = cell_config_for(config, regime, method, seed)
-                print(f"== {regime} / {method} / seed {seed} -> {cell}", flush=True)
-                train(cell_config, cell)
-            result = json.loads(final_path.read_text())
-            results.append({**result, "regime": regime, "method": method, "seed": seed,
-                            "run_dir": str(cell)})
+    cells = [(r, m, s) for r, m in grid_cells(config) for s in config.compare.seeds]
+    trained: list[float] = []
+    for k, (regime, method, seed) in enumerate(cells, 1):
+        cell = out / _slug(regime) / method / f"seed{seed}"
+        final_path = cell / "final_metrics.json"
+        if not final_path.exists():
+            cell_config = cell_config_for(config, regime, method, seed)
+            left = sum(1 for r, m, s_ in cells[k - 1:]
+                       if not (out / _slug(r) / m / f"seed{s_}" / "final_metrics.json").exists())
+            eta = f", ETA {sum(trained) / len(trained) * left / 60:.1f} min" if trained else ""
+            print(f"== run {k} of {len(cells)}: {regime} / {method} / seed {seed} -> {cell}"
+                  f"{eta}", file=sys.stderr, flush=True)
+            began = time.perf_counter()
+            train_or_continue(cell_config, cell)
+            trained.append(time.perf_counter() - began)
+        result = json.loads(final_path.read_text())
+        results.append({**result, "regime": regime, "method": method, "seed": seed,
+                        "run_dir": str(cell)})
     return results
+
+
+def train_or_continue(config: Config, cell: Path) -> dict:
+    """Train a cell, or continue it where an interrupted grid left it (its config must be
+    the cell's: a changed grid does not silently mix two set-ups in one cell)."""
+    if not holds_run(cell):
+        return train(config, cell)
+    saved = cell / "config.yaml"
+    if saved.exists():
+        on_disk = load_config(str(saved)).model_dump()
+        wanted = config.model_dump()
+        on_disk.pop("train"), wanted.pop("train")
+        differing = first_difference(on_disk, wanted)
+        if differing:
+            raise RunFolderError(
+                f"grid cell {cell} holds a run whose config differs at {differing} from the "
+                "grid's; move or remove that folder to train the cell anew")
+    return resume(cell, [f"train.epochs={config.train.epochs}"])
 
 
 def _slug(regime: str) -> str:

@@ -7,18 +7,28 @@ Presets shipped in ``mtpsl/presets/*.yaml`` are named by their stem (``--config 
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
+from .files import write_text
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an lr of .inf or a NaN weight is a config error, not a diverged run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Section):
@@ -194,6 +204,16 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     compare: CompareConfig = CompareConfig()
 
+    @model_validator(mode="after")
+    def _finite_options(self) -> Config:
+        """Free-form option mappings (method, weighting, model, dataset) hold no NaN/inf."""
+        for section, key in (("dataset", "options"), ("model", "options"),
+                             ("method", "options"), ("method", "weighting_options")):
+            where = _nonfinite_path(getattr(getattr(self, section), key), f"{section}.{key}")
+            if where:
+                raise ValueError(f"{where}: must be a finite number (NaN and inf are refused)")
+        return self
+
     @field_validator("labels")
     @classmethod
     def _known_regime(cls, value: LabelsConfig) -> LabelsConfig:
@@ -202,6 +222,18 @@ class Config(Section):
         if value.file is None and value.regime not in REGIMES:
             raise ValueError(f"regime {value.regime!r} unknown; allowed: {REGIMES.names()}")
         return value
+
+
+def _nonfinite_path(value: Any, where: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for path, v in items if (found := _nonfinite_path(v, path))), None)
 
 
 def preset_names() -> list[str]:
@@ -218,12 +250,25 @@ def _read_yaml(source: str) -> dict:
                 f"config {source} is neither a file nor a preset; presets: {preset_names()}"
             )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        data = parse_yaml(path.read_text(encoding="utf-8"), f"config {path}") or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path} is not UTF-8 text: {err.reason} at byte "
+                          f"{err.start}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path} is a folder, not a YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
     return data
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` whose failures are one ConfigError naming ``what``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {err}") from None
+    except RecursionError:  # pathological nesting ("[[[[..."): the parser recurses per level
+        raise ConfigError(f"{what} is nested too deeply to be a config") from None
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -237,10 +282,7 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
-    try:
-        node[leaf] = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {assignment!r}: the value is not valid YAML: {err}") from None
+    node[leaf] = parse_yaml(raw, f"override {assignment!r}: the value") if raw else None
 
 
 def build_config(data: dict, source: str = "config") -> Config:
@@ -258,8 +300,12 @@ def load_config(source: str | None = None, overrides: list[str] | tuple = ()) ->
     return build_config(data, source or "config")
 
 
+def config_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    write_text(path, config_yaml(config))
 
 
 def _explain(err: ValidationError) -> str:
@@ -270,6 +316,8 @@ def _explain(err: ValidationError) -> str:
             section = _section_at(e["loc"][:-1])
             allowed = ", ".join(section.model_fields) if section else "?"
             lines.append(f"  {loc}: unknown key; allowed: {allowed}")
+        elif not loc:  # a whole-config check: its message names the key itself
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

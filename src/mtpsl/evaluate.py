@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .faults import fault_point
 from .metrics import METRICS, Metric
 from .speed import autocast, to_channels_last
 from .tasks import Task
@@ -69,6 +70,7 @@ def evaluate(
         with autocast(amp, device):
             preds = model(batch.image).preds
         accumulate(metrics, preds, batch.targets)
+        fault_point("eval")
     model.train(was_training)
     return {
         f"{name}/{key}": value

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .config import Config
 from .data import DATASETS
 from .data.batch import Collate, PartialLabelSet
-from .data.sampling import check_balanced_batch, train_sampler
+from .data.sampling import ResumableSampler, check_balanced_batch, train_sampler
 from .data.transforms import build_train_transform
 from .errors import ConfigError
 from .methods import METHODS, Method, build_method
@@ -228,10 +228,10 @@ def train_loader(
             f"train.batch_size: {cfg.batch_size} per process x {num_replicas} processes is "
             f"larger than the training set ({len(exp.train_set)} images)"
         )
-    sampler = train_sampler(
+    sampler = ResumableSampler(train_sampler(
         exp.train_set.domain_ids(), len(exp.train_set), cfg.batch_size, exp.config.seed,
         num_replicas, rank,
-    )
+    ))
     return DataLoader(
         exp.train_set,
         batch_size=cfg.batch_size,
@@ -240,6 +240,10 @@ def train_loader(
         num_workers=cfg.num_workers,
         collate_fn=Collate(exp.tasks),
         pin_memory=device.type == "cuda",
+        # its own generator: starting an epoch's iterator (which draws the workers' base
+        # seed) must not consume the global RNG that the training steps draw from, so a run
+        # resumed mid-epoch continues the same random stream (see train._fit)
+        generator=torch.Generator().manual_seed(exp.config.seed),
     )
 
 

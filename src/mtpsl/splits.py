@@ -10,6 +10,7 @@ pickled ``.npy`` read with a restricted unpickler).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from .errors import DataError
+from .files import write_text
 from .registry import Registry
 
 REGIMES: Registry = Registry("label regime")
@@ -133,8 +134,12 @@ class Split:
             "labelled": self.labelled.astype(int).tolist(),
         }
 
+    def digest(self) -> str:
+        """SHA-256 of the split's content (tasks, regime, seed, every label bit)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(
@@ -199,6 +204,8 @@ def _load_json(path: Path, data: object) -> Split:
 def _load_pth(path: Path, task_names: Sequence[str] | None) -> Split:
     """The reference format; read with weights_only=True so no pickled code can run."""
     try:
+        import torch  # only here: config validation imports this module and must stay light
+
         data = torch.load(path, map_location="cpu", weights_only=True)
         weights = data["labels_weights"]
     except Exception as err:  # torch raises many types for corrupt or unsafe files

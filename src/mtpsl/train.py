@@ -15,8 +15,13 @@ writes files. Speed options (``train.amp``, ``channels_last``, ``compile``...) a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,10 +33,26 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from . import distributed as ddp
-from .checkpoint import atomic_write, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from .checkpoint import (
+    RESUME_KEYS,
+    load_checkpoint,
+    load_state,
+    nonfinite_entries,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from .config import Config, apply_override, build_config, save_config
+from .data.fingerprint import fingerprint, unwrap
 from .distributed import DistEnv
-from .errors import ConfigError, MtpslError
+from .errors import (
+    ConfigError,
+    DataError,
+    Interrupted,
+    MtpslError,
+    Preempted,
+    RunFolderError,
+)
 from .evaluate import evaluate, higher_is_better, primary_keys
 from .experiment import (
     Experiment,
@@ -41,8 +62,11 @@ from .experiment import (
     seed_everything,
     train_loader,
 )
+from .faults import fault_point
+from .files import write_text
 from .models import count_parameters, shared_parameters
 from .optim import Optimisation
+from .rundir import RunLock, claim_new
 from .speed import (
     autocast,
     check_options,
@@ -80,19 +104,39 @@ class History:
 
     @classmethod
     def load(cls, run_dir: Path, upto_epoch: int) -> History:
+        """The rows of epochs 1..``upto_epoch`` (later ones were logged after the checkpoint
+        and are trained again); a malformed file is a DataError naming the line."""
         path = run_dir / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        return cls(run_dir, [r for r in rows if r["epoch"] <= upto_epoch])
+        if not path.exists():
+            return cls(run_dir)
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                row = json.loads(line)
+                epoch = row["epoch"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                raise DataError(f"{path}: line {number} is not a metrics row "
+                                "(JSON object with an 'epoch')") from None
+            if epoch <= upto_epoch:
+                rows.append(row)
+        if [r["epoch"] for r in rows] != list(range(1, upto_epoch + 1)):
+            raise DataError(f"{path}: does not hold one row for each of epochs 1..{upto_epoch}, "
+                            "which the checkpoint has done")
+        return cls(run_dir, rows)
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
+        self.write()
+
+    def write(self) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in self.rows)
-        atomic_write(self.run_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
+        write_text(self.run_dir / "metrics.jsonl", lines)
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.run_dir / "metrics.csv", text.getvalue())
 
     def last_eval(self) -> dict | None:
         rows = [r for r in self.rows if any(k.startswith("eval/") for k in r)]
@@ -100,40 +144,54 @@ class History:
 
 
 def new_run_dir(config: Config) -> Path:
-    """``output_dir/name``, suffixed ``-1``, ``-2``... so an old run is never overwritten."""
+    """``output_dir/name``, suffixed ``-1``, ``-2``... so an old run is never overwritten
+    (``mkdir`` without ``exist_ok`` is atomic: two runs started together get two folders)."""
     base = Path(config.output_dir) / config.name
-    path, k = base, 0
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    path.mkdir(parents=True)
-    return path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    k = 0
+    while True:
+        path = base if k == 0 else base.with_name(f"{base.name}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            k += 1
 
 
 def train(config: Config, run_dir: Path | None = None) -> dict:
     """Train a new run (in ``run_dir`` or a fresh folder) and return its final metrics.
 
-    Under torchrun, rank 0 picks and fills the run folder and every process returns the
-    same final metrics.
+    The folder is locked for the whole run and must not hold another run. A run that fails
+    before its first training step (a config or data error, a batch larger than the data)
+    leaves nothing behind. Under torchrun, rank 0 picks, locks and fills the run folder and
+    every process returns the same final metrics.
     """
     env, device, owned = _start(config)
-    try:
-        if env.is_main:
-            run_dir = Path(run_dir) if run_dir else new_run_dir(config)
-            run_dir.mkdir(parents=True, exist_ok=True)
-        run_dir = Path(_from_rank0(str(run_dir), env))
-        seed_everything(config.seed, config.train.deterministic)
-        try:
-            exp = build_experiment(config)
-        except MtpslError:
-            if env.is_main and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # a config or data error leaves no empty run folder behind
-            raise
+    claim = None
+    started = False
+
+    def write_start_files(exp: Experiment) -> None:
+        nonlocal started
         if env.is_main:
             save_config(config, run_dir / "config.yaml")
             exp.split.save(run_dir / "split.json")
-        return _fit(exp, run_dir, 0, None, env, device)
+        started = True
+
+    try:
+        if env.is_main:
+            claim = claim_new(run_dir) if run_dir else claim_new(new_run_dir(config), True)
+            run_dir = claim.run_dir
+        run_dir = Path(_from_rank0(str(run_dir), env))
+        seed_everything(config.seed, config.train.deterministic)
+        exp = build_experiment(config)
+        return _fit(exp, run_dir, None, env, device, on_ready=write_start_files)
+    except BaseException:
+        if claim is not None and not started:
+            claim.abandon()
+        raise
     finally:
+        if claim is not None:
+            claim.lock.release()
         if owned:
             ddp.teardown(env)
 
@@ -159,30 +217,131 @@ def _from_rank0(value, env: DistEnv):
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
-    """Continue a run from its last checkpoint with its saved config and split.
+    """Continue a run from its last checkpoint (an epoch's end, or mid-epoch after a
+    preemption) with its saved config and split.
 
     Only ``train.*`` keys may be overridden (e.g. ``train.epochs=300`` to train longer): the
-    rest defines the experiment and must not change halfway through it.
+    rest defines the experiment and must not change halfway through it. What the folder holds
+    is checked against what the checkpoint recorded (config.yaml, split.json, the datasets'
+    files) and any difference is refused, naming it.
     """
     run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir / CHECKPOINT)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} does not exist")
+    env = ddp.env_from_torchrun()
+    lock = RunLock(run_dir).acquire() if env.is_main else None
+    try:
+        path = run_dir / CHECKPOINT
+        if not path.exists() and not (run_dir / "config.yaml").exists():
+            raise RunFolderError(
+                f"{run_dir} holds no run to resume (no {CHECKPOINT}, no config.yaml: it was "
+                f"stopped before it began); start it again with `mtpsl train --run-dir "
+                f"{run_dir} ...`")
+        if path.exists():
+            state = load_checkpoint(path, required=RESUME_KEYS)
+            config = _resumed_config(state, run_dir, overrides)
+        else:  # killed before its first checkpoint: start again with its config and split
+            state, config = None, _restarted_config(run_dir, overrides)
+        env, device, owned = _start(config)
+        try:
+            seed_everything(config.seed, config.train.deterministic)
+            split_path = run_dir / "split.json"
+            # a restart killed before split.json was written draws the same split again
+            split = Split.load(split_path) if state or split_path.exists() else None
+            if state is not None:
+                _check_same(split.digest(), state["identity"].get("split"), "split.json",
+                            f"{run_dir / 'split.json'} is not the split this run was trained on")
+            exp = build_experiment(config, split)
+            if state is not None:
+                _check_datasets(exp, state["identity"].get("datasets", {}), path)
+            if env.is_main:
+                save_config(config, run_dir / "config.yaml")
+                if split is None:
+                    exp.split.save(split_path)
+            return _fit(exp, run_dir, state, env, device)
+        finally:
+            if owned:
+                ddp.teardown(env)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resumed_config(state: dict, run_dir: Path, overrides: Sequence[str]) -> Config:
+    """The checkpoint's config with the ``train.*`` overrides, checked against config.yaml."""
+    path = run_dir / CHECKPOINT
     data = state["config"]
+    recorded = build_config(json.loads(json.dumps(data)), str(path))
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        from .config import load_config
+
+        on_disk = load_config(str(saved)).model_dump()
+        differing = first_difference(
+            {k: v for k, v in on_disk.items() if k != "train"},
+            {k: v for k, v in recorded.model_dump().items() if k != "train"})
+        if differing:
+            raise RunFolderError(
+                f"{saved} differs from the config in {path} at {differing}: the folder's "
+                "config was edited or replaced; only train.* may change on resume (as "
+                "overrides: mtpsl train --resume DIR train.epochs=N)")
     for assignment in overrides:
         if not assignment.startswith("train."):
             raise ConfigError(f"resume accepts only train.* overrides, got {assignment!r}")
         apply_override(data, assignment)
-    config = build_config(data, str(run_dir / CHECKPOINT))
-    env, device, owned = _start(config)
-    try:
-        if env.is_main:
-            save_config(config, run_dir / "config.yaml")
-        seed_everything(config.seed, config.train.deterministic)
-        split = Split.load(run_dir / "split.json")
-        exp = build_experiment(config, split)
-        return _fit(exp, run_dir, state["epoch"], state, env, device)
-    finally:
-        if owned:
-            ddp.teardown(env)
+    config = build_config(data, str(path))
+    done = state["epoch"] + (1 if state["step"] else 0)
+    if config.train.epochs < done:
+        raise ConfigError(
+            f"train.epochs: {config.train.epochs} is below the {done} epochs this run has "
+            f"already {'started' if state['step'] else 'done'} ({path})")
+    return config
+
+
+def _restarted_config(run_dir: Path, overrides: Sequence[str]) -> Config:
+    """A run with no checkpoint yet restarts from epoch 1 with its config.yaml."""
+    from .config import load_config
+
+    for assignment in overrides:
+        if not assignment.startswith("train."):
+            raise ConfigError(f"resume accepts only train.* overrides, got {assignment!r}")
+    if (run_dir / "final_metrics.json").exists():
+        raise RunFolderError(f"{run_dir} holds final metrics but no {CHECKPOINT}: "
+                             "it cannot be continued")
+    return load_config(str(run_dir / "config.yaml"), overrides)
+
+
+def first_difference(a, b, where: str = "") -> str | None:
+    """Dotted path of the first key where two nested config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in dict.fromkeys([*a, *b]):
+            found = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+            if found:
+                return found
+        return None
+    return None if a == b else (where or "(top level)")
+
+
+def _check_same(found: str | None, recorded: str | None, item: str, what: str) -> None:
+    if recorded != found:
+        raise RunFolderError(f"resume refused: {item} differs: {what}")
+
+
+def _check_datasets(exp: Experiment, recorded: dict, path: Path) -> None:
+    """The datasets' fingerprints must equal the ones the checkpoint recorded."""
+    for name, found in dataset_fingerprints(exp).items():
+        _check_same(found, recorded.get(name), f"dataset ({name} split)",
+                    f"the files under dataset.root={exp.config.dataset.root} are not the ones "
+                    f"{path} was trained with (images, labels or file sizes changed)")
+
+
+def dataset_fingerprints(exp: Experiment) -> dict[str, str]:
+    return {"train": fingerprint(exp.train_set.dataset), "eval": fingerprint(exp.eval_set.dataset)}
+
+
+def experiment_identity(exp: Experiment) -> dict:
+    """What a checkpoint records so that a resume can check it continues the same run."""
+    return {"split": exp.split.digest(), "datasets": dataset_fingerprints(exp)}
 
 
 @dataclass
@@ -193,6 +352,9 @@ class _Step:
     device: torch.device
     env: DistEnv
     scaler: torch.amp.GradScaler | None = None
+    stop: StopRequest | None = None
+    clock: list[float] = field(default_factory=list)
+    """Seconds of each epoch trained in this session (the ETA's basis)."""
 
 
 def _setup_modules(exp: Experiment, env: DistEnv, device: torch.device) -> None:
@@ -208,62 +370,238 @@ def _setup_modules(exp: Experiment, env: DistEnv, device: torch.device) -> None:
     prepare_aux([exp.method, exp.weighting], cfg)
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+"""What cluster schedulers send before they stop a job (SLURM, Kubernetes)."""
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 handlers that ask the loop to stop at the next step boundary.
+
+    The handler only sets a flag; the loop finishes the step in progress, writes a mid-epoch
+    checkpoint and raises :class:`~mtpsl.errors.Preempted`. Under torchrun the flag is
+    agreed over processes every ``CHECK_EVERY`` steps, so all of them stop at the same step.
+    """
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self, step: int) -> bool:
+        if not self.env.enabled:
+            return self.signal is not None
+        if step % CHECK_EVERY:
+            return False
+        flag = torch.tensor([float(self.signal is not None)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else "a stop request"
+
+
+class _StopAt(Exception):
+    """Internal: the loop stopped after ``steps`` steps of the epoch on a stop request."""
+
+    def __init__(self, steps: int, sums: dict[str, torch.Tensor]) -> None:
+        super().__init__(steps)
+        self.steps, self.sums = steps, sums
+
+
 def _fit(
     exp: Experiment,
     run_dir: Path,
-    start_epoch: int,
     state: dict | None,
     env: DistEnv | None = None,
     device: torch.device | None = None,
+    on_ready=None,
 ) -> dict:
+    """Set up, then train from ``state`` (None: from scratch) to ``train.epochs``.
+
+    ``on_ready(exp)`` runs once everything is built and checked, right before the first step:
+    a failure before it is a set-up failure (the new run's folder is removed again).
+    """
     cfg = exp.config.train
     env = env or DistEnv()
     device = device or resolve_device(cfg.device)
     _setup_modules(exp, env, device)
     optim = build_optimisation(exp, optimizer_extra(cfg, device))
-    step = _Step(optim, device, env, grad_scaler(cfg, device))
+    step = _Step(optim, device, env, grad_scaler(cfg, device), StopRequest(env))
+    start_epoch, start_step = (state["epoch"], state["step"]) if state else (0, 0)
     history = History.load(run_dir, start_epoch) if state else History(run_dir)
     if state:
-        exp.model.load_state_dict(state["model"])
-        exp.method.load_state_dict(state["method"])
-        exp.weighting.load_state_dict(state["weighting"])
-        optim.load_state_dict(state["optim"])
-        if step.scaler is not None and state.get("scaler"):
-            step.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
+        _load_training_state(exp, step, state, run_dir / CHECKPOINT)
     for module in (exp.model, exp.method, exp.weighting):
         ddp.broadcast_module(module, env)  # identical start on every process
     if env.enabled:  # independent in-step noise per process (Gumbel samples, dropout)
         torch.manual_seed(int(np.random.SeedSequence(
-            [exp.config.seed, env.rank, start_epoch]).generate_state(1)[0]))
+            [exp.config.seed, env.rank, start_epoch, start_step]).generate_state(1)[0]))
     loader = train_loader(exp, device, env.world, env.rank)
     evals = _eval_loaders(exp, device) if env.is_main else {}
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
+    identity = experiment_identity(exp)
+    if on_ready is not None:
+        on_ready(exp)
+    writer = _tensorboard(run_dir, history) if env.is_main else None
     started = time.perf_counter()
+    partial = state.get("partial") if state and start_step else None
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            done = epoch + 1
-            exp.method.on_epoch_start(epoch, cfg.epochs)
-            exp.train_set.set_epoch(epoch)
-            loader.sampler.set_epoch(epoch)
-            row = {"epoch": done, **_train_epoch(exp, loader, step, epoch)}
-            row["lr"] = optim.optimizers[0].param_groups[0]["lr"]
-            optim.end_epoch()
-            ddp.average_buffers(exp.model, env)  # BN running statistics for eval/checkpoint
-            if env.is_main:
-                _evaluate_and_log(exp, evals, row, history, writer, device)
-                if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
-                    save_checkpoint(_state(exp, step, done), run_dir / CHECKPOINT)
-            ddp.barrier(env)  # the checkpoint is complete before any process goes on
+        with step.stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                first = start_step if epoch == start_epoch else 0
+                _run_epoch(exp, loader, step, epoch, first, partial if first else None,
+                           evals, history, writer, run_dir, identity)
+    except _StopAt as stop:
+        _save_preempted(exp, step, epoch, stop, run_dir, identity)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(run_dir)) from None
     finally:
         if writer is not None:
             writer.close()
     final = None
     if env.is_main:
-        final = _final_metrics(exp, history, time.perf_counter() - started)
+        final = _final_metrics(exp, history, time.perf_counter() - started, device)
         path = run_dir / "final_metrics.json"
-        atomic_write(path, lambda f: f.write(json.dumps(final, indent=2).encode()))
+        write_text(path, json.dumps(final, indent=2))
     return _from_rank0(final, env)
+
+
+def _load_training_state(exp: Experiment, step: _Step, state: dict, path: Path) -> None:
+    load_state(exp.model, state["model"], path, "model")
+    load_state(exp.method, state["method"], path, "method")
+    load_state(exp.weighting, state["weighting"], path, "weighting")
+    load_state(step.optim, state["optim"], path, "optimiser")
+    if step.scaler is not None and state.get("scaler"):
+        load_state(step.scaler, state["scaler"], path, "grad scaler")
+    restore_rng_state(state["rng"], path)
+
+
+def _run_epoch(exp, loader, step: _Step, epoch: int, first: int, partial, evals, history,
+               writer, run_dir: Path, identity: dict) -> None:
+    """Train one epoch (from step ``first``), evaluate, log, checkpoint."""
+    cfg, env = exp.config.train, step.env
+    done = epoch + 1
+    began = time.perf_counter()
+    exp.method.on_epoch_start(epoch, cfg.epochs)
+    exp.train_set.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
+    row = {"epoch": done, **_train_epoch(exp, loader, step, epoch, first, partial)}
+    row["lr"] = step.optim.optimizers[0].param_groups[0]["lr"]
+    step.optim.end_epoch()
+    ddp.average_buffers(exp.model, env)  # BN running statistics for eval/checkpoint
+    _require_finite_weights(exp, epoch)
+    if env.is_main:
+        _evaluate_and_log(exp, evals, row, history, writer, step.device)
+        seconds = time.perf_counter() - began
+        images = (_steps_in_epoch(exp, loader) - first) * loader.batch_size
+        step.clock.append(seconds)
+        print(epoch_line(row, cfg.epochs, images * env.world / seconds,
+                         _eta(step.clock, cfg.epochs - done), exp.tasks),
+              file=sys.stderr, flush=True)
+        fault_point("epoch")
+        stopping = step.stop.signal is not None
+        if done % cfg.checkpoint_every == 0 or done == cfg.epochs or stopping:
+            save_checkpoint(_state(exp, step, done, identity), run_dir / CHECKPOINT)
+    ddp.barrier(env)  # the checkpoint is complete before any process goes on
+    if step.stop.signal is not None and done < cfg.epochs:
+        raise Preempted(_preempted_message(step.stop, run_dir, done, 0))
+
+
+def _steps_in_epoch(exp: Experiment, loader) -> int:
+    cap = exp.config.train.max_steps_per_epoch
+    return len(loader) if cap is None else min(len(loader), cap)
+
+
+def _eta(clock: Sequence[float], epochs_left: int) -> float:
+    return sum(clock) / len(clock) * epochs_left if clock else 0.0
+
+
+def epoch_line(row: dict, epochs: int, images_per_s: float, eta_s: float, tasks) -> str:
+    """``epoch 3/10  loss 1.234 (semantic 0.5, ...)  eval semantic/miou 0.41 ...  96 img/s
+    ETA 1m20s``: one line per epoch that stays on screen (train, compare, make demo)."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row.get('train/total', math.nan):.4f}"]
+    losses = [f"{t} {row[f'train/{t}']:.3f}" for t in tasks if f"train/{t}" in row]
+    if losses:
+        parts[-1] += f" ({', '.join(losses)})"
+    shown = [f"{k} {row[f'eval/{k}']:.4g}" for k in primary_keys(tasks) if f"eval/{k}" in row]
+    if shown:
+        parts.append("eval " + ", ".join(shown))
+    minutes, seconds = divmod(round(eta_s), 60)
+    parts += [f"{images_per_s:.1f} img/s", f"ETA {minutes}m{seconds:02d}s"]
+    return "  ".join(parts)
+
+
+def _save_preempted(exp, step: _Step, epoch: int, stop: _StopAt, run_dir: Path,
+                    identity: dict) -> None:
+    _require_finite_weights(exp, epoch)
+    if step.env.is_main:
+        state = _state(exp, step, epoch, identity, steps=stop.steps, sums=stop.sums)
+        save_checkpoint(state, run_dir / CHECKPOINT)
+    ddp.barrier(step.env)
+    raise Preempted(_preempted_message(step.stop, run_dir, epoch, stop.steps))
+
+
+def _preempted_message(stop: StopRequest, run_dir: Path, epoch: int, steps: int) -> str:
+    where = f"after step {steps} of epoch {epoch + 1}" if steps else f"after epoch {epoch}"
+    return (f"stopped by {stop.name()} {where}; checkpoint written to {run_dir / CHECKPOINT}; "
+            f"continue with `mtpsl train --resume {run_dir}` (exit status 75)")
+
+
+def _interrupted_message(run_dir: Path) -> str:
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return f"interrupted before the first checkpoint; {run_dir} has nothing to resume"
+    try:
+        epoch = load_checkpoint(path)["epoch"]
+    except MtpslError:
+        epoch = "?"
+    return (f"interrupted; the last checkpoint is {path} (epoch {epoch}); continue with "
+            f"`mtpsl train --resume {run_dir}`")
+
+
+def _require_finite_weights(exp: Experiment, epoch: int) -> None:
+    """No non-finite weight may reach a checkpoint: the update of the epoch's last step is
+    not covered by the loss/gradient check (an infinite learning rate makes finite
+    gradients into NaN weights)."""
+    # the model's whole state (BN statistics too); of the method's and the weighting's only
+    # the parameters: their buffers may use NaN as "not yet seen" (DWA's loss history)
+    named = [*exp.model.state_dict().items(), *exp.method.named_parameters(),
+             *exp.weighting.named_parameters()]
+    bad = nonfinite_entries(named)
+    if bad:
+        raise NonFiniteLossError(
+            f"training diverged in epoch {epoch + 1}: an update made weights non-finite "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) although losses and "
+            "gradients were finite (check optim.lr); stopped, the last checkpoint is unchanged")
+
+
+def _tensorboard(run_dir: Path, history: History) -> SummaryWriter:
+    """A fresh TensorBoard log holding the history's rows: a resumed run rewrites it from
+    metrics.jsonl, so epochs logged after the checkpoint are not there twice."""
+    folder = run_dir / "tensorboard"
+    shutil.rmtree(folder, ignore_errors=True)
+    writer = SummaryWriter(str(folder))
+    for row in history.rows:
+        _log_scalars(writer, row)
+    return writer
+
+
+def _log_scalars(writer: SummaryWriter, row: dict) -> None:
+    for key, value in row.items():
+        if key != "epoch" and math.isfinite(value):
+            writer.add_scalar(key, value, row["epoch"])
 
 
 def _eval_loaders(exp: Experiment, device: torch.device) -> dict:
@@ -285,25 +623,26 @@ def _evaluate_and_log(exp, evals, row: dict, history: History, writer, device) -
                                amp=cfg.amp, channels_last=cfg.channels_last)
             row.update({f"{prefix}/{k}": v for k, v in metrics.items()})
     history.append(row)
-    for key, value in row.items():
-        if key != "epoch" and math.isfinite(value):
-            writer.add_scalar(key, value, done)
+    _log_scalars(writer, row)
 
 
 CHECK_EVERY = 10
 """Steps between host-side checks of the device-side divergence flags (and the last step)."""
 
 
-def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int) -> dict:
-    """One epoch; raises :class:`NonFiniteLossError` naming the first step that diverged.
+def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0,
+                 partial: dict | None = None) -> dict:
+    """One epoch from step ``first`` (a resumed preemption: ``partial`` holds the loss sums
+    of the steps before it); raises :class:`NonFiniteLossError` naming the first step that
+    diverged, or :class:`_StopAt` after a step when a stop was requested.
 
     Divergence is tracked on the device, without a host sync per step: every step marks
     whether any loss term or the gradient norm is non-finite, and the index of the first such
     step and its bad terms are kept with ``torch.where``. The flags are read (one sync) before
     the optimiser step of every ``CHECK_EVERY``-th step and of the last step, so at most
     ``CHECK_EVERY - 1`` bad updates reach the in-memory weights before the run stops; those
-    weights are then discarded. The checkpoint is only written after an epoch that finished
-    clean, so the last good one is never overwritten.
+    weights are then discarded. The weights themselves are checked before any checkpoint is
+    written, so the last good one is never overwritten.
 
     Distributed: gradients are averaged right after the backward pass (so the divergence
     check sees the same gradients everywhere and all processes stop together) and the
@@ -316,13 +655,18 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int) -> dict:
     n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(
         len(loader), cfg.max_steps_per_epoch
     )
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {
+        k: v.to(run.device) for k, v in ((partial or {}).get("sums") or {}).items()}
     watch = _DivergenceWatch(run.device, run.env)
     params = [p for opt in run.optim.optimizers for g in opt.param_groups for p in g["params"]]
     shared = shared_parameters(exp.model)
     show = cfg.progress and run.env.is_main
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
-    for step, batch in enumerate(loader):
+    bar = tqdm(total=n_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               leave=False, disable=not show)
+    loader.sampler.start_at(first * loader.batch_size)
+    loader.generator.manual_seed(int(np.random.SeedSequence(
+        [exp.config.seed, epoch, run.env.rank]).generate_state(1)[0]))
+    for step, batch in enumerate(loader, start=first):
         if step >= n_steps:
             break
         batch = to_channels_last(batch.to(run.device, non_blocking=True), cfg.channels_last)
@@ -331,6 +675,7 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int) -> dict:
         run.optim.unscale(run.scaler)
         grads = [] if run.scaler else [p.grad for p in params if p.grad is not None]
         watch.update(step, terms, grads)
+        fault_point("backward")
         if step % CHECK_EVERY == 0 or step == n_steps - 1:
             _check_finite(watch, epoch, n_steps)  # one host sync per CHECK_EVERY steps
         run.optim.step(run.scaler)
@@ -339,6 +684,10 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int) -> dict:
         bar.update()
         if show and (step % CHECK_EVERY == 0 or step == n_steps - 1):
             bar.set_postfix(loss=f"{sums['total'].item() / (step + 1):.4f}")
+        fault_point("step")
+        if step < n_steps - 1 and run.stop is not None and run.stop.requested(step):
+            bar.close()
+            raise _StopAt(step + 1, {k: v.detach().cpu() for k, v in sums.items()})
     bar.close()
     means = ddp.all_reduce_mean({k: v / max(n_steps, 1) for k, v in sums.items()}, run.env)
     means = {k: v.item() for k, v in means.items()}
@@ -433,10 +782,16 @@ def _check_finite(watch: _DivergenceWatch, epoch: int, n_steps: int) -> None:
     )
 
 
-def _state(exp: Experiment, run: _Step, epoch: int) -> dict:
+def _state(exp: Experiment, run: _Step, epoch: int, identity: dict, steps: int = 0,
+           sums: dict | None = None) -> dict:
+    """A checkpoint after ``epoch`` whole epochs and ``steps`` steps of the next one."""
     extra = {"scaler": run.scaler.state_dict()} if run.scaler is not None else {}
+    if steps:
+        extra["partial"] = {"sums": sums or {}}
     return {
         "epoch": epoch,
+        "step": steps,
+        "identity": identity,
         "config": exp.config.model_dump(),
         "task_names": list(exp.tasks),
         "input_size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width],
@@ -449,7 +804,63 @@ def _state(exp: Experiment, run: _Step, epoch: int) -> dict:
     }
 
 
-def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
+NOT_SETUP = {"top": ("name", "label", "seed", "output_dir", "compare"),
+             "dataset": ("root",),
+             "train": ("device", "progress", "num_workers", "eval_batch_size",
+                       "checkpoint_every", "fused_optimizer")}
+"""Config keys that do not change what is learned (where files go, how progress is shown)
+or that vary between the seeds of one set-up; everything else defines the experiment."""
+
+
+def setup_signature(exp: Experiment) -> dict:
+    """``setup`` (the config minus :data:`NOT_SETUP`, plus the datasets' fingerprints and
+    image size) and ``setup_signature``, its SHA-256: runs of one experiment that differ only
+    in their seed share it, so tables can group seeds of the same set-up and nothing else."""
+    import hashlib
+
+    data = exp.config.model_dump()
+    for key in NOT_SETUP["top"]:
+        data.pop(key, None)
+    for section in ("dataset", "train"):
+        for key in NOT_SETUP[section]:
+            data[section].pop(key, None)
+    if exp.config.labels.seed is None:
+        data["labels"]["seed"] = "run seed"
+    data["data"] = {**dataset_fingerprints(exp),
+                    "size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width]}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return {"setup": data, "setup_signature": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def run_environment(cfg, device: torch.device) -> dict:
+    """What bitwise reproducibility depends on: the build, the threads, the hardware and the
+    determinism flags (same values, same seed: same weights on CPU)."""
+    import platform
+
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = _cpu_name() or platform.processor() or platform.machine()
+    return {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(device), "hardware": hardware, "threads": torch.get_num_threads(),
+        "deterministic": cfg.deterministic,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "amp": cfg.amp, "compile": cfg.compile,
+    }
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def _final_metrics(exp: Experiment, history: History, seconds: float,
+                   device: torch.device) -> dict:
     last = history.last_eval() or {}
     final = {
         "name": exp.config.name,
@@ -464,6 +875,8 @@ def _final_metrics(exp: Experiment, history: History, seconds: float) -> dict:
         **_extra_eval_metrics(last),
         **_split_counts(exp),
         "parameters": count_parameters(exp.model),
+        **setup_signature(exp),
+        "environment": run_environment(exp.config.train, device),
         "train_seconds_this_session": round(seconds, 1),
     }
     val_rows = [r for r in history.rows if any(k.startswith("val/") for k in r)]
@@ -492,7 +905,7 @@ def _split_counts(exp: Experiment) -> dict:
     regime's counts, with a note saying so.
     """
     split = exp.split
-    dataset = _unwrap(exp.train_set.dataset)
+    dataset = unwrap(exp.train_set.dataset)
     available = label_availability(dataset, len(split), split.task_names)
     detail: dict = {"images": len(split), "labelled_by_regime": split.counts()}
     if exp.val_set is not None:
@@ -508,13 +921,6 @@ def _split_counts(exp: Experiment) -> dict:
                       "gives and the data has" + (", validation carve included"
                                                   if exp.val_set is not None else ""))
     return {"split": split.counts(available), "split_detail": detail}
-
-
-def _unwrap(dataset):
-    """The dataset under any ``Subset`` (the split's rows are its images)."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return dataset
 
 
 def label_availability(dataset, n_images: int, task_names: Sequence[str]) -> np.ndarray | None:

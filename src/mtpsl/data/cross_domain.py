@@ -155,6 +155,10 @@ class UnionView(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def file_listing(self) -> list[tuple[str, int]]:
+        listing = getattr(self.source, "file_listing", None)
+        return listing() if listing is not None else []
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         item = self.source[index]
         out: dict[str, Tensor] = {"image": item["image"], "index": item["index"]}
@@ -186,6 +190,11 @@ class CrossDomainDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.available)
+
+    def file_listing(self) -> list[tuple[str, int]]:
+        return [(f"{label}/{name}", size) for label, part in zip(self.domain_names, self.parts,
+                                                                  strict=True)
+                for name, size in part.file_listing()]
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         n = len(self)

@@ -195,6 +195,11 @@ class LayoutDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.available.shape[0]
 
+    def file_listing(self) -> list[tuple[str, int]]:
+        """(path relative to the root, size in bytes) of every file read (fingerprints)."""
+        return [(p.relative_to(self.root).as_posix(), p.stat().st_size)
+                for paths in self._paths.values() for p in paths if p is not None]
+
     @property
     def missing_counts(self) -> dict[str, int]:
         """Number of images without a label, per task (partially annotated data)."""

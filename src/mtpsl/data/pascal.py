@@ -283,6 +283,13 @@ class PascalContextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def file_listing(self) -> list[tuple[str, int]]:
+        """(path relative to the root, size in bytes) of every file read (fingerprints)."""
+        paths = [self.path(key, i) for key in ("image", *self.task_names)
+                 for i in self.image_ids]
+        return [(p.relative_to(self.root).as_posix(), p.stat().st_size)
+                for p in paths if p.is_file()]
+
     @property
     def missing_counts(self) -> dict[str, int]:
         """Images without a label file, per task (``parts`` may lose more when decoded)."""

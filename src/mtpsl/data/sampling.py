@@ -8,6 +8,7 @@ of images from every source, as SemiMTL's synchronous mini-batches do.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -94,4 +95,28 @@ def train_sampler(
     return DomainBalancedSampler(domain_ids, batch_size, seed, num_replicas, rank)
 
 
+class ResumableSampler(Sampler[int]):
+    """A training sampler whose next pass can start part-way, where a preempted run stopped.
+
+    ``start_at(n)`` makes the next ``iter()`` skip the first ``n`` indices of the epoch's
+    order (which depends only on the seed and the epoch), so a run resumed mid-epoch sees
+    exactly the batches the uninterrupted run saw; later passes start at 0 again.
+    """
+
+    def __init__(self, base: Sampler[int]) -> None:
+        self.base = base
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def start_at(self, n_items: int) -> None:
+        self._start = n_items
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._start = self._start, 0
+        return itertools.islice(iter(self.base), skip, None)
 

@@ -1,0 +1,173 @@
+"""Fault injection into a real ``mtpsl train`` process, then resume: nothing lost, nothing doubled.
+
+Each case starts the CLI as a subprocess with ``MTPSL_FAULT`` (see :mod:`mtpsl.faults`): a
+SIGKILL mid-step, mid-epoch, in evaluation and inside each file write; a SIGTERM/SIGUSR1
+preemption mid-epoch and during evaluation (twice in a row, too); a full disk while writing
+the checkpoint. Then ``mtpsl train --resume`` is run until the run completes, and the final
+checkpoint, metrics.jsonl, metrics.csv, final_metrics.json and the TensorBoard scalars must
+equal those of one uninterrupted run bitwise (CPU, one thread).
+
+Guards: train._run_epoch / _save_preempted (mid-epoch checkpoints), sampling.ResumableSampler
+(the sampler position), experiment.train_loader's own generator (the RNG stream), train.
+_tensorboard (no duplicate points), History.load (rows after the checkpoint dropped),
+files.atomic_write (a kill or ENOSPC mid-write keeps the old file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtpsl.checkpoint import load_checkpoint
+from mtpsl.errors import EXIT_ERROR, EXIT_PREEMPTED
+from mtpsl.files import stale_temps
+
+from conftest import assert_same_state, make_layout
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+
+# 12 images, batch 2: 6 steps per epoch; 3 epochs; checkpoints after epochs 2 and 3 only, so
+# a kill in epoch 3 has logged a row (epoch 3's, from a killed try) the checkpoint has not.
+ARGS = ["model.width=0.0625", "train.epochs=3", "train.batch_size=2", "train.eval_every=1",
+        "train.checkpoint_every=2", "train.progress=false", "train.device=cpu",
+        "optim.lr=1e-3", "train.eval_batch_size=4"]
+TIMEOUT = 300
+
+
+def _env(fault: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("MTPSL_FAULT", None)
+    if fault:
+        env["MTPSL_FAULT"] = fault
+    return env
+
+
+def _mtpsl(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mtpsl", *args], env=_env(fault),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _scalars(run: Path) -> list[tuple[str, int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return sorted((tag, e.step, e.value) for tag in acc.Tags()["scalars"]
+                  for e in acc.Scalars(tag))
+
+
+def _final(run: Path) -> dict:
+    final = json.loads((run / "final_metrics.json").read_text())
+    final.pop("train_seconds_this_session")
+    return final
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_layout(tmp_path_factory.mktemp("faults"), n=12, h=32, w=32)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    done = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS)
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    full = load_checkpoint(reference / "checkpoint.pt")
+    part = load_checkpoint(run / "checkpoint.pt")
+    assert_same_state(full, part)  # model, method, weighting, optimiser, RNG, identity
+    for name in ("metrics.jsonl", "metrics.csv", "config.yaml", "split.json"):
+        assert (run / name).read_text() == (reference / name).read_text(), name
+    assert _final(run) == _final(reference)
+    scalars = _scalars(run)
+    assert len(scalars) == len({(tag, step) for tag, step, _ in scalars}), "duplicate points"
+    assert scalars == _scalars(reference)
+    assert stale_temps(run / "checkpoint.pt") == []
+
+
+CASES = {
+    # name: (fault, expected exit status of the faulted process)
+    "kill mid-step, epoch 1 (no checkpoint yet)": ("KILL@backward#4", -signal.SIGKILL),
+    "kill mid-epoch 3": ("KILL@step#15", -signal.SIGKILL),
+    "kill in evaluation": ("KILL@eval#4", -signal.SIGKILL),
+    "kill writing the checkpoint": ("KILL@write:checkpoint.pt#2", -signal.SIGKILL),
+    "kill writing metrics.jsonl": ("KILL@write:metrics.jsonl#3", -signal.SIGKILL),
+    "kill writing final_metrics.json": ("KILL@write:final_metrics.json#1", -signal.SIGKILL),
+    "kill writing metrics.csv": ("KILL@write:metrics.csv#2", -signal.SIGKILL),
+    "kill writing split.json": ("KILL@write:split.json#1", -signal.SIGKILL),
+    "kill writing config.yaml": ("KILL@write:config.yaml#1", -signal.SIGKILL),
+    "SIGTERM mid-epoch 1": ("TERM@step#3", EXIT_PREEMPTED),
+    "SIGUSR1 mid-epoch 3": ("USR1@step#14", EXIT_PREEMPTED),
+    "SIGTERM in evaluation": ("TERM@eval#1", EXIT_PREEMPTED),
+    "disk full writing the checkpoint": ("ENOSPC@write:checkpoint.pt#2", EXIT_ERROR),
+}
+
+
+@pytest.mark.parametrize("fault, status", list(CASES.values()), ids=list(CASES))
+def test_fault_then_resume_equals_an_uninterrupted_run(fault, status, data, reference,
+                                                       tmp_path):
+    run = tmp_path / "run"
+    hit = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS, fault=fault)
+    assert hit.returncode == status, hit.stderr
+    assert not (run / "final_metrics.json").exists() or "final_metrics" in fault
+    if status > 0:
+        last = hit.stderr.strip().splitlines()[-1]  # after the per-epoch progress lines
+        assert "Traceback" not in hit.stderr and last.startswith("error: "), hit.stderr
+    if status == EXIT_PREEMPTED:
+        assert "--resume" in hit.stderr and load_checkpoint(run / "checkpoint.pt")
+    if "ENOSPC" in fault:
+        assert "No space left on device" in hit.stderr
+        assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2  # the old one survived
+    resumed = _mtpsl("train", "--resume", str(run))
+    if "config.yaml" in fault:  # killed before the run began: resume says to start it again
+        assert resumed.returncode == EXIT_ERROR and "start it again" in resumed.stderr
+        resumed = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(run, reference)
+
+
+def test_preempted_twice_then_resumed_equals_an_uninterrupted_run(data, reference, tmp_path):
+    run = tmp_path / "run"
+    first = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS,
+                   fault="TERM@step#2")
+    assert first.returncode == EXIT_PREEMPTED, first.stderr
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (0, 2)  # mid-epoch, sampler position 2
+    second = _mtpsl("train", "--resume", str(run), fault="TERM@step#7")
+    assert second.returncode == EXIT_PREEMPTED, second.stderr
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (1, 3)
+    assert _mtpsl("train", "--resume", str(run)).returncode == 0
+    _assert_same_run(run, reference)
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(data, tmp_path):
+    run = tmp_path / "run"
+    hit = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS,
+                 fault="INT@step#15")
+    assert hit.returncode == 130, hit.stderr
+    assert "Traceback" not in hit.stderr
+    assert f"{run / 'checkpoint.pt'} (epoch 2)" in hit.stderr and "--resume" in hit.stderr
+
+
+def test_preempting_a_method_that_draws_random_numbers_keeps_its_stream(data, tmp_path):
+    """direct_map draws Gumbel samples from the global RNG every step: the resumed stream
+    must continue where the preempted one stopped (guards the mid-epoch RNG state and
+    train_loader's own generator, which keeps iterator start-up off the global RNG)."""
+    args = [f"dataset.root={data}", *ARGS, "method.name=direct_map",
+            "method.options={mapping_width: 0.0625}"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert _mtpsl("train", "--run-dir", str(reference), *args).returncode == 0
+    hit = _mtpsl("train", "--run-dir", str(run), *args, fault="TERM@step#9")
+    assert hit.returncode == EXIT_PREEMPTED, hit.stderr
+    assert _mtpsl("train", "--resume", str(run)).returncode == 0
+    _assert_same_run(run, reference)
