@@ -19,12 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import report
-from .config import Config, MethodVariant, build_config, load_config
+from .config import Config, MethodVariant, build_config
 from .errors import ConfigError, RunFolderError
 from .evaluate import higher_is_better
 from .experiment import open_dataset
 from .rundir import holds_run
-from .train import first_difference, resume, train
+from .train import resume, saved_config_difference, train
 
 ARROWS = report.ARROWS
 GROUP = ("regime",)
@@ -46,14 +46,14 @@ def run_grid(config: Config, out: Path) -> list[dict]:
     """Train every (regime, method, seed) cell; return their final metrics."""
     results = []
     cells = [(r, m, s) for r, m in grid_cells(config) for s in config.compare.seeds]
+    pending = sum(not (_cell_dir(out, *c) / "final_metrics.json").exists() for c in cells)
     trained: list[float] = []
     for k, (regime, method, seed) in enumerate(cells, 1):
-        cell = out / _slug(regime) / method / f"seed{seed}"
+        cell = _cell_dir(out, regime, method, seed)
         final_path = cell / "final_metrics.json"
         if not final_path.exists():
             cell_config = cell_config_for(config, regime, method, seed)
-            left = sum(1 for r, m, s_ in cells[k - 1:]
-                       if not (out / _slug(r) / m / f"seed{s_}" / "final_metrics.json").exists())
+            left = pending - len(trained)
             eta = f", ETA {sum(trained) / len(trained) * left / 60:.1f} min" if trained else ""
             print(f"== run {k} of {len(cells)}: {regime} / {method} / seed {seed} -> {cell}"
                   f"{eta}", file=sys.stderr, flush=True)
@@ -71,17 +71,16 @@ def train_or_continue(config: Config, cell: Path) -> dict:
     the cell's: a changed grid does not silently mix two set-ups in one cell)."""
     if not holds_run(cell):
         return train(config, cell)
-    saved = cell / "config.yaml"
-    if saved.exists():
-        on_disk = load_config(str(saved)).model_dump()
-        wanted = config.model_dump()
-        on_disk.pop("train"), wanted.pop("train")
-        differing = first_difference(on_disk, wanted)
-        if differing:
-            raise RunFolderError(
-                f"grid cell {cell} holds a run whose config differs at {differing} from the "
-                "grid's; move or remove that folder to train the cell anew")
+    differing = saved_config_difference(cell / "config.yaml", config)
+    if differing:
+        raise RunFolderError(
+            f"grid cell {cell} holds a run whose config differs at {differing} from the "
+            "grid's; move or remove that folder to train the cell anew")
     return resume(cell, [f"train.epochs={config.train.epochs}"])
+
+
+def _cell_dir(out: Path, regime: str, method: str, seed: int) -> Path:
+    return out / _slug(regime) / method / f"seed{seed}"
 
 
 def _slug(regime: str) -> str:

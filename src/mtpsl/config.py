@@ -300,12 +300,8 @@ def load_config(source: str | None = None, overrides: list[str] | tuple = ()) ->
     return build_config(data, source or "config")
 
 
-def config_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(), sort_keys=False)
-
-
 def save_config(config: Config, path: str | Path) -> None:
-    write_text(path, config_yaml(config))
+    write_text(path, yaml.safe_dump(config.model_dump(), sort_keys=False))
 
 
 def _explain(err: ValidationError) -> str:

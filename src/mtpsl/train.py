@@ -126,9 +126,6 @@ class History:
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        self.write()
-
-    def write(self) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in self.rows)
         write_text(self.run_dir / "metrics.jsonl", lines)
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
@@ -248,12 +245,7 @@ def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
             split_path = run_dir / "split.json"
             # a restart killed before split.json was written draws the same split again
             split = Split.load(split_path) if state or split_path.exists() else None
-            if state is not None:
-                _check_same(split.digest(), state["identity"].get("split"), "split.json",
-                            f"{run_dir / 'split.json'} is not the split this run was trained on")
             exp = build_experiment(config, split)
-            if state is not None:
-                _check_datasets(exp, state["identity"].get("datasets", {}), path)
             if env.is_main:
                 save_config(config, run_dir / "config.yaml")
                 if split is None:
@@ -271,23 +263,15 @@ def _resumed_config(state: dict, run_dir: Path, overrides: Sequence[str]) -> Con
     """The checkpoint's config with the ``train.*`` overrides, checked against config.yaml."""
     path = run_dir / CHECKPOINT
     data = state["config"]
-    recorded = build_config(json.loads(json.dumps(data)), str(path))
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        from .config import load_config
-
-        on_disk = load_config(str(saved)).model_dump()
-        differing = first_difference(
-            {k: v for k, v in on_disk.items() if k != "train"},
-            {k: v for k, v in recorded.model_dump().items() if k != "train"})
-        if differing:
-            raise RunFolderError(
-                f"{saved} differs from the config in {path} at {differing}: the folder's "
-                "config was edited or replaced; only train.* may change on resume (as "
-                "overrides: mtpsl train --resume DIR train.epochs=N)")
+    differing = saved_config_difference(saved, build_config(data, str(path)))
+    if differing:
+        raise RunFolderError(
+            f"{saved} differs from the config in {path} at {differing}: the folder's "
+            "config was edited or replaced; only train.* may change on resume (as "
+            "overrides: mtpsl train --resume DIR train.epochs=N)")
+    _check_resume_overrides(overrides)
     for assignment in overrides:
-        if not assignment.startswith("train."):
-            raise ConfigError(f"resume accepts only train.* overrides, got {assignment!r}")
         apply_override(data, assignment)
     config = build_config(data, str(path))
     done = state["epoch"] + (1 if state["step"] else 0)
@@ -302,13 +286,30 @@ def _restarted_config(run_dir: Path, overrides: Sequence[str]) -> Config:
     """A run with no checkpoint yet restarts from epoch 1 with its config.yaml."""
     from .config import load_config
 
-    for assignment in overrides:
-        if not assignment.startswith("train."):
-            raise ConfigError(f"resume accepts only train.* overrides, got {assignment!r}")
+    _check_resume_overrides(overrides)
     if (run_dir / "final_metrics.json").exists():
         raise RunFolderError(f"{run_dir} holds final metrics but no {CHECKPOINT}: "
                              "it cannot be continued")
     return load_config(str(run_dir / "config.yaml"), overrides)
+
+
+def _check_resume_overrides(overrides: Sequence[str]) -> None:
+    for assignment in overrides:
+        if not assignment.startswith("train."):
+            raise ConfigError(f"resume accepts only train.* overrides, got {assignment!r}")
+
+
+def saved_config_difference(saved: Path, config: Config) -> str | None:
+    """Dotted key at which a run folder's config.yaml first differs from ``config`` outside
+    ``train.*`` (which may change on resume); None when equal or when there is no file."""
+    if not saved.exists():
+        return None
+    from .config import load_config
+
+    on_disk = load_config(str(saved)).model_dump()
+    wanted = config.model_dump()
+    on_disk.pop("train"), wanted.pop("train")
+    return first_difference(on_disk, wanted)
 
 
 def first_difference(a, b, where: str = "") -> str | None:
@@ -327,12 +328,16 @@ def _check_same(found: str | None, recorded: str | None, item: str, what: str) -
         raise RunFolderError(f"resume refused: {item} differs: {what}")
 
 
-def _check_datasets(exp: Experiment, recorded: dict, path: Path) -> None:
-    """The datasets' fingerprints must equal the ones the checkpoint recorded."""
-    for name, found in dataset_fingerprints(exp).items():
-        _check_same(found, recorded.get(name), f"dataset ({name} split)",
+def _check_identity(exp: Experiment, found: dict, recorded: dict, run_dir: Path) -> None:
+    """The split and the datasets' fingerprints must equal what the checkpoint recorded."""
+    _check_same(found["split"], recorded.get("split"), "split.json",
+                f"{run_dir / 'split.json'} is not the split this run was trained on")
+    for name, fingerprint_found in found["datasets"].items():
+        _check_same(fingerprint_found, recorded.get("datasets", {}).get(name),
+                    f"dataset ({name} split)",
                     f"the files under dataset.root={exp.config.dataset.root} are not the ones "
-                    f"{path} was trained with (images, labels or file sizes changed)")
+                    f"{run_dir / CHECKPOINT} was trained with (images, labels or file sizes "
+                    "changed)")
 
 
 def dataset_fingerprints(exp: Experiment) -> dict[str, str]:
@@ -355,6 +360,8 @@ class _Step:
     stop: StopRequest | None = None
     clock: list[float] = field(default_factory=list)
     """Seconds of each epoch trained in this session (the ETA's basis)."""
+    saved_epoch: int | None = None
+    """Whole epochs in the run folder's checkpoint (None: none written yet)."""
 
 
 def _setup_modules(exp: Experiment, env: DistEnv, device: torch.device) -> None:
@@ -382,8 +389,8 @@ class StopRequest:
     agreed over processes every ``CHECK_EVERY`` steps, so all of them stop at the same step.
     """
 
-    def __init__(self, env: DistEnv) -> None:
-        self.env = env
+    def __init__(self, env: DistEnv, device: torch.device) -> None:
+        self.env, self.device = env, device
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -405,7 +412,7 @@ class StopRequest:
             return self.signal is not None
         if step % CHECK_EVERY:
             return False
-        flag = torch.tensor([float(self.signal is not None)])
+        flag = torch.tensor([float(self.signal is not None)], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -437,10 +444,14 @@ def _fit(
     cfg = exp.config.train
     env = env or DistEnv()
     device = device or resolve_device(cfg.device)
+    identity = experiment_identity(exp)
+    if state:
+        _check_identity(exp, identity, state["identity"], run_dir)
     _setup_modules(exp, env, device)
     optim = build_optimisation(exp, optimizer_extra(cfg, device))
-    step = _Step(optim, device, env, grad_scaler(cfg, device), StopRequest(env))
+    step = _Step(optim, device, env, grad_scaler(cfg, device), StopRequest(env, device))
     start_epoch, start_step = (state["epoch"], state["step"]) if state else (0, 0)
+    step.saved_epoch = start_epoch if state else None
     history = History.load(run_dir, start_epoch) if state else History(run_dir)
     if state:
         _load_training_state(exp, step, state, run_dir / CHECKPOINT)
@@ -451,7 +462,6 @@ def _fit(
             [exp.config.seed, env.rank, start_epoch, start_step]).generate_state(1)[0]))
     loader = train_loader(exp, device, env.world, env.rank)
     evals = _eval_loaders(exp, device) if env.is_main else {}
-    identity = experiment_identity(exp)
     if on_ready is not None:
         on_ready(exp)
     writer = _tensorboard(run_dir, history) if env.is_main else None
@@ -466,13 +476,13 @@ def _fit(
     except _StopAt as stop:
         _save_preempted(exp, step, epoch, stop, run_dir, identity)
     except KeyboardInterrupt:
-        raise Interrupted(_interrupted_message(run_dir)) from None
+        raise Interrupted(_interrupted_message(run_dir, step.saved_epoch)) from None
     finally:
         if writer is not None:
             writer.close()
     final = None
     if env.is_main:
-        final = _final_metrics(exp, history, time.perf_counter() - started, device)
+        final = _final_metrics(exp, history, time.perf_counter() - started, device, identity)
         path = run_dir / "final_metrics.json"
         write_text(path, json.dumps(final, indent=2))
     return _from_rank0(final, env)
@@ -514,6 +524,7 @@ def _run_epoch(exp, loader, step: _Step, epoch: int, first: int, partial, evals,
         stopping = step.stop.signal is not None
         if done % cfg.checkpoint_every == 0 or done == cfg.epochs or stopping:
             save_checkpoint(_state(exp, step, done, identity), run_dir / CHECKPOINT)
+            step.saved_epoch = done
     ddp.barrier(env)  # the checkpoint is complete before any process goes on
     if step.stop.signal is not None and done < cfg.epochs:
         raise Preempted(_preempted_message(step.stop, run_dir, done, 0))
@@ -559,14 +570,10 @@ def _preempted_message(stop: StopRequest, run_dir: Path, epoch: int, steps: int)
             f"continue with `mtpsl train --resume {run_dir}` (exit status 75)")
 
 
-def _interrupted_message(run_dir: Path) -> str:
+def _interrupted_message(run_dir: Path, epoch: int | None) -> str:
     path = run_dir / CHECKPOINT
-    if not path.exists():
+    if epoch is None:
         return f"interrupted before the first checkpoint; {run_dir} has nothing to resume"
-    try:
-        epoch = load_checkpoint(path)["epoch"]
-    except MtpslError:
-        epoch = "?"
     return (f"interrupted; the last checkpoint is {path} (epoch {epoch}); continue with "
             f"`mtpsl train --resume {run_dir}`")
 
@@ -652,9 +659,7 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
     cfg = exp.config.train
     exp.model.train()
     exp.method.train()
-    n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(
-        len(loader), cfg.max_steps_per_epoch
-    )
+    n_steps = _steps_in_epoch(exp, loader)
     sums: dict[str, torch.Tensor] = {
         k: v.to(run.device) for k, v in ((partial or {}).get("sums") or {}).items()}
     watch = _DivergenceWatch(run.device, run.env)
@@ -812,7 +817,7 @@ NOT_SETUP = {"top": ("name", "label", "seed", "output_dir", "compare"),
 or that vary between the seeds of one set-up; everything else defines the experiment."""
 
 
-def setup_signature(exp: Experiment) -> dict:
+def setup_signature(exp: Experiment, fingerprints: dict[str, str]) -> dict:
     """``setup`` (the config minus :data:`NOT_SETUP`, plus the datasets' fingerprints and
     image size) and ``setup_signature``, its SHA-256: runs of one experiment that differ only
     in their seed share it, so tables can group seeds of the same set-up and nothing else."""
@@ -826,7 +831,7 @@ def setup_signature(exp: Experiment) -> dict:
             data[section].pop(key, None)
     if exp.config.labels.seed is None:
         data["labels"]["seed"] = "run seed"
-    data["data"] = {**dataset_fingerprints(exp),
+    data["data"] = {**fingerprints,
                     "size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width]}
     text = json.dumps(data, sort_keys=True, default=str)
     return {"setup": data, "setup_signature": hashlib.sha256(text.encode()).hexdigest()[:16]}
@@ -860,7 +865,7 @@ def _cpu_name() -> str | None:
 
 
 def _final_metrics(exp: Experiment, history: History, seconds: float,
-                   device: torch.device) -> dict:
+                   device: torch.device, identity: dict) -> dict:
     last = history.last_eval() or {}
     final = {
         "name": exp.config.name,
@@ -875,7 +880,7 @@ def _final_metrics(exp: Experiment, history: History, seconds: float,
         **_extra_eval_metrics(last),
         **_split_counts(exp),
         "parameters": count_parameters(exp.model),
-        **setup_signature(exp),
+        **setup_signature(exp, identity["datasets"]),
         "environment": run_environment(exp.config.train, device),
         "train_seconds_this_session": round(seconds, 1),
     }
