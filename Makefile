@@ -24,11 +24,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 $(DEMO_DATA)/synthetic.json: | $(VENV)/.installed
-	$(BIN)/mtpsl data synth --out $(DEMO_DATA) --n-train 200 --n-val 50 --height 96 --width 128
+	$(BIN)/mtpsl data synth --out $(DEMO_DATA) --n-train 160 --n-val 50 --height 64 --width 96
 
 demo: $(VENV)/.installed $(DEMO_DATA)/synthetic.json
 	$(BIN)/mtpsl compare --config synthetic_demo --out $(DEMO_OUT) \
-		dataset.root=$(DEMO_DATA) train.progress=false
+		dataset.root=$(DEMO_DATA)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
 from mtpsl.splits import Split
 
-from conftest import make_layout
+from conftest import TINY_TRAIN, make_layout
 
 TINY = ["model.width=0.0625", "train.epochs=2", "train.batch_size=2", "train.eval_every=1",
         "train.checkpoint_every=1", "train.progress=false", "optim.lr=1e-3"]
@@ -120,10 +122,12 @@ def test_compare_prints_a_table_with_delta_m(tiny_root, tmp_path, capsys):
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "semantic/miou ↑" in table and "depth/abs_err ↓" in table and "normal/mean ↓" in table
-    lines = [line for line in table.splitlines() if line.startswith("| onelabel")]
-    assert [line.split("|")[2].strip() for line in lines] == ["stl", "sl"]
-    stl_delta = float(lines[0].split("|")[-2].split("±")[0])
-    assert abs(stl_delta) < 1e-6  # STL against its own seed mean: zero on average
+    main_table = table.split("Paired against")[0]
+    lines = [line for line in main_table.splitlines() if line.startswith("| s")]
+    assert [line.split("|")[1].strip() for line in lines] == ["stl", "sl"]
+    assert lines[0].split("|")[-2].strip() == "0 (baseline)"
+    assert " ± " in lines[1] and "[" in lines[1].split("|")[-2]  # 2 seeds: an interval
+    assert "- sl vs stl: Δm " in table and "no conclusion (2 paired seeds, need 3)" in table
     assert (tmp_path / "grid" / "results.csv").is_file()
     assert (tmp_path / "grid" / "onelabel" / "sl" / "seed1" / "final_metrics.json").is_file()
 
@@ -167,8 +171,46 @@ def test_runs_record_their_setup_signature_and_environment(tiny_root, tmp_path, 
     assert signature["seed0"] == signature["seed1"]
     assert len({signature["seed0"], signature["dwa"], signature["wider"]}) == 3
     assert runs["dwa"]["setup"]["method"]["weighting"] == "dwa"
+    pairing = {k: r["pairing"] for k, r in runs.items()}
+    assert pairing["seed0"] == pairing["dwa"]  # same seed: same split, same initial weights
+    assert pairing["seed1"]["initial_weights"] != pairing["seed0"]["initial_weights"]
+    assert pairing["seed1"]["split"] != pairing["seed0"]["split"]  # labels.seed follows seed
     env = runs["seed0"]["environment"]
     assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
     assert env["deterministic"] is True and env["device"] == "cpu"
     err = capsys.readouterr().err
     assert "epoch 1/1  loss " in err and "img/s  ETA" in err  # one line per epoch
+
+
+def test_grids_of_two_weightings_and_two_models_report_separate_labelled_rows(
+        tiny_root, tmp_path, capsys):
+    """The issue's acceptance case on real tiny runs: sl under uniform and CAGrad, on SegNet
+    and SegNet-MTAN, seeds 0-2 (one compare grid per model), reported together: four rows
+    named by what differs, each with intervals and a paired verdict against the uniform run of
+    its own model; a seed run twice in one set-up is an error naming both folders."""
+    variants = ("compare.variants={uniform: {method: sl}, cagrad: {method: sl, weighting: "
+                "cagrad}}")
+    for model in ("segnet", "mtan"):
+        args = ["compare", "--config", "synthetic_demo", "--out", str(tmp_path / model),
+                "--methods", "uniform,cagrad", "--seeds", "0,1,2", "compare.baseline=uniform",
+                "compare.contrasts=[]", variants, f"model.name={model}",
+                f"dataset.root={tiny_root}", *TINY_TRAIN, "train.device=cpu"]
+        assert main(args) == 0
+    capsys.readouterr()
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "segnet"), str(tmp_path / "mtan"), "--baseline",
+                 "uniform", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert [(r["setup"], r["method"], r["seeds"]) for r in rows] == [
+        ("segnet", "uniform", "3"), ("segnet", "cagrad", "3"),
+        ("mtan", "uniform", "3"), ("mtan", "cagrad", "3")]
+    for row in rows:
+        low, high = float(row["semantic/miou:ci_low"]), float(row["semantic/miou:ci_high"])
+        assert low <= float(row["semantic/miou"]) <= high
+    assert all(r["verdict"] for r in rows if r["method"] == "cagrad")
+    assert (out / "report.png").is_file()
+    twin = tmp_path / "segnet-again"
+    shutil.copytree(tmp_path / "segnet" / "onelabel" / "cagrad" / "seed1", twin)
+    assert main(["report", str(tmp_path / "segnet"), str(twin)]) == 2
+    err = capsys.readouterr().err
+    assert "same seed 1" in err and str(twin) in err

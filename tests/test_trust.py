@@ -338,6 +338,7 @@ def test_data_check_reports_missing_labels_per_task(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "normal: 3 of 4 images labelled, 1 without a label file" in out
     assert "depth: 4 of 4 images labelled\n" in out
+    assert "the standard nyuv2 release has 795 train images, this folder 4" in out
 
 
 # -- 8. one permission for every file of a run folder (guards files.atomic_write) ---------

@@ -22,7 +22,8 @@ from .errors import EXIT_ERROR, EXIT_INTERRUPTED, MtpslError, strip_worker_trace
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file or preset name (see `mtpsl presets`)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. train.epochs=5 model.width=0.25")
+                   help="config overrides, e.g. train.epochs=5 model.width=0.25; every key "
+                   "with its allowed values: `mtpsl config show [PRESET]`, names: `mtpsl list`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,10 +163,15 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from .data import DATASETS
+    from .data import DATASETS, RELEASE_SIZES
 
     ds = DATASETS.get(args.dataset)(args.root, args.split)
     print(ds)
+    expected = RELEASE_SIZES.get(args.dataset, {}).get(args.split)
+    if expected is not None and len(ds) != expected:
+        print(f"  note: the standard {args.dataset} release has {expected} {args.split} images, "
+              f"this folder {len(ds)}: an incomplete download or extraction, or a subset "
+              "(fine if intended)")
     missing = getattr(ds, "missing_counts", None) or {}
     for task, n_missing in missing.items():
         line = f"  {task}: {len(ds) - n_missing} of {len(ds)} images labelled"

@@ -2,17 +2,16 @@
 
 Each cell is an ordinary run in ``OUT/<regime>/<method>/seed<k>``; a cell whose
 ``final_metrics.json`` exists is not trained again, so an interrupted grid resumes. Tables
-report the mean +- std over seeds of each task's primary metric (or of
-``compare.delta_metrics``) and the multi-task gain Delta_m against the baseline method (STL)
-under the same regime (built by :mod:`mtpsl.report`, the one implementation of the tables);
-cross-dataset grids get one more table per source, from the runs' ``metrics@<source>``.
-``curves.png/.pdf`` plots each task's primary metric over epochs, one line per method (mean
-over seeds).
+(built by :mod:`mtpsl.report`, the one implementation of the tables) have one row per set-up,
+with the mean and 95% interval over seeds of each task's primary metric (or of
+``compare.delta_metrics``), and the paired multi-task gain Delta_m against the baseline method
+(STL) of the same set-up, with its verdict; cross-dataset grids get one more table per source,
+from the runs' ``metrics@<source>``. ``curves.png/.pdf`` plots each task's primary metric over
+epochs, one line per method (mean over seeds); ``seeds.png/.pdf`` every seed's value.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,11 +22,11 @@ from .config import Config, MethodVariant, build_config
 from .errors import ConfigError, RunFolderError
 from .evaluate import higher_is_better
 from .experiment import open_dataset
+from .figures import plot_seeds
 from .rundir import holds_run
 from .train import resume, saved_config_difference, train
 
 ARROWS = report.ARROWS
-GROUP = ("regime",)
 
 
 def grid_cells(config: Config) -> list[tuple[str, str]]:
@@ -60,9 +59,7 @@ def run_grid(config: Config, out: Path) -> list[dict]:
             began = time.perf_counter()
             train_or_continue(cell_config, cell)
             trained.append(time.perf_counter() - began)
-        result = json.loads(final_path.read_text())
-        results.append({**result, "regime": regime, "method": method, "seed": seed,
-                        "run_dir": str(cell)})
+        results.append(report.load_result(cell))
     return results
 
 
@@ -161,8 +158,9 @@ def compare(config: Config, out: Path) -> str:
     check_delta_metrics(config)
     out.mkdir(parents=True, exist_ok=True)
     results = run_grid(config, out)
-    tables = report.build_tables(results, grid.baseline, GROUP, grid.delta_metrics)
-    text = report.tables_markdown(tables, grid.baseline, GROUP)
+    tables = report.build_tables(results, grid.baseline, grid.delta_metrics)
+    text = report.tables_markdown(tables, grid.baseline, grid.contrasts)
     write_tables(tables, text, out)
     write_curves(results, out)
+    plot_seeds(tables[0], out / "seeds")
     return text

@@ -28,7 +28,8 @@ from .files import write_text
 
 class Section(BaseModel):
     # allow_inf_nan=False: an lr of .inf or a NaN weight is a config error, not a diverged run
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class AugmentConfig(Section):
@@ -40,13 +41,17 @@ class AugmentConfig(Section):
 
 class DatasetConfig(Section):
     name: str = "nyuv2"
+    """Registered dataset (its on-disk layout); see ``mtpsl list datasets``."""
     root: str = "data/synthetic"
+    """Folder holding the dataset's splits (``mtpsl data check --root`` validates it)."""
     tasks: list[str] | None = None
     """Subset of the dataset's tasks, in its order; None = all."""
     options: dict[str, Any] = {}
     """Dataset-specific keyword arguments, e.g. ``num_classes: 19`` for Cityscapes."""
     train_split: str = "train"
+    """Split folder the model trains on."""
     eval_split: str = "val"
+    """Split folder the reported metrics are computed on."""
     cache: bool = False
     """Keep decoded arrays in memory after the first epoch."""
     augment: AugmentConfig = AugmentConfig()
@@ -70,6 +75,7 @@ class BackboneConfig(Section):
     """Encoder of the ResNet-based models (ignored by SegNet and MTAN)."""
 
     depth: Literal[18, 34, 50, 101, 152] = 50
+    """ResNet depth."""
     weights: str | None = None
     """Local torchvision ResNet checkpoint (.pth state dict); None = random init. Never
     downloaded."""
@@ -79,6 +85,7 @@ class BackboneConfig(Section):
 
 class ModelConfig(Section):
     name: str = "segnet"
+    """Registered model; see ``mtpsl list models``."""
     width: float = Field(default=1.0, gt=0.0)
     """Channel multiplier (1.0 = the paper's SegNet; 0.25 for quick CPU runs)."""
     backbone: BackboneConfig = BackboneConfig()
@@ -88,6 +95,7 @@ class ModelConfig(Section):
 
 class MethodConfig(Section):
     name: str = "sl"
+    """How partial labels become losses; see ``mtpsl list methods``."""
     options: dict[str, Any] = {}
     """Method-specific options, validated by the method's own options model."""
     weighting: str = "uniform"
@@ -98,8 +106,11 @@ class MethodConfig(Section):
 
 class OptimConfig(Section):
     optimizer: Literal["adam", "sgd"] = "adam"
+    """Optimiser of the model (a method's own networks may have their own, e.g. FiLM's)."""
     lr: float = Field(default=1e-4, gt=0.0)
+    """Learning rate (1e-4 with Adam in paper 001)."""
     weight_decay: float = Field(default=0.0, ge=0.0)
+    """L2 penalty of the optimiser."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam's betas."""
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -109,15 +120,19 @@ class OptimConfig(Section):
     step_size: int = Field(default=100, gt=0)
     """StepLR period in epochs."""
     gamma: float = Field(default=0.5, gt=0.0, le=1.0)
+    """StepLR factor applied every ``step_size`` epochs."""
     poly_power: float = Field(default=0.9, gt=0.0)
+    """Exponent of the poly schedule."""
 
 
 class TrainConfig(Section):
     epochs: int = Field(default=200, gt=0)
+    """Training epochs (200 in paper 001)."""
     batch_size: int = Field(default=2, gt=0)
     """Images per step *per process*: under ``torchrun`` with N processes a step sees
     N x batch_size images (torchrun's convention; the learning rate is not rescaled)."""
     eval_batch_size: int = Field(default=8, gt=0)
+    """Images per evaluation batch (does not change the metrics)."""
     eval_every: int = Field(default=10, gt=0)
     """Evaluate every N epochs (and always after the last one)."""
     checkpoint_every: int = Field(default=10, gt=0)
@@ -125,11 +140,14 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(default=None, gt=0)
     """Cap on iterations per epoch (smoke tests and equal-budget comparisons)."""
     num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes (0 = load in the training process)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     deterministic: bool = True
     """Deterministic kernels (bitwise-reproducible on CPU; may be slower on GPU)."""
     progress: bool = True
+    """tqdm bars for the steps of each epoch when stderr is a terminal (the per-epoch line is
+    printed either way)."""
     amp: Literal["off", "bf16", "fp16"] = "off"
     """Autocast the forward pass and losses: bf16 (CUDA; also CPU), or fp16 with a dynamic
     GradScaler (only with weightings linear in the losses: uniform, dwa). Predictions and
@@ -176,8 +194,10 @@ class CompareConfig(Section):
     regimes: list[str] = ["onelabel"]
     """Regime names; ``ratio:9:1`` is the ratio regime with those weights."""
     seeds: list[int] = [0]
+    """Seeds of each cell: three or more for a table that can draw a conclusion."""
     baseline: str = "stl"
-    """Method whose results (same regime) are the reference of Delta_m."""
+    """Method (or variant) whose runs of the same set-up and seed are the reference of the
+    paired Delta_m."""
     variants: dict[str, MethodVariant] = {}
     """Named method + options, e.g. ``xtc_nocond: {method: xtc, options: {conditioned:
     false}}``. A variant named like a method sets that method's options in the grid."""
@@ -187,15 +207,29 @@ class CompareConfig(Section):
     delta_metrics: list[str] | None = None
     """``task/metric`` keys that Delta_m (and the tables' columns) use, e.g. ``[semantic/miou,
     depth/rmse]`` as in SemiMTL; None = each task's primary metric."""
+    contrasts: list[str] = []
+    """More paired comparisons than against the baseline, as ``a:b`` (method or variant
+    names): e.g. ``[xtc:sl]`` adds a verdict on XTC's Delta_m against SL, seed by seed."""
+
+    @field_validator("contrasts")
+    @classmethod
+    def _pairs(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if len(v.split(":")) != 2 or not all(v.split(":"))]
+        if bad:
+            raise ValueError(f"{bad} must each look like a:b (e.g. xtc:sl)")
+        return value
 
 
 class Config(Section):
     name: str = "run"
+    """Run name: the run folder is ``output_dir/name`` (made unique) unless --run-dir."""
     label: str | None = None
     """How tables name this run; ``compare`` sets the grid cell's method or variant name.
     None = ``method.name``."""
     seed: int = 0
+    """Seed of weights, data order and (unless labels.seed) the label split."""
     output_dir: str = "runs"
+    """Parent folder of run folders."""
     dataset: DatasetConfig = DatasetConfig()
     labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()

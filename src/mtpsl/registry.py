@@ -7,6 +7,8 @@ unknown name fails with the list of known ones.
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -40,6 +42,10 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}"
             ) from None
 
+    def describe(self, name: str, width: int = 100) -> str:
+        """The first paragraph of the entry's docstring on one line (for ``mtpsl list``)."""
+        return summary_line(inspect.getdoc(self.get(name)) or "", width)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
@@ -51,3 +57,10 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def summary_line(text: str, width: int = 100) -> str:
+    """The first paragraph of ``text`` on one line, cut at ``width`` characters."""
+    line = " ".join(text.strip().split("\n\n")[0].split())
+    line = re.sub(r":\w+:`~?([^`]*)`", r"\1", line).replace("``", "")  # reST roles, literals
+    return line if len(line) <= width else line[: width - 1].rstrip() + "…"

@@ -1,13 +1,15 @@
 """Result tables over finished runs: ``mtpsl report`` and the tables of ``mtpsl compare``.
 
-Runs are grouped (by dataset and label regime, then method); each row holds the mean and std
-over the group's seeds of every metric, and the multi-task gain Delta_m of each run against
-the *mean* of the baseline method's runs in the same group, averaged over the seeds. The std
-is the population std over seeds (``numpy.std``, ddof=0), 0 for a single seed.
+Rows are set-ups (:mod:`mtpsl.signature`): the runs of one row differ only in their seed, and
+the same seed twice in a row is an error. Rows are named by what differs between them, and
+grouped by context (the set-up without its method section). Per row and metric: the mean, the
+sample std and the 95% Student-t interval over seeds (:mod:`mtpsl.stats`). Against the
+baseline row of the same context the comparison is paired: each run against the baseline's run
+of the same seed and split, per metric and for the multi-task gain Delta_m, with the paired
+t-test's verdict; ``contrasts`` (``a:b``) add verdicts between other rows.
 
 Cross-dataset runs (``final_metrics.json`` holding ``metrics@<source>``) get one more table
-per source, built the same way from that source's metrics: Delta_m per source is measured
-against the baseline's runs evaluated on the same source.
+per source, built the same way from that source's metrics.
 
 The metrics of Delta_m (and the tables' columns) are each task's primary metric
 (``Task.primary_metric``, recognised from the metric keys alone, see
@@ -17,8 +19,7 @@ that decides, for compare and report alike.
 
 This module holds the one implementation of the tables: :func:`build_tables` (over
 :func:`summarise`) builds the rows, :func:`tables_markdown`, :func:`tables_latex` and
-:func:`write_csv` render them. :mod:`mtpsl.compare` calls them with the regime as the only
-group column.
+:func:`write_csv` render them, for ``mtpsl report`` and ``mtpsl compare`` alike.
 """
 
 from __future__ import annotations
@@ -31,18 +32,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
+from . import stats
 from .errors import ConfigError, DataError, MtpslError
 from .metrics import METRICS, delta_m
+from .signature import METHOD_SECTION, context_of, labels, setup_from_config, signature
 from .tasks import TASKS
 
 ARROWS = {True: "↑", False: "↓"}
 TEX_ARROWS = {True: r"$\uparrow$", False: r"$\downarrow$"}
 FINAL = "final_metrics.json"
-REPORT_GROUP = ("dataset", "regime")
-"""Group columns of ``mtpsl report`` (compare uses ``("regime",)``)."""
 SOURCE = "metrics@"
 """Prefix of a cross-dataset run's per-source metrics in ``final_metrics.json``."""
 DELTA_KEY = "compare.delta_metrics / --delta-metrics"
@@ -130,91 +130,229 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def load_result(run_dir: str | Path) -> dict:
-    """A run's final metrics plus ``dataset``/``root`` (from config.yaml) and ``run_dir``."""
+    """A run folder's final metrics as a table input (see :func:`result_of`)."""
     run_dir = Path(run_dir)
     try:
         final = json.loads((run_dir / FINAL).read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{run_dir / FINAL}: cannot be read ({err})") from None
+    return result_of(final, _saved_config(run_dir / "config.yaml"), run_dir)
+
+
+def result_of(final: Mapping, config: Mapping | None, run_dir: str | Path) -> dict:
+    """``final_metrics.json`` with its set-up, signature and context (see
+    :mod:`mtpsl.signature`) and ``run_dir``.
+
+    Runs written before set-ups were recorded get theirs from the config, with the dataset
+    root standing in for the datasets' fingerprints.
+    """
     missing = [k for k in ("method", "regime", "metrics") if k not in final]
     if missing:
-        raise DataError(f"{run_dir / FINAL}: lacks {', '.join(missing)}")
-    config_path = run_dir / "config.yaml"
-    config: dict = {}
-    if config_path.is_file():
-        try:
-            config = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise DataError(f"{config_path}: not valid YAML ({err})") from None
-    dataset = config.get("dataset") or {}
-    name, root = str(dataset.get("name", "?")), str(dataset.get("root", "?"))
+        raise DataError(f"{Path(run_dir) / FINAL}: lacks {', '.join(missing)}")
+    config = config or {}
+    setup = final.get("setup")
+    if not isinstance(setup, dict):
+        setup = setup_from_config(config)
+        root = (config.get("dataset") or {}).get("root")
+        setup["data"] = {"root": str(root)} if root is not None else {}
+        setup.setdefault("method", {})["name"] = final["method"]
+        setup.setdefault("labels", {})["regime"] = final["regime"]
     chosen = (config.get("compare") or {}).get("delta_metrics")
     # Tables name a run by its label (a compare variant, e.g. pcgrad) rather than the
-    # method it runs (sl), so variants of one method stay separate rows.
-    final = {**final, "method": final.get("label") or final["method"]}
-    return {**final, "dataset": f"{name}:{root}", "dataset_name": name, "root": root,
+    # method it runs (sl); the row names then add what else differs.
+    return {**final, "method": final.get("label") or final["method"], "setup": setup,
+            "signature": signature(setup), "context": signature(context_of(setup)),
             "delta_metrics": None if chosen is None else tuple(chosen),
             "run_dir": str(run_dir)}
 
 
+def _saved_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML ({err})") from None
+
+
 # -- rows ------------------------------------------------------------------------------------
+
+def set_ups(results: Sequence[Mapping], baseline: str) -> list[list[Mapping]]:
+    """The runs grouped by set-up signature (first appearance), the baseline's groups
+    first within each context. The same seed twice in one set-up is an error naming both."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in results:
+        groups.setdefault(r["signature"], []).append(r)
+    for runs in groups.values():
+        seen: dict = {}
+        for r in runs:
+            if r.get("seed") is not None and r["seed"] in seen:
+                raise DataError(
+                    f"runs {seen[r['seed']]} and {r['run_dir']} are one set-up with the same "
+                    f"seed {r['seed']}: a seed counts once; remove one of them or rerun it "
+                    "with another seed")
+            seen[r.get("seed")] = r["run_dir"]
+    contexts = list(dict.fromkeys(runs[0]["context"] for runs in groups.values()))
+    return sorted(groups.values(), key=lambda runs: (contexts.index(runs[0]["context"]),
+                                                     runs[0]["method"] != baseline))
+
+
+def _row_names(groups: Sequence[Sequence[Mapping]]) -> tuple[list[str], list[str]]:
+    """(set-up column, method column) of each group: what differs between the contexts, and
+    the run label plus what else differs in the method section."""
+    first = [g[0] for g in groups]
+    contexts = list(dict.fromkeys(r["context"] for r in first))
+    by_context = {r["context"]: context_of(r["setup"]) for r in first}
+    context_names = dict(zip(contexts, labels([by_context[c] for c in contexts]), strict=True))
+    columns = [context_names[r["context"]] if len(contexts) > 1 else "" for r in first]
+    methods = labels([{METHOD_SECTION: r["setup"].get(METHOD_SECTION, {})} for r in first],
+                     first=[r["method"] for r in first], skip=[f"{METHOD_SECTION}.name"],
+                     within=columns)
+    return columns, methods
+
 
 def summarise(
     results: Sequence[Mapping],
     primary: Sequence[str],
     better: Mapping[str, bool],
     baseline: str,
-    group: Sequence[str] = ("regime",),
 ) -> list[dict]:
-    """One row per (group..., method), in order of first appearance.
+    """One row per set-up, grouped by context, the baseline's row first in each.
 
-    Each row: the group values, ``method``, ``seeds``, then ``k`` / ``k:std`` for every metric
-    key of the runs (primary keys first), and ``delta_m`` / ``delta_m:std`` (percent, over
-    the primary keys) when the group has a run of ``baseline`` to compare against.
+    Each row: ``setup`` (the context's name, empty with one context), ``method``, ``seeds``,
+    then per metric key (primary keys first) the mean ``k``, and with two seeds or more
+    ``k:std`` (sample), ``k:ci_low``/``k:ci_high`` (95%, Student t). Against the context's
+    baseline row, over the seeds both ran with the same split: ``delta_m`` (percent, over the
+    primary keys) and ``k:diff`` with the same statistics, ``pairs`` and ``verdict``.
+    Columns starting with ``_`` hold per-seed values for figures.
     """
+    groups = set_ups(results, baseline)
+    contexts, names = _row_names(groups)
+    base_of = _baselines(groups, baseline)
     rows = []
-    groups: dict[tuple, list[Mapping]] = {}
-    for r in results:
-        groups.setdefault(tuple(r[g] for g in group), []).append(r)
-    for values, in_group in groups.items():
-        base_runs = [r for r in in_group if r["method"] == baseline]
-        for method in dict.fromkeys(r["method"] for r in in_group):
-            runs = [r for r in in_group if r["method"] == method]
-            row: dict = {**dict(zip(group, values, strict=True)), "method": method,
-                         "seeds": len(runs)}
-            keys = [k for k in primary if all(k in r["metrics"] for r in runs)]
-            keys += [k for k in dict.fromkeys(k for r in runs for k in r["metrics"])
-                     if k not in keys and all(k in r["metrics"] for r in runs)]
-            for k in keys:
-                values_k = [float(r["metrics"][k]) for r in runs]
-                row[k] = float(np.mean(values_k))
-                row[f"{k}:std"] = float(np.std(values_k))
-            gains = _gains(runs, base_runs, [k for k in primary if k in row], better)
-            if gains is not None:
-                row["delta_m"] = float(np.mean(gains))
-                row["delta_m:std"] = float(np.std(gains))
-            if all("run_dir" in r for r in runs):
-                row["runs"] = ";".join(str(r["run_dir"]) for r in runs)
-            rows.append(row)
+    for runs, context, name in zip(groups, contexts, names, strict=True):
+        row: dict = {"setup": context, "method": name, "seeds": len(runs),
+                     "seed_list": ",".join(str(r.get("seed")) for r in runs)}
+        keys = [k for k in primary if all(k in r["metrics"] for r in runs)]
+        keys += [k for k in dict.fromkeys(k for r in runs for k in r["metrics"])
+                 if k not in keys and all(k in r["metrics"] for r in runs)]
+        row["_points"] = {k: {r.get("seed"): float(r["metrics"][k]) for r in runs}
+                          for k in keys}
+        row["_label"], row["_context"] = runs[0]["method"], runs[0]["context"]
+        row["_splits"] = {r.get("seed"): _split(r) for r in runs}
+        for k in keys:
+            _put(row, k, stats.summarise(list(row["_points"][k].values())))
+        base = base_of.get(runs[0]["context"])
+        if base is not None:
+            _compare(row, runs, base, [k for k in primary if k in keys], better,
+                     is_baseline=base is runs)
+        row["signature"] = runs[0]["signature"]
+        if all("run_dir" in r for r in runs):
+            row["runs"] = ";".join(str(r["run_dir"]) for r in runs)
+        rows.append(row)
     return rows
 
 
-def _gains(runs, base_runs, keys, better) -> list[float] | None:
-    keys = [k for k in keys if all(k in r["metrics"] for r in base_runs)]
-    if not base_runs or not keys:
-        return None
-    base = {k: float(np.mean([r["metrics"][k] for r in base_runs])) for k in keys}
+def _baselines(groups: Sequence[Sequence[Mapping]], baseline: str) -> dict[str, list[Mapping]]:
+    """Each context's one baseline set-up (a context with two has none: it is ambiguous)."""
+    found: dict[str, list[list[Mapping]]] = {}
+    for runs in groups:
+        if runs[0]["method"] == baseline:
+            found.setdefault(runs[0]["context"], []).append(runs)
+    return {c: g[0] for c, g in found.items() if len(g) == 1}
+
+
+def _put(row: dict, key: str, summary: stats.Summary) -> None:
+    row[key] = summary.mean
+    if summary.n > 1:
+        row[f"{key}:std"] = summary.std
+        row[f"{key}:ci_low"], row[f"{key}:ci_high"] = summary.low, summary.high
+
+
+def _pairs(runs: Sequence[Mapping], base: Sequence[Mapping]) -> list[tuple[Mapping, Mapping]]:
+    """(run, baseline run) of the same seed and split: the units of a paired comparison."""
+    by_seed = {b.get("seed"): b for b in base if b.get("seed") is not None}
+    pairs = []
+    for r in runs:
+        b = by_seed.get(r.get("seed"))
+        if b is not None and _split(r) == _split(b):
+            pairs.append((r, b))
+    return pairs
+
+
+def _split(run: Mapping) -> str | None:
+    return (run.get("pairing") or {}).get("split")
+
+
+def _initial(run: Mapping) -> str | None:
+    return (run.get("pairing") or {}).get("initial_weights")
+
+
+def _compare(row: dict, runs, base, keys: Sequence[str], better, is_baseline: bool) -> None:
+    """Paired Delta_m and per-metric differences of ``runs`` against ``base``."""
+    pairs = _pairs(runs, base)
+    keys = [k for k in keys if all(k in b["metrics"] for _, b in pairs)]
+    if not pairs or not keys:
+        return
     try:
-        return [delta_m({k: r["metrics"][k] for k in keys}, base, better) for r in runs]
+        gains = {r.get("seed"): delta_m({k: r["metrics"][k] for k in keys},
+                                        {k: b["metrics"][k] for k in keys}, better)
+                 for r, b in pairs}
     except ValueError:  # a baseline value of 0: the relative gain is undefined
+        return
+    row["pairs"] = len(pairs)
+    row["_delta_points"] = gains
+    summary = stats.summarise(list(gains.values()))
+    _put(row, "delta_m", summary)
+    if is_baseline:
+        return
+    for k in keys:
+        _put(row, f"{k}:diff", stats.summarise(
+            [float(r["metrics"][k]) - float(b["metrics"][k]) for r, b in pairs]))
+    row["verdict"] = stats.verdict(summary)
+    row["same_initial_weights"] = all(
+        _initial(r) is not None and _initial(r) == _initial(b) for r, b in pairs)
+
+
+def contrast(row: Mapping, other: Mapping, primary: Sequence[str], better: Mapping[str, bool]
+             ) -> stats.Summary | None:
+    """Paired Delta_m of ``row`` against ``other`` (two rows of one table, same context) over
+    the seeds both ran with the same split; None when Delta_m is undefined for them."""
+    keys = [k for k in primary if k in row["_points"] and k in other["_points"]]
+    seeds = [s for s in row["_splits"] if s is not None and s in other["_splits"]
+             and row["_splits"][s] == other["_splits"][s]]
+    if not keys or not seeds:
+        return None
+    try:
+        return stats.summarise([
+            delta_m({k: row["_points"][k][s] for k in keys},
+                    {k: other["_points"][k][s] for k in keys}, better) for s in seeds])
+    except ValueError:  # a value of 0 in ``other``: the relative gain is undefined
         return None
 
 
-def missing_baseline(rows: Sequence[Mapping], baseline: str, group: Sequence[str]) -> list[str]:
-    """Groups (as text) without a run of the baseline method, where Delta_m is left out."""
-    groups = dict.fromkeys(tuple(r[g] for g in group) for r in rows)
-    have = {tuple(r[g] for g in group) for r in rows if r["method"] == baseline}
-    return [" / ".join(map(str, g)) for g in groups if g not in have]
+def contrast_lines(rows: Sequence[Mapping], pairs: Sequence[str], primary: Sequence[str],
+                   better: Mapping[str, bool]) -> list[str]:
+    """A verdict line per ``a:b`` of ``pairs`` (run labels) and per context holding both."""
+    lines = []
+    for pair in pairs:
+        a, _, b = pair.partition(":")
+        for row in rows:
+            other = next((o for o in rows if o["_label"] == b
+                          and o["_context"] == row["_context"]), None)
+            if row["_label"] != a or other is None:
+                continue
+            summary = contrast(row, other, primary, better)
+            if summary is not None:
+                lines.append(_verdict_line(row["method"], other["method"], row["setup"],
+                                           summary))
+    return lines
+
+
+def missing_baseline(rows: Sequence[Mapping], baseline: str) -> list[str]:
+    """Set-ups (as text) without a run of the baseline method, where Delta_m is left out."""
+    have = {r["setup"] for r in rows if "delta_m" in r}
+    return list(dict.fromkeys(r["setup"] or "all runs" for r in rows if r["setup"] not in have))
 
 
 # -- tables: the evaluation split's, then one per source ------------------------------------
@@ -246,10 +384,7 @@ def on_source(results: Sequence[Mapping], source: str) -> list[dict]:
 
 
 def build_tables(
-    results: Sequence[Mapping],
-    baseline: str,
-    group: Sequence[str],
-    chosen: Sequence[str] | None = None,
+    results: Sequence[Mapping], baseline: str, chosen: Sequence[str] | None = None
 ) -> list[Table]:
     """The evaluation split's table, then one per source of cross-dataset runs.
 
@@ -265,16 +400,20 @@ def build_tables(
     tables = []
     for source, runs in sets:
         primary, better = table_metrics((k for r in runs for k in r["metrics"]), chosen)
-        rows = summarise(runs, primary, better, baseline, group)
-        tables.append(Table(source, rows, primary, better))
+        tables.append(Table(source, summarise(runs, primary, better, baseline), primary,
+                            better))
     return tables
 
 
 def table_rows(tables: Sequence[Table]) -> list[dict]:
-    """Every table's rows for one CSV; an ``eval_set`` column first when there are sources."""
+    """Every table's rows for one CSV (without the per-seed ``_`` columns); an ``eval_set``
+    column first when there are sources."""
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")}
+            for t in tables for row in t.rows]
     if len(tables) == 1:
-        return list(tables[0].rows)
-    return [{"eval_set": t.eval_set, **row} for t in tables for row in t.rows]
+        return rows
+    sets = [t.eval_set for t in tables for _ in t.rows]
+    return [{"eval_set": s, **row} for s, row in zip(sets, rows, strict=True)]
 
 
 def _source_title(table: Table, latex: bool = False) -> str:
@@ -284,22 +423,47 @@ def _source_title(table: Table, latex: bool = False) -> str:
     return f"Evaluated on source {table.source} (Δm over {keys}):"
 
 
-def tables_markdown(tables: Sequence[Table], baseline: str, group: Sequence[str]) -> str:
-    """The Markdown tables, each source's under a line naming it and its Delta_m metrics."""
+def tables_markdown(tables: Sequence[Table], baseline: str, contrasts: Sequence[str] = ()
+                    ) -> str:
+    """Each table with its paired comparisons and verdicts (against the baseline, then for
+    each ``a:b`` of ``contrasts``), each source's under a line naming it and its Delta_m
+    metrics, then a legend saying how the numbers were made."""
     parts = []
     for t in tables:
         if t.source is not None:
             parts.append(_source_title(t))
-        parts.append(markdown_table(t.rows, t.primary, t.better, baseline, group))
+        parts.append(markdown_table(t.rows, t.primary, t.better, baseline))
+        if any(":diff" in k for r in t.rows for k in r):
+            parts.append(f"Paired against {baseline} (mean difference [95% CI] over the "
+                         "seeds both ran with the same split; * = the interval excludes 0):")
+            parts.append(paired_table(t.rows, t.primary, t.better))
+        lines = verdict_lines(t.rows, baseline)
+        lines += contrast_lines(t.rows, contrasts, t.primary, t.better)
+        if lines:
+            parts.append("\n".join(dict.fromkeys(lines)))  # a contrast may repeat one
+    parts.append(legend(tables))
     return "\n\n".join(parts)
 
 
-def tables_latex(tables: Sequence[Table], baseline: str, group: Sequence[str]) -> str:
+def legend(tables: Sequence[Table]) -> str:
+    n_seeds = sorted({r["seeds"] for t in tables for r in t.rows})
+    text = (f"Rows are set-ups (runs identical but for the seed); {'/'.join(map(str, n_seeds))}"
+            " seed(s) each; mean ± half-width of the 95% Student-t interval of the mean "
+            "(sample std in the CSV). Δm: each run against the baseline's run of the same "
+            "seed and split (and the same initial weights where the networks are the same: "
+            f"same_initial_weights in the CSV), mean [95% CI]; significance: {stats.TEST}.")
+    if any(r["seeds"] < stats.MIN_SEEDS for t in tables for r in t.rows):
+        text += (f" Set-ups with fewer than {stats.MIN_SEEDS} seeds support no conclusion: "
+                 "their differences are reported, not judged.")
+    return text
+
+
+def tables_latex(tables: Sequence[Table], baseline: str) -> str:
     """One ``tabular`` per table, each source's after a comment naming it."""
     parts = []
     for t in tables:
         head = _source_title(t, latex=True) + "\n" if t.source is not None else ""
-        parts.append(head + latex_table(t.rows, t.primary, t.better, baseline, group))
+        parts.append(head + latex_table(t.rows, t.primary, t.better, baseline))
     return "\n".join(parts)
 
 
@@ -310,38 +474,106 @@ def _num(value: float) -> str:
     return text[1:] if text == "-0.0000" else text  # a rounding residue, not a sign
 
 
-def _pm(mean: float, std: float, n: int) -> str:
-    return f"{_num(mean)} ± {_num(std)}" if n > 1 else _num(mean)
+def _pm(row: Mapping, key: str, fmt=_num) -> str:
+    """``mean ± half-width`` of the 95% interval, the mean alone for one seed."""
+    if f"{key}:ci_low" not in row:
+        return fmt(row[key])
+    half = (row[f"{key}:ci_high"] - row[f"{key}:ci_low"]) / 2
+    return f"{fmt(row[key])} ± {_num(half) if fmt is _num else f'{half:.2f}'}"
+
+
+def _signed(value: float, digits: int = 2) -> str:
+    text = f"{value:+.{digits}f}"
+    return text.replace("-", "+", 1) if float(text) == 0 else text
+
+
+def _interval(row: Mapping, key: str, digits: int = 2) -> str:
+    """``mean [low, high]`` with a ``*`` when a conclusive interval excludes 0."""
+    mean = _signed(row[key], digits)
+    if f"{key}:ci_low" not in row:
+        return mean
+    low, high = row[f"{key}:ci_low"], row[f"{key}:ci_high"]
+    mark = " *" if row["pairs"] >= stats.MIN_SEEDS and (low > 0 or high < 0) else ""
+    return f"{mean} [{_signed(low, digits)}, {_signed(high, digits)}]{mark}"
 
 
 def _has_delta(rows: Sequence[Mapping]) -> bool:
     return any("delta_m" in r for r in rows)
 
 
+def _lead(rows: Sequence[Mapping]) -> list[str]:
+    return ["set-up"] if any(r["setup"] for r in rows) else []
+
+
+def _lead_cells(row: Mapping, lead: Sequence[str]) -> list[str]:
+    return [row["setup"]] * len(lead) + [row["method"]]
+
+
+def _delta_cell(row: Mapping, baseline_row: bool) -> str:
+    if "delta_m" not in row:
+        return "n/a"
+    return "0 (baseline)" if baseline_row else _interval(row, "delta_m")
+
+
 def markdown_table(
-    rows: Sequence[Mapping],
-    primary: Sequence[str],
-    better: Mapping[str, bool],
-    baseline: str,
-    group: Sequence[str] = ("regime",),
+    rows: Sequence[Mapping], primary: Sequence[str], better: Mapping[str, bool], baseline: str
 ) -> str:
-    """Group columns, method, seeds, each primary metric (mean ± std) and Delta_m.
+    """Set-up (when several), method, seeds, each primary metric (mean ± 95% CI) and Delta_m.
 
     The Delta_m column is left out when no row has one (the baseline ran nowhere).
     """
-    header = [*group, "method", "seeds"] + [f"{k} {ARROWS[better[k]]}" for k in primary]
+    lead = _lead(rows)
+    header = [*lead, "method", "seeds"] + [f"{k} {ARROWS[better[k]]}" for k in primary]
     if _has_delta(rows):
         header.append(f"Δm % vs {baseline} ↑")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [str(row[g]) for g in group] + [row["method"], str(row["seeds"])]
-        cells += [_pm(row[k], row[f"{k}:std"], row["seeds"]) if k in row else "–"
-                  for k in primary]
+        cells = [*_lead_cells(row, lead), str(row["seeds"])]
+        cells += [_pm(row, k) if k in row else "–" for k in primary]
         if _has_delta(rows):
-            cells.append(_pm(row["delta_m"], row["delta_m:std"], row["seeds"])
-                         if "delta_m" in row else "n/a")
+            cells.append(_delta_cell(row, "verdict" not in row))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_table(rows: Sequence[Mapping], primary: Sequence[str], better: Mapping[str, bool]
+                 ) -> str:
+    """Per non-baseline row: paired pairs, per-metric differences, Delta_m and the verdict."""
+    lead = _lead(rows)
+    header = [*lead, "method", "pairs"] + [f"Δ {k} {ARROWS[better[k]]}" for k in primary]
+    header += ["Δm % ↑", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if "verdict" not in row:
+            continue
+        cells = [*_lead_cells(row, lead), str(row["pairs"])]
+        cells += [_interval(row, f"{k}:diff", 4) if f"{k}:diff" in row else "–"
+                  for k in primary]
+        cells += [_interval(row, "delta_m"), row["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict_lines(rows: Sequence[Mapping], baseline: str) -> list[str]:
+    """``- xtc vs stl: Δm −4.1% [−9.0, +0.8] over 3 paired seeds: not significant``."""
+    lines = []
+    for row in rows:
+        if "verdict" in row:
+            summary = stats.Summary(row["pairs"], row["delta_m"], row.get("delta_m:std", math.nan),
+                                    row.get("delta_m:ci_low", math.nan),
+                                    row.get("delta_m:ci_high", math.nan))
+            lines.append(_verdict_line(row["method"], baseline, row["setup"], summary))
+    return lines
+
+
+def _verdict_line(name: str, against: str, setup: str, summary: stats.Summary) -> str:
+    where = f" ({setup})" if setup else ""
+    interval = ""
+    if math.isfinite(summary.low):
+        interval = f" [{_signed(summary.low, 1)}, {_signed(summary.high, 1)}]"
+    n = summary.n
+    return (f"- {name} vs {against}{where}: Δm {_signed(summary.mean, 1)}%{interval} over {n} "
+            f"paired seed{'s' * (n != 1)}: {stats.verdict(summary)}")
 
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -364,44 +596,37 @@ def best_rows(rows: Sequence[Mapping], key: str, higher: bool) -> set[int]:
 
 
 def latex_table(
-    rows: Sequence[Mapping],
-    primary: Sequence[str],
-    better: Mapping[str, bool],
-    baseline: str,
-    group: Sequence[str] = ("regime",),
+    rows: Sequence[Mapping], primary: Sequence[str], better: Mapping[str, bool], baseline: str
 ) -> str:
-    """A booktabs ``tabular``: the columns of :func:`markdown_table`, arrows in the header,
-    the best value of each column in bold within each group (e.g. dataset and regime: only
-    runs under the same labels compete), groups separated by ``\\midrule``."""
+    """A booktabs ``tabular``: the columns of :func:`markdown_table` (± is the 95% interval's
+    half-width), arrows in the header, the best mean of each column in bold within each
+    set-up (only runs under the same context compete), set-ups separated by ``\\midrule``."""
     delta = _has_delta(rows)
-    n_text = len(group) + 1
-    spec = "l" * n_text + "r" * (1 + len(primary) + delta)
-    header = [tex_escape(g.capitalize()) for g in group] + ["Method", "Seeds"]
+    lead = _lead(rows)
+    spec = "l" * (len(lead) + 1) + "r" * (1 + len(primary) + delta)
+    header = [tex_escape(g.capitalize()) for g in lead] + ["Method", "Seeds"]
     header += [f"{tex_escape(k)} {TEX_ARROWS[better[k]]}" for k in primary]
     if delta:
         header.append(rf"$\Delta_m$ vs {tex_escape(baseline)} (\%) {TEX_ARROWS[True]}")
     lines = ["% mtpsl report: needs \\usepackage{booktabs}",
              rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(header) + r" \\",
              r"\midrule"]
-    groups: dict[tuple, list[Mapping]] = {}
+    groups: dict[str, list[Mapping]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[g] for g in group), []).append(r)
+        groups.setdefault(r["setup"], []).append(r)
+    columns = [(k, better[k]) for k in primary] + ([("delta_m", True)] if delta else [])
     for n, in_group in enumerate(groups.values()):
         if n:
             lines.append(r"\midrule")
-        columns = [(k, f"{k}:std", better[k]) for k in primary]
-        if delta:
-            columns.append(("delta_m", "delta_m:std", True))
-        bold = {key: best_rows(in_group, key, higher) for key, _, higher in columns}
+        bold = {key: best_rows(in_group, key, higher) for key, higher in columns}
         for i, row in enumerate(in_group):
-            cells = [tex_escape(row[g]) for g in group]
-            cells += [tex_escape(row["method"]), str(row["seeds"])]
-            for key, std_key, _ in columns:
+            cells = [tex_escape(c) for c in _lead_cells(row, lead)] + [str(row["seeds"])]
+            for key, _ in columns:
                 if key not in row:
                     cells.append("--")
                     continue
-                text = _pm(row[key], row[std_key], row["seeds"]).replace("±", r"\pm")
-                text = "-" if math.isnan(row[key]) else text
+                text = _pm(row, key, _num if key != "delta_m" else _signed)
+                text = "-" if math.isnan(row[key]) else text.replace("±", r"\pm")
                 cells.append(rf"$\mathbf{{{text}}}$" if i in bold[key] else f"${text}$")
             lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -409,7 +634,8 @@ def latex_table(
 
 
 def write_csv(rows: Sequence[Mapping], path: str | Path) -> None:
-    """Every column of every row (all metrics with their std), empty where a row lacks one."""
+    """Every column of every row (all metrics with their statistics), empty where a row
+    lacks one."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
@@ -419,48 +645,39 @@ def write_csv(rows: Sequence[Mapping], path: str | Path) -> None:
 
 # -- mtpsl report ----------------------------------------------------------------------------
 
-def _ordered(results: list[dict], baseline: str) -> list[dict]:
-    """Group by dataset, regime (first appearance), the baseline method first in each group."""
-    first = {}
-    for n, r in enumerate(results):
-        first.setdefault(("d", r["dataset"]), n)
-        first.setdefault(("r", r["dataset"], r["regime"]), n)
-        first.setdefault(("m", r["dataset"], r["regime"], r["method"]), n)
-    return sorted(results, key=lambda r: (
-        first[("d", r["dataset"])], first[("r", r["dataset"], r["regime"])],
-        r["method"] != baseline, first[("m", r["dataset"], r["regime"], r["method"])],
-    ))
-
-
 def build_report(
-    paths: Sequence[str | Path], baseline: str = "stl", delta_metrics: Sequence[str] | None = None
+    paths: Sequence[str | Path], baseline: str = "stl", delta_metrics: Sequence[str] | None = None,
+    contrasts: Sequence[str] = (),
 ) -> dict:
     """Load the runs under ``paths`` and build the report's tables (rows and rendered text).
 
     Delta_m uses ``delta_metrics``, else the runs' ``compare.delta_metrics`` when they all
     agree, else each task's primary metric.
     """
-    results = _ordered([load_result(p) for p in find_runs(paths)], baseline)
+    results = [load_result(p) for p in find_runs(paths)]
+    return report_of(results, baseline, delta_metrics, contrasts)
+
+
+def report_of(results: Sequence[Mapping], baseline: str,
+              delta_metrics: Sequence[str] | None = None, contrasts: Sequence[str] = ()
+              ) -> dict:
+    """The tables of loaded runs, rendered, with notes on what was chosen and left out."""
     notes = []
     chosen, origin = _delta_choice(results, delta_metrics, notes)
-    tables = build_tables(results, baseline, REPORT_GROUP, chosen)
+    tables = build_tables(results, baseline, chosen)
     rows = tables[0].rows
-    lacking = missing_baseline(rows, baseline, REPORT_GROUP)
+    lacking = missing_baseline(rows, baseline)
     if lacking:
-        n_groups = len({tuple(r[g] for g in REPORT_GROUP) for r in rows})
-        where = "anywhere" if len(lacking) == n_groups else "under " + "; ".join(lacking)
-        notes.append(f"note: baseline method {baseline!r} not found {where}; "
+        n_setups = len({r["setup"] for r in rows})
+        where = "anywhere" if len(lacking) == n_setups else "under " + "; ".join(lacking)
+        notes.append(f"note: no single set-up of baseline {baseline!r} found {where}; "
                      "Δm is omitted there")
-    n_seeds = sorted({r["seeds"] for r in rows})
-    notes.append(f"{len(results)} runs; mean ± std (population, ddof=0) over "
-                 f"{'/'.join(map(str, n_seeds))} seed(s); Δm in % over {origin}, "
-                 f"each run against the mean of {baseline!r} under the same dataset and regime"
-                 f"{' (and source)' if len(tables) > 1 else ''}.")
-    markdown = tables_markdown(tables, baseline, REPORT_GROUP)
-    markdown += "\n\n" + "\n".join(notes) + "\n"
+    notes.append(f"{len(results)} runs; Δm in % over {origin}, against {baseline!r} under the "
+                 f"same set-up{' (and source)' if len(tables) > 1 else ''}.")
+    markdown = tables_markdown(tables, baseline, contrasts) + "\n\n" + "\n".join(notes) + "\n"
     first = tables[0]
     return {"rows": rows, "primary": first.primary, "better": first.better, "tables": tables,
-            "markdown": markdown, "latex": tables_latex(tables, baseline, REPORT_GROUP),
+            "markdown": markdown, "latex": tables_latex(tables, baseline),
             "runs": [r["run_dir"] for r in results]}
 
 
@@ -486,10 +703,13 @@ def default_out(paths: Sequence[str | Path]) -> Path:
 
 
 def write_report(report: Mapping, out: str | Path) -> list[Path]:
+    """report.md/.csv/.tex and the per-seed figure ``report.png/.pdf``."""
+    from .figures import plot_seeds
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.md", out / "report.csv", out / "report.tex"]
     paths[0].write_text(report["markdown"])
     write_csv(table_rows(report["tables"]), paths[1])
     paths[2].write_text(report["latex"])
-    return paths
+    return paths + plot_seeds(report["tables"][0], out / "report")

@@ -38,6 +38,7 @@ from .checkpoint import (
     load_checkpoint,
     load_state,
     nonfinite_entries,
+    payload_digest,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -67,6 +68,7 @@ from .files import write_text
 from .models import count_parameters, shared_parameters
 from .optim import Optimisation
 from .rundir import RunLock, claim_new
+from .signature import setup_from_config, signature
 from .speed import (
     autocast,
     check_options,
@@ -345,8 +347,11 @@ def dataset_fingerprints(exp: Experiment) -> dict[str, str]:
 
 
 def experiment_identity(exp: Experiment) -> dict:
-    """What a checkpoint records so that a resume can check it continues the same run."""
-    return {"split": exp.split.digest(), "datasets": dataset_fingerprints(exp)}
+    """What a checkpoint records so that a resume can check it continues the same run, and
+    the digest of the freshly initialised model, which tells whether two runs started from
+    the same weights (a paired comparison of methods on one seed)."""
+    return {"split": exp.split.digest(), "datasets": dataset_fingerprints(exp),
+            "initial_weights": payload_digest(exp.model.state_dict())[:16]}
 
 
 @dataclass
@@ -447,6 +452,8 @@ def _fit(
     identity = experiment_identity(exp)
     if state:
         _check_identity(exp, identity, state["identity"], run_dir)
+        # What the run started from, not the fresh weights of this process.
+        identity["initial_weights"] = state["identity"].get("initial_weights")
     _setup_modules(exp, env, device)
     optim = build_optimisation(exp, optimizer_extra(cfg, device))
     step = _Step(optim, device, env, grad_scaler(cfg, device), StopRequest(env, device))
@@ -667,7 +674,7 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
     shared = shared_parameters(exp.model)
     show = cfg.progress and run.env.is_main
     bar = tqdm(total=n_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               leave=False, disable=not show)
+               leave=False, disable=None if show else True)  # None: only on a terminal
     loader.sampler.start_at(first * loader.batch_size)
     loader.generator.manual_seed(int(np.random.SeedSequence(
         [exp.config.seed, epoch, run.env.rank]).generate_state(1)[0]))
@@ -809,32 +816,14 @@ def _state(exp: Experiment, run: _Step, epoch: int, identity: dict, steps: int =
     }
 
 
-NOT_SETUP = {"top": ("name", "label", "seed", "output_dir", "compare"),
-             "dataset": ("root",),
-             "train": ("device", "progress", "num_workers", "eval_batch_size",
-                       "checkpoint_every", "fused_optimizer")}
-"""Config keys that do not change what is learned (where files go, how progress is shown)
-or that vary between the seeds of one set-up; everything else defines the experiment."""
-
-
 def setup_signature(exp: Experiment, fingerprints: dict[str, str]) -> dict:
-    """``setup`` (the config minus :data:`NOT_SETUP`, plus the datasets' fingerprints and
-    image size) and ``setup_signature``, its SHA-256: runs of one experiment that differ only
-    in their seed share it, so tables can group seeds of the same set-up and nothing else."""
-    import hashlib
-
-    data = exp.config.model_dump()
-    for key in NOT_SETUP["top"]:
-        data.pop(key, None)
-    for section in ("dataset", "train"):
-        for key in NOT_SETUP[section]:
-            data[section].pop(key, None)
-    if exp.config.labels.seed is None:
-        data["labels"]["seed"] = "run seed"
+    """``setup`` (the config minus :data:`~mtpsl.signature.NOT_SETUP`, plus the datasets'
+    fingerprints and image size) and ``setup_signature``, its SHA-256: runs of one experiment
+    that differ only in their seed share it, so tables group seeds of one set-up and no more."""
+    data = setup_from_config(exp.config.model_dump())
     data["data"] = {**fingerprints,
                     "size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width]}
-    text = json.dumps(data, sort_keys=True, default=str)
-    return {"setup": data, "setup_signature": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    return {"setup": data, "setup_signature": signature(data)}
 
 
 def run_environment(cfg, device: torch.device) -> dict:
@@ -881,6 +870,7 @@ def _final_metrics(exp: Experiment, history: History, seconds: float,
         **_split_counts(exp),
         "parameters": count_parameters(exp.model),
         **setup_signature(exp, identity["datasets"]),
+        "pairing": {"split": identity["split"], "initial_weights": identity["initial_weights"]},
         "environment": run_environment(exp.config.train, device),
         "train_seconds_this_session": round(seconds, 1),
     }

@@ -46,7 +46,7 @@ WEIGHTINGS: Registry[type[Weighting]] = Registry("weighting")
 
 
 class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class Weighting(nn.Module):
@@ -122,7 +122,7 @@ class Uniform(Weighting):
 
 
 class UncertaintyOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     regulariser: Literal["half", "full"] = "half"
     """half: Kendall et al.'s ``s/2`` term (default); full: ``s`` as the TaskTransferNet code."""
@@ -171,7 +171,7 @@ class Uncertainty(Weighting):
 
 
 class GradNormOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     alpha: float = Field(default=0.16, ge=0.0)
     """Restoring-force strength (0.16 in the TaskTransferNet code)."""
@@ -293,7 +293,7 @@ def _norm_or_zero(grad: Tensor | None, like: Tensor) -> Tensor:
 
 
 class DWAOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     temperature: float = Field(default=2.0, gt=0.0)
     """Softmax temperature T (2 in MTAN)."""
@@ -408,7 +408,7 @@ def _add_to_grads(params: Sequence[nn.Parameter], flat: Tensor) -> None:
 
 
 class MGDAOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     normalisation: Literal["none", "l2", "loss", "loss+"] = "none"
     """Gradient normaliser before the min-norm solve, as Sener & Koltun's code: none, the
@@ -481,7 +481,7 @@ def min_norm_coefficients(gram: np.ndarray, max_iter: int = 1000, tol: float = 1
 
 
 class PCGradOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     seed: int = 0
     """Seed of the strategy's own generator for the projection orders."""
@@ -535,7 +535,7 @@ def pcgrad_coefficients(gram: np.ndarray, orders: Sequence[Sequence[int]]) -> np
 
 
 class CAGradOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     c: float = Field(default=0.4, ge=0.0)
     """Radius of the trust region around the mean gradient, relative to its norm."""

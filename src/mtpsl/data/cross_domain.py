@@ -46,7 +46,7 @@ KEY = "dataset.options.domains"
 class DomainSpec(BaseModel):
     """One source of a ``cross_domain`` dataset."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name: str
     """A registered dataset (nyuv2, cityscapes, ...); not cross_domain itself."""
     root: str

@@ -25,7 +25,7 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 
 class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 @dataclass

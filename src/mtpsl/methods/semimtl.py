@@ -203,7 +203,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 class JTLOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     depth_loss: Literal["berhu", "l1"] = "berhu"
     """Supervised depth loss: BerHu (the paper's) or the task's own L1."""
 

@@ -29,7 +29,7 @@ from .base import METHODS, Losses, Method, supervised_losses
 
 
 class SSLOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     weight: float = 1.0
     """Scale of the consistency term."""

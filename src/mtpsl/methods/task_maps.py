@@ -64,7 +64,7 @@ from .base import METHODS, Losses, Method, supervised_losses
 class MapOptions(BaseModel):
     """Options of ``direct_map`` and ``perceptual_map``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     weight: float = 1.0
     """Weight of the cross-task term (the paper reuses con_weight: 2.0 NYUv2, 1.0 Cityscapes)."""

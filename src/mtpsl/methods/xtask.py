@@ -86,7 +86,7 @@ DEPTH_LOSSES = ("l1", "mse", "logl1", "smoothl1")
 class XTaskOptions(BaseModel):
     """Every flag of the seed's table that is not a run-wide setting (see the module doc)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     depth_loss: Literal["l1", "mse", "logl1", "smoothl1"] = "l1"
     """Direct depth loss over valid pixels; logl1 = log(1 + |d|), smoothl1 with beta 1."""

@@ -41,7 +41,7 @@ from .joint_space_resnet import mapper_for_model
 class JointSpaceOptions(BaseModel):
     """Options shared by every method on the joint pairwise task-space (xtc and alternatives)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     con_weight: float = Field(default=2.0, ge=0.0)
     """Weight of the consistency term: 2.0 for NYUv2, 1.0 for Cityscapes (paper 001)."""
@@ -214,7 +214,8 @@ class XTCLoss(nn.Module):
 
 @METHODS.register("xtc")
 class CrossTaskConsistency(Method):
-    """MTPSL's method. Options: see :class:`XTCOptions` (ablations: conditioned, regularize)."""
+    """MTPSL (Li, Liu & Bilen, CVPR 2022): cross-task consistency in learned joint pairwise
+    task-spaces. Options: :class:`XTCOptions` (ablations: conditioned, regularize)."""
 
     n_views = 2
     Options = XTCOptions

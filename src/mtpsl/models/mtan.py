@@ -134,5 +134,5 @@ class SegNetMTAN(SegNet):
 
 @MODELS.register("mtan")
 def mtan(heads: Mapping[str, HeadSpec], width: float = 1.0, in_channels: int = 3) -> SegNetMTAN:
-    """Registry builder for :class:`SegNetMTAN`."""
+    """SegNet-MTAN (Liu et al. 2019): a shared SegNet with one soft-attention branch per task."""
     return SegNetMTAN(heads=heads, width=width, in_channels=in_channels)

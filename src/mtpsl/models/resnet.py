@@ -175,6 +175,7 @@ def resnet(
     aspp_rates: Sequence[int] | None = None,
     psp_bins: Sequence[int] = PSP_BINS,
 ) -> DilatedResNet:
-    """Registry builder for :class:`DilatedResNet`; keyword-only arguments are
-    ``model.options`` (head, aspp_rates, psp_bins)."""
+    """Dilated torchvision ResNet with DeepLab/PSP heads per task (PASCAL-Context's model).
+
+    Keyword-only arguments are ``model.options`` (head, aspp_rates, psp_bins)."""
     return DilatedResNet(heads, width, in_channels, backbone, head, aspp_rates, psp_bins)

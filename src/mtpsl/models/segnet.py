@@ -134,5 +134,5 @@ class SegNet(nn.Module):
 
 @MODELS.register("segnet")
 def segnet(heads: Mapping[str, HeadSpec], width: float = 1.0, in_channels: int = 3) -> SegNet:
-    """Registry builder for :class:`SegNet`."""
+    """SegNet encoder-decoder with one head per task (the paper's NYUv2/Cityscapes model)."""
     return SegNet(heads=heads, width=width, in_channels=in_channels)

@@ -144,7 +144,9 @@ def xtask_net(
     backbone: BackboneConfig | None = None,
     in_channels: int = 3,
 ) -> XTaskNet:
-    """Registry builder: ``backbone.depth`` and ``backbone.weights`` pick the encoder.
+    """TaskTransferNet's ResNet U-Net with task-transfer networks (xtask_mt).
+
+    ``backbone.depth`` and ``backbone.weights`` pick the encoder.
 
     ``backbone.output_stride`` is not used: the five-level U-Net decoder needs the plain
     stride-32 ResNet pyramid. Without a backbone config the seed's ResNet-34 (random init).

@@ -1,0 +1,52 @@
+"""The README's demo table is what the demo prints: generated from the committed record by
+``benchmarks/readme_table.py``, and the record is of the demo as the preset and Makefile
+define it today (a changed preset, method list, seed list or data size needs a new record)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+from mtpsl.compare import cell_config_for, grid_cells
+from mtpsl.signature import setup_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_SECONDS = 8 * 60
+"""The demo's training budget on this project's 2-core machine (issue 12)."""
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("readme_table",
+                                                  ROOT / "benchmarks" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_demo_table_is_generated_from_the_committed_record():
+    script = _script()
+    record = json.loads(script.RECORD.read_text())
+    assert script.current_block(script.README.read_text()) == script.block(record), \
+        "README.md is stale: run python benchmarks/readme_table.py"
+
+
+def test_the_record_is_of_the_demo_as_defined_today():
+    script = _script()
+    record = json.loads(script.RECORD.read_text())
+    config = script.demo_config(record)
+    cells = {(regime, method, seed) for regime, method in grid_cells(config)
+             for seed in config.compare.seeds}
+    assert {(r["regime"], r["label"], r["seed"]) for r in record["runs"]} == cells
+    assert len(config.compare.seeds) >= 3  # a demo that can draw a conclusion
+    for run in record["runs"]:
+        cell = cell_config_for(config, run["regime"], run["label"], run["seed"])
+        assert {k: v for k, v in run["setup"].items() if k != "data"} == \
+            setup_from_config(cell.model_dump()), run["name"]
+        assert run["setup"]["data"]["size"] == record["data"]["size"]
+    synth = re.search(r"data synth .*--n-train (\d+) --n-val (\d+) --height (\d+) --width (\d+)",
+                      (ROOT / "Makefile").read_text())
+    data = record["data"]
+    assert [int(x) for x in synth.groups()] == [data["n_train"], data["n_val"], *data["size"]]
+    assert sum(r["train_seconds_this_session"] for r in record["runs"]) <= BUDGET_SECONDS
