@@ -45,14 +45,16 @@ def _setup(tmp_path, name, n=5, dtype=torch.float32, **options):
     return tasks, model, method, out, targets
 
 
-def _loop_contrastive(tasks, mapper, preds, targets, labelled, margin):
-    """Per image, per row, per other image j: batch-1 mapping passes, no shared code."""
+def _loop_contrastive(tasks, mapper, preds, targets, labelled, margin, normalize="sum"):
+    """Per image, per row, per other image j: batch-1 mapping passes, no shared code;
+    ``normalize="mean"`` divides an image's rows by their number."""
     names = list(tasks)
     k, n = len(names), labelled.shape[0]
     per_image = []
     for i in range(n):
         lab = [bool(v) for v in labelled[i]]
         total = torch.zeros((), dtype=preds[names[0]].dtype)
+        n_rows = 0
         for s in range(k):
             for t in range(k):
                 if s == t or not lab[t] or (lab[s] and not all(lab)):
@@ -72,7 +74,8 @@ def _loop_contrastive(tasks, mapper, preds, targets, labelled, margin):
                 d_pos = dist(i)
                 hinges = [torch.relu(margin + d_pos - dist(j)) for j in range(n) if j != i]
                 total = total + torch.stack(hinges).mean()
-        per_image.append(total)
+                n_rows += 1
+        per_image.append(total / n_rows if normalize == "mean" and n_rows else total)
     return torch.stack(per_image)
 
 
@@ -89,6 +92,17 @@ def test_contrastive_equals_a_per_row_loop(tmp_path, dtype, tol, margin):
         params = [*mapper.parameters()]
         g = torch.autograd.grad(batched.sum(), params, allow_unused=True)
         assert any(x is not None and x.abs().sum() > 0 for x in g)
+
+
+def test_contrastive_normalize_mean_divides_by_the_rows_of_each_image(tmp_path):
+    tasks, _, method, out, targets = _setup(tmp_path, "contrastive", dtype=torch.float64)
+    mapper = method.loss_fn.mapper
+    args = (method.loss_fn, out.preds, targets, LABELLED, 2.0, _soft)
+    mean = contrastive_consistency(*args, normalize="mean")
+    loop = _loop_contrastive(tasks, mapper, out.preds, targets, LABELLED, 2.0, "mean")
+    torch.testing.assert_close(mean, loop, rtol=1e-10, atol=1e-10)
+    total = contrastive_consistency(*args)
+    assert mean[4] == 0 and torch.all(mean[:4] < total[:4])  # every image has 2+ rows
 
 
 def test_contrastive_batch_of_one_has_no_negatives(tmp_path):

@@ -93,11 +93,13 @@ def test_replay_rejects_bad_shapes():
 # --- the consistency term --------------------------------------------------------------------
 
 
-def _reference_consistency(tasks, batch, preds0, preds1, weight):
-    """Eq. 2 with per-image loops and plain tensor ops (no replay, no masking tricks)."""
+def _reference_consistency(tasks, batch, preds0, preds1, weight, normalize="sum"):
+    """Eq. 2 with per-image loops and plain tensor ops (no replay, no masking tricks);
+    ``normalize="mean"`` divides each image's terms by their number (the paper's 1/|U_n|)."""
     crop, flips = batch.views[1].meta["crop"], batch.views[1].meta["flip"]
     total = 0.0
     for i in range(len(batch)):
+        image_terms = []
         s, top, left = (float(v) for v in crop[i])
         h, w = int(H / s), int(W / s)
         for k, name in enumerate(tasks):
@@ -115,7 +117,11 @@ def _reference_consistency(tasks, batch, preds0, preds1, weight):
                 x = x.flip(-1)
                 if name == "normal":
                     x = torch.cat([-x[:1], x[1:]])
-            total = total + F.mse_loss(x, p1)
+            image_terms.append(F.mse_loss(x, p1))
+        if image_terms:
+            image_total = sum(image_terms)
+            total = total + (image_total / len(image_terms) if normalize == "mean"
+                             else image_total)
     return weight * total / len(batch)
 
 
@@ -145,6 +151,26 @@ def test_consistency_equals_per_image_reference_with_gradients(dataset, regime):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_normalize_mean_divides_each_image_by_its_unlabelled_tasks(dataset):
+    """The paper's 1/|U_n| of Eq. 2 (normalize=mean) against the per-image loop; the default
+    (sum) is not it when an image has two unlabelled tasks."""
+    labelled = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1]],
+                        dtype=bool)
+    batch = _batch(dataset, labelled, flip=True, seed=3)
+    model = _model(dataset).eval().double()
+    for view in batch.views:
+        view.image = view.image.double()
+    preds0 = model(batch.views[0].image).preds
+    preds1 = model(batch.views[1].image).preds
+    ref = {n: _reference_consistency(dataset.tasks, batch, preds0, preds1, 0.7, n)
+           for n in ("sum", "mean")}
+    for normalize in ("sum", "mean"):
+        method = build_method("ssl", dataset.tasks, {"weight": 0.7, "normalize": normalize})
+        losses, _ = method.compute(model, batch)
+        torch.testing.assert_close(losses.extra["ssl"], ref[normalize], rtol=1e-9, atol=0)
+    assert ref["mean"] < ref["sum"] * 0.95
 
 
 def test_one_forward_over_both_views_and_view0_output(dataset):

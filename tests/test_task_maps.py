@@ -287,3 +287,95 @@ def test_train_from_the_cli(nyu_root, tmp_path, method, keys):
         assert np.isfinite(row[f"train/{key}"])
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("mappings.depth->semantic.") for k in state["method"])
+
+
+def _hand_cosine(name, a, b, target=None):
+    """1 - cos of two flattened maps (segmentation: probabilities); against a label, over its
+    valid pixels, the label one-hot for segmentation (by hand)."""
+    if name == "semantic":
+        a = a.exp()
+        b = None if b is None else b.exp()
+    if target is not None:
+        if name == "semantic":
+            valid = target >= 0
+            b = torch.nn.functional.one_hot(target.clamp(min=0), a.shape[1])
+            b = b.permute(0, 3, 1, 2).to(a.dtype)
+        else:
+            valid = (target != 0).any(1)
+            b = target
+        a, b = a * valid[:, None], b * valid[:, None]
+    a, b = a.flatten(), b.flatten()
+    return 1 - (a @ b) / (a.norm() * b.norm())
+
+
+def _term(options, image_terms):
+    total = sum(image_terms)
+    return total / len(image_terms) if options["normalize"] == "mean" else total
+
+
+OPTIONS = [{"normalize": "mean", "distance": "task"}, {"normalize": "sum", "distance": "cosine"},
+           {"normalize": "mean", "distance": "cosine"}]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_direct_map_options_equal_the_loop(nyu_root, soft_segmentation, options):
+    """normalize=mean divides an image's pairs by their number (1/|U_n|); distance=cosine is
+    the paper's L_ct between the mapped prediction and the label."""
+    tasks, batch, model, method = _setup(nyu_root, MIXED, weight=2.0, **options)
+    _calibrated_eval(tasks, batch, model, method)
+    losses, _ = method.compute(model, batch)
+    preds, lab = model(batch.image).preds, batch.labelled
+    expected = 0.0
+    for i in range(len(batch)):
+        terms = []
+        for si, s in enumerate(NAMES):
+            for ti, t in enumerate(NAMES):
+                if s == t or lab[i, si] or not lab[i, ti]:
+                    continue
+                x = tasks[s].encode_pred(preds[s][i : i + 1])
+                mapped = method.mappings[pair_key(s, t)](x).preds[t]
+                target = batch.targets[t][i : i + 1]
+                terms.append(_hand_cosine(t, mapped, None, target) if options["distance"] ==
+                             "cosine" else tasks[t].loss(mapped, target)[0])
+        if terms:
+            expected += _term(options, terms)
+    expected = 2.0 * expected / len(batch)
+    torch.testing.assert_close(losses.extra["direct_map"], expected, rtol=1e-5, atol=0)
+    default = build_method("direct_map", tasks, {**TINY_MAP, "weight": 2.0})
+    default.load_state_dict(method.state_dict())
+    default.eval()
+    assert not torch.allclose(default.compute(model, batch)[0].extra["direct_map"],
+                              losses.extra["direct_map"])
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_perceptual_map_options_equal_the_loop(nyu_root, soft_segmentation, options):
+    tasks, batch, model, method = _setup(nyu_root, MIXED, "perceptual_map", weight=3.0,
+                                         **options)
+    _calibrated_eval(tasks, batch, model, method)
+    losses, _ = method.compute(model, batch)
+    preds, lab = model(batch.image).preds, batch.labelled
+    cosine = options["distance"] == "cosine"
+    perceptual = fit = 0.0
+    for i in range(len(batch)):
+        p_terms, f_terms = [], []
+        for si, s in enumerate(NAMES):
+            for ti, t in enumerate(NAMES):
+                if s == t:
+                    continue
+                net = method.mappings[pair_key(s, t)]
+                x = tasks[s].encode_pred(preds[s][i : i + 1])
+                mapped = net(x).preds[t]
+                if lab[i, si]:
+                    ref = net(tasks[s].encode_target(batch.targets[s][i : i + 1])).preds[t]
+                    p_terms.append(_hand_cosine(t, mapped, ref) if cosine
+                                   else tasks[t].distance(mapped, ref)[0])
+                if lab[i, ti]:
+                    target = batch.targets[t][i : i + 1]
+                    f_terms.append(_hand_cosine(t, mapped, None, target) if cosine
+                                   else tasks[t].loss(mapped, target)[0])
+        perceptual += _term(options, p_terms) if p_terms else 0.0
+        fit += _term(options, f_terms) if f_terms else 0.0
+    torch.testing.assert_close(losses.extra["perceptual"], 3.0 * perceptual / len(batch),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses.extra["map_fit"], fit / len(batch), rtol=1e-5, atol=0)

@@ -100,6 +100,15 @@ def test_encoder_depths_build_and_expose_the_encoder(depth, channels):
     assert all(len(b.convs) == 3 for b in decoder.blocks)
 
 
+def test_decoder_blocks_are_3x3_and_the_head_1x1_as_xtask_mt_at_head(model):
+    """docs/fidelity.md: xtask_mt's HEAD decoder uses 3x3 convolutions (an older commit 1x1)."""
+    for decoder in model.decoders.values():
+        kernels = {m.kernel_size for b in decoder.blocks for m in b.modules()
+                   if isinstance(m, nn.Conv2d)}
+        assert kernels == {(3, 3)}
+        assert decoder.head.kernel_size == (1, 1) and decoder.head.bias is None
+
+
 def test_default_backbone_is_the_seeds_resnet34():
     net = MODELS.get("xtask_net")(HEADS, width=0.0625)
     assert len(net.encoder.stages[2]) == 6  # ResNet-34's layer3 has 6 BasicBlocks
@@ -258,6 +267,29 @@ def test_partial_labels_direct_on_labelled_images_transferred_on_all():
     assert full["transferred/semantic"].item() == pytest.approx(none["transferred/semantic"].item())
     assert full["transferred/depth"].item() == pytest.approx(none["transferred/depth"].item())
     assert full["direct/semantic"].item() > 0
+
+
+def test_trans_seg_mask_label_keeps_ignored_pixels_in_the_mean_as_the_reference():
+    """trans_seg_mask=label: each pixel's CE times the seg label's valid mask (on images with
+    a seg label; all pixels on the image without), divided by every pixel (by hand)."""
+    method = build_method("xtask", TASKS, {**TINY, "trans_seg_mask": "label"})
+    seg, depth = _leaf_preds()
+    batch = _batch(labelled=[[True, True], [False, True]])
+    terms = method.terms(FixedPreds(seg, depth)(None).preds, batch)
+    with torch.no_grad():
+        s_from_d = method.depth_to_seg(depth.detach())
+    per_pixel = F.cross_entropy(s_from_d, F.log_softmax(seg, 1).detach().argmax(1),
+                                reduction="none")
+    keep = torch.stack([batch.targets["semantic"][0] >= 0, torch.ones(16, 24, dtype=torch.bool)])
+    assert not keep[0].all()  # the constructed labels have ignored pixels
+    want = (per_pixel * keep).flatten(1).mean(1).mean().item()
+    assert terms["transferred/semantic"].item() == pytest.approx(want, rel=1e-6)
+    plain = build_method("xtask", TASKS, TINY)
+    plain.load_state_dict(method.state_dict())
+    default = plain.terms(FixedPreds(seg, depth)(None).preds, batch)
+    assert default["transferred/semantic"].item() == pytest.approx(per_pixel.mean().item(),
+                                                                   rel=1e-6)
+    assert default["transferred/semantic"].item() > terms["transferred/semantic"].item()
 
 
 OPTION_SETS = [

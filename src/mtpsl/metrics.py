@@ -9,6 +9,9 @@ its input's max back to the host). Per-pixel maths runs in float32 (float64 if t
 are), sums accumulate in float64, counts in int64. ``compute`` is the one place values reach
 the host, and ``state_tensors`` exposes the accumulators so a DDP trainer can
 ``all_reduce(SUM)`` them first.
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "Metrics".
 """
 
 from __future__ import annotations

@@ -105,6 +105,15 @@ class Task:
         """
         raise NotImplementedError
 
+    def as_map(self, pred: Tensor) -> Tensor:
+        """A prediction as the map that consistency and cosine terms compare (segmentation:
+        probabilities instead of log-probabilities)."""
+        return pred
+
+    def label_map(self, target: Tensor) -> Tensor:
+        """A label as a map of :meth:`as_map`'s shape ``[B, C, H, W]`` (zero where invalid)."""
+        return torch.where(self.valid(target).unsqueeze(1), target, 0.0)
+
 
 @TASKS.register("segmentation")
 @dataclass(frozen=True)
@@ -149,6 +158,12 @@ class SegmentationTask(Task):
         onehot = F.one_hot(torch.where(valid, target, 0), self.num_classes)
         onehot = onehot * valid.unsqueeze(-1)
         return onehot.permute(0, 3, 1, 2).to(torch.float32)
+
+    def as_map(self, pred: Tensor) -> Tensor:
+        return pred.exp()
+
+    def label_map(self, target: Tensor) -> Tensor:
+        return self.encode_target(target)
 
     def distance(self, pred: Tensor, ref: Tensor) -> Tensor:
         """Cross-entropy of ``pred`` against the soft distribution ``exp(ref)``, per image.

@@ -27,6 +27,9 @@ crop of 1/s resized back) and flip, applied to the padded item.
 
 Construction checks the layout from file headers only (JPEG/PNG sizes and modes, ``.mat``
 variable shapes), so a broken download fails at once with a :class:`DataError` naming the file.
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "Dataset conventions".
 """
 
 from __future__ import annotations

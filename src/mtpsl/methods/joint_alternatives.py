@@ -48,6 +48,9 @@ averaged over positions.
   before D's update. A strictly sequential alternation would re-run D after its own step; the
   simultaneous form costs no second forward and the two terms do not share gradients.
   A batch of one image has no negative pair (the "next" image is itself): both terms are 0.
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "baselines of paper 001".
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from torch.func import functional_call
 
 from ..tasks import Task
 from .base import METHODS, OptimGroup
+from .terms import Normalize, per_image_mean
 from .xtc import CrossTaskConsistency, JointSpaceOptions, PairRows, XTCLoss, consistency_pairs
 
 EncodePred = Callable[[Task, Tensor], Tensor]
@@ -71,6 +75,9 @@ class ContrastiveOptions(JointSpaceOptions):
     margin: float = Field(default=0.5, ge=0.0)
     """Hinge margin: a row costs nothing once every negative is ``margin`` farther than the
     positive (distances are in [0, 2])."""
+    normalize: Normalize = "sum"
+    """sum: an image's rows are added (the official XTC code's convention for its pairs);
+    mean: divided by their number, the 1/|U_n| of the paper's Eq. 3-4 (docs/fidelity.md)."""
 
 
 class DiscriminatorOptions(JointSpaceOptions):
@@ -96,8 +103,10 @@ def contrastive_consistency(
     labelled: Tensor,
     margin: float,
     encode_pred: EncodePred | None = None,
+    normalize: Normalize = "sum",
 ) -> Tensor:
-    """Per-image contrastive term ``[B]`` (unweighted): the sum of its rows' hinge losses."""
+    """Per-image contrastive term ``[B]`` (unweighted): the sum of its rows' hinge losses, or
+    their mean (``normalize="mean"``)."""
     encode_pred = encode_pred or _default_encode
     rows = consistency_pairs(labelled)
     n_images = labelled.shape[0]
@@ -119,7 +128,9 @@ def contrastive_consistency(
     hinge = F.relu(margin + positive - dist)
     is_negative = images[None, :] != rows.image[:, None]
     row_loss = (hinge * is_negative).sum(1) / (n_images - 1)
-    return per_image.index_add(0, rows.image, row_loss.to(dtype))
+    total = per_image.index_add(0, rows.image, row_loss.to(dtype))
+    count = torch.bincount(rows.image, minlength=n_images).to(dtype)
+    return per_image_mean(total, count, normalize)
 
 
 class PairDiscriminator(nn.Module):
@@ -195,7 +206,8 @@ class ContrastiveLoss(_JointSpaceAlternative):
 
     def joint_terms(self, preds, targets, feature, labelled) -> dict[str, Tensor]:
         per_image = contrastive_consistency(self.loss_fn, preds, targets, labelled,
-                                            self.options.margin)
+                                            self.options.margin,
+                                            normalize=self.options.normalize)
         return {"contrastive": self.weight_now * per_image.mean()}
 
 

@@ -50,6 +50,9 @@ learning rate ``disc_lr`` and no weight decay, on the config's schedule.
 
 Values the seed text does not give legibly (D's learning rate, the lambdas) default to those of
 the adversarial methods it builds on (AdvEnt, AdvSemiSeg): ``disc_lr`` 1e-4, lambdas 1e-3.
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "SemiMTL".
 """
 
 from __future__ import annotations

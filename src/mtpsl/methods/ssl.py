@@ -10,9 +10,12 @@ the prediction on view0 carried through the same geometry:
 ``T(.)`` is :func:`~mtpsl.data.transforms.replay` of the crop/flip recorded for view1 (depth is
 divided by the zoom, normal x negated on a flip). The MSE is the mean over pixels and channels
 of one image; segmentation compares class probabilities (exp of the log-probabilities). The
-term is summed over an image's unlabelled tasks, averaged over the batch, and scaled by
-``weight``. Both views go through the network in one forward pass over ``cat[view0, view1]``,
+term is summed over an image's unlabelled tasks (``normalize=mean``: divided by their number,
+the paper's 1/|U_n|), averaged over the batch, and scaled by ``weight``. Both views go through the network in one forward pass over ``cat[view0, view1]``,
 so BatchNorm statistics are shared, as the reference does for its two-view methods.
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "baselines of paper 001".
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..data.transforms import replay
 from ..models import ModelOutput
-from ..tasks import SegmentationTask, Task
+from ..tasks import Task
 from .base import METHODS, Losses, Method, supervised_losses
+from .terms import Normalize, per_image_mean
 
 
 class SSLOptions(BaseModel):
@@ -35,11 +39,9 @@ class SSLOptions(BaseModel):
     """Scale of the consistency term."""
     detach_target: bool = False
     """Treat the replayed view0 prediction as a fixed target (no gradient through it)."""
-
-
-def consistency_map(task: Task, pred: Tensor) -> Tensor:
-    """The map that the consistency compares: probabilities for segmentation, else the pred."""
-    return pred.exp() if isinstance(task, SegmentationTask) else pred
+    normalize: Normalize = "sum"
+    """sum: an image's unlabelled-task terms are added (the official XTC code's convention);
+    mean: divided by their number, the 1/|U_n| of the paper's Eq. 2 (docs/fidelity.md)."""
 
 
 def crop_consistency(
@@ -48,8 +50,10 @@ def crop_consistency(
     preds0: dict[str, Tensor],
     preds1: dict[str, Tensor],
     detach_target: bool = False,
+    normalize: Normalize = "sum",
 ) -> Tensor:
-    """Per-image consistency ``[B]`` of Eq. 2 (unweighted): summed over unlabelled tasks."""
+    """Per-image consistency ``[B]`` of Eq. 2 (unweighted): summed over unlabelled tasks, or
+    their mean (``normalize="mean"``)."""
     meta = batch.views[1].meta
     if "crop" not in meta or "flip" not in meta:
         raise ValueError(
@@ -58,16 +62,18 @@ def crop_consistency(
         )
     crop, flip = meta["crop"], meta["flip"]
     total = preds0[next(iter(tasks))].new_zeros(len(batch))
+    count = torch.zeros_like(total)
     for name, task in tasks.items():
         unlabelled = ~batch.labelled_for(name)
         if not bool(unlabelled.any()):
             continue  # labelled on every image: nothing to enforce
-        target = replay(consistency_map(task, preds0[name]), crop, flip, task)
+        count = count + unlabelled.to(count)
+        target = replay(task.as_map(preds0[name]), crop, flip, task)
         if detach_target:
             target = target.detach()
-        per_image = (target - consistency_map(task, preds1[name])).pow(2).flatten(1).mean(1)
+        per_image = (target - task.as_map(preds1[name])).pow(2).flatten(1).mean(1)
         total = total + torch.where(unlabelled.to(per_image.device), per_image, 0.0)
-    return total
+    return per_image_mean(total, count, normalize)
 
 
 @METHODS.register("ssl")
@@ -85,7 +91,8 @@ class CropConsistency(Method):
         preds1 = {k: v[n:] for k, v in out.preds.items()}
         losses = supervised_losses(self.tasks, batch, preds0)
         options: SSLOptions = self.options  # type: ignore[assignment]
-        per_image = crop_consistency(self.tasks, batch, preds0, preds1, options.detach_target)
+        per_image = crop_consistency(self.tasks, batch, preds0, preds1, options.detach_target,
+                                     options.normalize)
         extra = {"ssl": options.weight * per_image.mean()}
         features0 = {k: v[:n] for k, v in out.features.items()}
         return Losses(tasks=losses, extra=extra), ModelOutput(preds0, features0)

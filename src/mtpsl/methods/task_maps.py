@@ -10,8 +10,9 @@ space (``t``'s head and activation). The T(T-1) mappings sit in ``self.mappings`
 Both methods use one view (the supervised loss's) and one multi-task forward.
 
 - ``direct_map``: for image i and each ordered pair with ``s`` unlabelled and ``t`` labelled
-  on i, ``L_t(m_{s->t}(enc(yhat_s)), y_t)`` (the task's masked per-image loss). Per image the sum
-  over its pairs, per batch the mean over images (images without pairs add 0), times ``weight``.
+  on i, ``L_t(m_{s->t}(enc(yhat_s)), y_t)`` (the task's masked per-image loss; ``distance=cosine``:
+  the paper's L_ct). Per image the sum over its pairs (``normalize=mean``: their mean), per
+  batch the mean over images (images without pairs add 0), times ``weight``.
   Gradients reach the mapping and the multi-task network.
 - ``perceptual_map``: "maps both the ground truth y^s and predicted labels yhat^s and minimizes
   their distance in task t's label space". On pairs where ``s`` is labelled on i (any t != s):
@@ -43,6 +44,9 @@ BatchNorm normalises over that pair's sub-batch (with the paper's NYUv2 batch of
 label per image, mostly a single image: per-instance statistics, as in the reference's batch-1
 mapping passes). Like any BatchNorm net in training mode, a sub-batch of one image needs a
 bottleneck of more than one pixel (inputs of at least 32 x 64 pixels).
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "baselines of paper 001".
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from ..models import HeadSpec, ModelOutput
 from ..models.segnet import segnet
 from ..tasks import Task
 from .base import METHODS, Losses, Method, supervised_losses
+from .terms import Distance, ImageTerms, Normalize, between, to_label
 
 
 class MapOptions(BaseModel):
@@ -70,6 +75,12 @@ class MapOptions(BaseModel):
     """Weight of the cross-task term (the paper reuses con_weight: 2.0 NYUv2, 1.0 Cityscapes)."""
     mapping_width: float = 1.0
     """Width multiplier of each mapping SegNet (1.0 = the full 25M-parameter SegNet)."""
+    normalize: Normalize = "sum"
+    """sum: an image's terms are added (the official XTC code's convention); mean: divided by
+    their number, the 1/|U_n| of the paper's Eq. 2-4 (docs/fidelity.md)."""
+    distance: Distance = "task"
+    """task: the target task's loss (Direct-Map, the fit term) and prediction distance
+    (Perceptual-Map); cosine: the paper's L_ct, 1 - cosine of the two flattened maps."""
 
 
 def pair_key(source: str, target: str) -> str:
@@ -154,7 +165,8 @@ class DirectMap(PairwiseMappings):
         out, losses, labelled = self._supervised_step(model, batch)
         preds, targets, device = out.preds, batch.targets, batch.image.device
         encoded: dict[str, Tensor] = {}
-        total = batch.image.new_zeros(())
+        o = self.options
+        total = ImageTerms(len(batch), batch.image, o.normalize)
         for si, ti, task_s, task_t, mapping in self.pairs():
             idx = self._select(~labelled[:, si] & labelled[:, ti], device)
             if idx is None:
@@ -162,8 +174,8 @@ class DirectMap(PairwiseMappings):
             if task_s.name not in encoded:
                 encoded[task_s.name] = task_s.encode_pred(preds[task_s.name])
             mapped = mapping(encoded[task_s.name][idx]).preds[task_t.name]
-            total = total + task_t.loss(mapped, targets[task_t.name][idx]).sum()
-        extra = {"direct_map": self.options.weight * total / len(batch)}
+            total.add(idx, to_label(o.distance, task_t, mapped, targets[task_t.name][idx]))
+        extra = {"direct_map": o.weight * total.reduce() / len(batch)}
         return Losses(losses, extra), out
 
 
@@ -180,8 +192,9 @@ class PerceptualMap(PairwiseMappings):
         out, losses, labelled = self._supervised_step(model, batch)
         preds, targets, device = out.preds, batch.targets, batch.image.device
         encoded: dict[str, Tensor] = {}
-        perceptual = batch.image.new_zeros(())
-        fit = batch.image.new_zeros(())
+        o = self.options
+        perceptual = ImageTerms(len(batch), batch.image, o.normalize)
+        fit = ImageTerms(len(batch), batch.image, o.normalize)
         for si, ti, task_s, task_t, mapping in self.pairs():
             s, t = task_s.name, task_t.name
             sel_p = self._select(labelled[:, si], device)
@@ -196,13 +209,13 @@ class PerceptualMap(PairwiseMappings):
                 mapped = functional_call(mapping, frozen, (encoded[s][sel_p],)).preds[t]
                 with torch.no_grad():
                     reference = mapping(task_s.encode_target(targets[s][sel_p])).preds[t]
-                perceptual = perceptual + task_t.distance(mapped, reference).sum()
+                perceptual.add(sel_p, between(o.distance, task_t, mapped, reference))
             if sel_f is not None:
                 # Fit the mapping on detached predictions: gradients reach the mapping only.
                 mapped = mapping(encoded[s][sel_f].detach()).preds[t]
-                fit = fit + task_t.loss(mapped, targets[t][sel_f]).sum()
+                fit.add(sel_f, to_label(o.distance, task_t, mapped, targets[t][sel_f]))
         extra = {
-            "perceptual": self.options.weight * perceptual / len(batch),
-            "map_fit": fit / len(batch),
+            "perceptual": o.weight * perceptual.reduce() / len(batch),
+            "map_fit": fit.reduce() / len(batch),
         }
         return Losses(losses, extra), out

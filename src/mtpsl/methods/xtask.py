@@ -18,9 +18,10 @@ them, never the decoder that made the target. Per batch:
 Each side holds the terms whose gradients reach that task's decoder (Ltd flows back through
 the seg decoder, Lts through the depth decoder), as the seed pairs them under uncertainty
 weighting and GradNorm; the strategy (``method.weighting``: uniform, uncertainty, gradnorm,
-...) then combines the two sides. (In that branch the seed's code multiplies Lts by alpha and
-Ltd by gamma; its README, and these options, tie alpha to the transferred depth loss. The
-published setups use alpha = gamma, where both readings agree.) Under uniform weighting the
+...) then combines the two sides; alpha goes with the transferred depth loss and gamma with the
+transferred seg loss, as the reference pairs them at its HEAD and as its README says (an older
+commit paired them the other way, which earlier versions of this docstring described; the
+published setups use alpha = gamma, where both agree). Under uniform weighting the
 total equals the seed's plain sum whichever way the terms are paired. ``Losses.extra`` stays
 empty (its terms would be added outside the weighting); the four terms go to ``Losses.logs``
 (logged per epoch as ``train/direct/<task>`` and ``train/transferred/<task>``) and the last
@@ -40,7 +41,11 @@ labelled for its task (a sum over those images divided by the batch size, as
 :func:`~mtpsl.methods.base.supervised_losses`), while both transferred losses count every
 image, since their targets are predictions. The transferred depth loss is restricted to the
 pixels with a valid depth label on images labelled for depth (as the seed masks it) and uses
-all pixels elsewhere; the transferred seg loss uses all pixels.
+all pixels elsewhere (the reference masks nothing on NYUv2); the transferred seg loss
+averages over all pixels, where the reference multiplies it by the seg label's valid mask and
+still divides by every pixel (``trans_seg_mask=label`` does that). The GradNorm weight learning
+rate defaults to 0.025 where the reference uses 1e-4 (``method.weighting_options.lr``). Every
+row of this: docs/fidelity.md.
 
 Masked SSIM (``trans_depth_loss=ssim``): both maps are multiplied by the mask, means,
 variances and covariance come from 3x3 average pooling without padding, C1 = 0.01^2,
@@ -96,6 +101,10 @@ class XTaskOptions(BaseModel):
     """Loss between the seg transferred from depth and the argmax of the direct seg."""
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     """eps of the transferred seg loss's targets."""
+    trans_seg_mask: Literal["none", "label"] = "none"
+    """none: the transferred seg loss is the mean over every pixel; label: as the reference
+    code, each pixel's loss is multiplied by the seg label's valid mask (on images with a
+    seg label) and the mean still runs over every pixel (docs/fidelity.md)."""
     batch_norm: bool = False
     """BatchNorm after every conv of the transfer nets."""
     wider: bool = False
@@ -163,8 +172,10 @@ def smoothed_targets(labels: Tensor, num_classes: int, eps: float) -> Tensor:
     return onehot * (1.0 - eps - off) + off
 
 
-def transferred_seg_loss(kind: str, logits: Tensor, labels: Tensor, eps: float) -> Tensor:
-    """Per-image ``[B]`` CE (or KL) of ``logits`` against smoothed ``labels``, pixel mean."""
+def transferred_seg_loss(kind: str, logits: Tensor, labels: Tensor, eps: float,
+                         pixel_weight: Tensor | None = None) -> Tensor:
+    """Per-image ``[B]`` CE (or KL) of ``logits`` against smoothed ``labels``: the mean over
+    every pixel of the per-pixel loss, times ``pixel_weight`` ``[B, H, W]`` where given."""
     log_p = F.log_softmax(logits, dim=1)
     q = smoothed_targets(labels, logits.shape[1], eps).to(log_p.dtype)
     per_pixel = -(q * log_p).sum(dim=1)
@@ -172,6 +183,8 @@ def transferred_seg_loss(kind: str, logits: Tensor, labels: Tensor, eps: float) 
         per_pixel = per_pixel + torch.xlogy(q, q).sum(dim=1)
     elif kind != "ce":
         raise ValueError(f"transferred seg loss {kind!r} unknown; allowed: ce, kl")
+    if pixel_weight is not None:
+        per_pixel = per_pixel * pixel_weight.to(per_pixel.dtype)
     return per_pixel.flatten(1).mean(dim=1)
 
 
@@ -326,5 +339,10 @@ class TaskTransfer(Method):
             t_depth = masked_image_mean((from_seg - depth_target).abs().sum(1), mask)
         labels = seg_pred.detach().argmax(dim=1)
         o = self.options
-        t_seg = transferred_seg_loss(o.trans_seg_loss, from_depth, labels, o.label_smoothing)
+        weight = None
+        if o.trans_seg_mask == "label":
+            valid = self.tasks[s].valid(batch.targets[s])
+            weight = torch.where(batch.labelled_for(s)[:, None, None], valid, True)
+        t_seg = transferred_seg_loss(o.trans_seg_loss, from_depth, labels, o.label_smoothing,
+                                     weight)
         return {f"transferred/{d}": t_depth.mean(), f"transferred/{s}": t_seg.mean()}

@@ -15,6 +15,9 @@ fully labelled image every s != t (prediction of s against the label of t).
 Two implementations share the parameters: ``consistency`` (batched over every (image, pair,
 branch), used for training) and ``reference_consistency`` (per image, per pair, batch-1
 mapping passes, as the reference runs it). Tests hold them equal in value and gradient.
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "xtc".
 """
 
 from __future__ import annotations

@@ -10,10 +10,14 @@ The transfer networks of the framework are not part of this model: they exist on
 the training loss, so the method ``xtask`` (:mod:`mtpsl.methods.xtask`) owns them and the
 model stays usable by every other method.
 
-Differences from the seed's code, on purpose: its decoder blocks use 1x1 convolutions although
-its description says 3x3 (we follow the description), and it upsamples by a fixed x2, which
-needs input sides divisible by 32; here each upsampling goes to the size of the skip map it
-meets, so any input size comes back at its own resolution.
+The decoder's 3x3 convolutions are those of the reference at its HEAD (akarimoon/xtask_mt;
+an older commit used 1x1 convolutions there, which earlier versions of this docstring
+described). One difference, on purpose: the reference upsamples by a fixed x2, which needs
+input sides divisible by 32; here each upsampling goes to the size of the skip map it meets, so
+any input size comes back at its own resolution. See docs/fidelity.md.
+
+Departures from the papers and reference code, with the options and tests that pin them:
+``docs/fidelity.md``, section "xtask".
 """
 
 from __future__ import annotations
