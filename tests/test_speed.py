@@ -171,6 +171,19 @@ def test_cli_fp16_uses_a_grad_scaler_and_rejects_nonlinear_weightings(root, tmp_
         speed.check_options(TrainConfig(amp="fp16"), torch.device("cpu"), "gradnorm")
 
 
+def test_fp16_asks_each_weighting_whether_it_is_linear_in_the_losses(monkeypatch):
+    """The weighting declares it (no list of names elsewhere): flipping the flag on a
+    strategy's class is all it takes for fp16 to accept it."""
+    from mtpsl.weighting import WEIGHTINGS
+
+    assert speed.linear_weightings() == ["dwa", "uniform"]
+    cfg, cpu = TrainConfig(amp="fp16"), torch.device("cpu")
+    with pytest.raises(ConfigError):
+        speed.check_options(cfg, cpu, "pcgrad")
+    monkeypatch.setattr(WEIGHTINGS.get("pcgrad"), "linear_in_losses", True)
+    speed.check_options(cfg, cpu, "pcgrad")
+
+
 def test_fp16_loss_scaling_gives_the_unscaled_gradient(root, tmp_path):
     """The scaled losses handed to the weighting, unscaled afterwards, equal plain fp32."""
     from mtpsl.config import load_config

@@ -214,3 +214,67 @@ def test_grids_of_two_weightings_and_two_models_report_separate_labelled_rows(
     assert main(["report", str(tmp_path / "segnet"), str(twin)]) == 2
     err = capsys.readouterr().err
     assert "same seed 1" in err and str(twin) in err
+
+
+def _state(run_dir):
+    return {k: v.double() for k, v in load_checkpoint(run_dir / "checkpoint.pt")["model"].items()
+            if v.is_floating_point()}
+
+
+def _distance(a, b):
+    return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
+
+
+def test_clip_norm_gives_a_hand_clipped_update(tiny_root, tmp_path):
+    """One plain SGD step from the same weights and batch: clipping to c makes the update
+    -lr * c * g / |g|, so two clipped runs lie lr * |c1 - c2| apart and on the unclipped
+    update's line (|g|, the global norm over every parameter, is far above both c)."""
+    one_step = ["optim.optimizer=sgd", "optim.momentum=0", "optim.lr=0.1", "train.epochs=1",
+                "train.max_steps_per_epoch=1"]
+    runs = {}
+    for name, clip in (("none", None), ("c1", 1e-3), ("c2", 3e-3)):
+        extra = [] if clip is None else [f"train.clip_norm={clip}"]
+        _train(tiny_root, tmp_path / name, *one_step, *extra)
+        runs[name] = _state(tmp_path / name)
+    assert _distance(runs["c1"], runs["c2"]) == pytest.approx(0.1 * 2e-3, rel=1e-4)
+    full = {k: runs["none"][k] - runs["c1"][k] for k in runs["c1"]}
+    clipped = {k: runs["c1"][k] - runs["c2"][k] for k in runs["c1"]}
+    dot = sum((full[k] * clipped[k]).sum() for k in full)
+    norms = _distance(runs["none"], runs["c1"]) * _distance(runs["c1"], runs["c2"])
+    assert float(dot) / norms == pytest.approx(-1.0, abs=1e-4)  # same line (float32 weights)
+    assert main(["train", f"dataset.root={tiny_root}", "train.clip_norm=0"]) == 2
+
+
+def test_methods_get_an_after_step_hook_after_every_optimiser_step(tiny_root, tmp_path,
+                                                                  monkeypatch):
+    """The hook runs once per step with the just-updated model (an EMA teacher's place)."""
+    from mtpsl.methods import METHODS
+
+    seen = []
+
+    def after_step(self, model):
+        seen.append(next(model.parameters()).detach().clone())
+
+    monkeypatch.setattr(METHODS.get("sl"), "after_step", after_step)
+    _train(tiny_root, tmp_path / "run", "train.max_steps_per_epoch=2")  # 2 epochs x 2 steps
+    assert len(seen) == 4
+    assert all(not torch.equal(seen[i], seen[i + 1]) for i in range(3))  # after each update
+    final = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
+    assert torch.equal(seen[-1], next(iter(final.values())))
+
+
+def test_frozen_method_parameters_stay_out_of_the_optimiser():
+    from mtpsl.methods import build_method
+    from mtpsl.models import HeadSpec, build_model
+    from mtpsl.tasks import build_task
+
+    tasks = {"depth": build_task("depth", "depth")}
+    model = build_model("segnet", {"depth": HeadSpec(1, tasks["depth"].activate)}, width=0.0625)
+    method = build_method("sl", tasks, {})
+    method.teacher = torch.nn.Linear(2, 2).requires_grad_(False)
+    method.head = torch.nn.Linear(2, 2)
+    (group,) = method.optimizer_groups(model)
+    ids = {id(p) for p in group.params}
+    assert all(id(p) in ids for p in method.head.parameters())
+    assert not any(id(p) in ids for p in method.teacher.parameters())
+    assert len(group.params) == len(list(model.parameters())) + 2

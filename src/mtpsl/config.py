@@ -137,6 +137,9 @@ class TrainConfig(Section):
     """Evaluate every N epochs (and always after the last one)."""
     checkpoint_every: int = Field(default=10, gt=0)
     """Write the checkpoint every N epochs (and always after the last one)."""
+    clip_norm: float | None = Field(default=None, gt=0.0)
+    """Clip the global L2 norm of all trained gradients to this before each step (after the
+    fp16 unscale and the torchrun average); None = no clipping."""
     max_steps_per_epoch: int | None = Field(default=None, gt=0)
     """Cap on iterations per epoch (smoke tests and equal-budget comparisons)."""
     num_workers: int = Field(default=0, ge=0)

@@ -22,17 +22,21 @@ from .models import ModelOutput
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_BACKEND = "inductor"
 """torch.compile backend of ``train.compile`` (tests use "eager": tracing without codegen)."""
-LINEAR_WEIGHTINGS = ("uniform", "dwa")
-"""Weightings whose gradient is linear in the task losses within a step, so scaling the losses
-by the fp16 loss scale scales the gradient by the same factor (GradScaler's contract)."""
+def linear_weightings() -> list[str]:
+    """Registered weightings whose gradient is linear in the task losses within a step, so
+    scaling the losses by the fp16 loss scale scales the gradient alike (GradScaler's
+    contract): each declares ``linear_in_losses``."""
+    from .weighting import WEIGHTINGS
+
+    return [n for n in WEIGHTINGS.names() if WEIGHTINGS.get(n).linear_in_losses]
 
 
 def check_options(cfg: TrainConfig, device: torch.device, weighting: str) -> None:
     """Reject combinations that cannot work, naming the config keys."""
-    if cfg.amp == "fp16" and weighting not in LINEAR_WEIGHTINGS:
+    if cfg.amp == "fp16" and weighting not in linear_weightings():
         raise ConfigError(
             f"train.amp: fp16 needs a loss scale, which is exact only for weightings linear "
-            f"in the losses ({', '.join(LINEAR_WEIGHTINGS)}); method.weighting is "
+            f"in the losses ({', '.join(linear_weightings())}); method.weighting is "
             f"{weighting!r}: use train.amp=bf16 or off"
         )
     if cfg.amp != "off" and not torch.amp.autocast_mode.is_autocast_available(device.type):

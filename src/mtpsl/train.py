@@ -690,7 +690,10 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
         fault_point("backward")
         if step % CHECK_EVERY == 0 or step == n_steps - 1:
             _check_finite(watch, epoch, n_steps)  # one host sync per CHECK_EVERY steps
+        if cfg.clip_norm is not None:  # on the unscaled, averaged gradients of every group
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         run.optim.step(run.scaler)
+        exp.method.after_step(exp.model)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0) + value
         bar.update()

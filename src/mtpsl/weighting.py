@@ -54,6 +54,10 @@ class Weighting(nn.Module):
     :meth:`backward`)."""
 
     Options: ClassVar[type[BaseModel]] = NoOptions
+    linear_in_losses: ClassVar[bool] = False
+    """True when the gradient is linear in the task losses within a step (a fixed weighted
+    sum), so scaling the losses by fp16's loss scale scales the gradient alike: only such
+    strategies may run under ``train.amp=fp16``."""
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__()
@@ -113,6 +117,8 @@ def _weighted_sum(
 @WEIGHTINGS.register("uniform")
 class Uniform(Weighting):
     """Equal weights: the plain sum of the task losses (Eq. 1 of paper 001)."""
+
+    linear_in_losses = True
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
         return _plain_sum(task_losses, self.task_names)
@@ -307,6 +313,8 @@ class DWA(Weighting):
     ratio of the last two epochs' mean training losses; weight 1 for the first two epochs. A
     ratio that cannot be formed (a task with no loss in one of those epochs) counts as 1.
     """
+
+    linear_in_losses = True  # the weights are fixed within an epoch
 
     Options = DWAOptions
 

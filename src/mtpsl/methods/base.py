@@ -64,11 +64,19 @@ class Method(nn.Module):
         """Build auxiliary networks whose shape depends on the model (called once, on CPU)."""
 
     def optimizer_groups(self, model: nn.Module) -> list[OptimGroup]:
-        """One group holding the model and this method's own networks, by default."""
-        return [OptimGroup("main", [*model.parameters(), *self.parameters()])]
+        """One group holding the model and this method's own trained networks, by default:
+        parameters with ``requires_grad=False`` (e.g. an EMA teacher updated in
+        :meth:`after_step`) are never handed to an optimiser."""
+        own = [p for p in self.parameters() if p.requires_grad]
+        return [OptimGroup("main", [*model.parameters(), *own])]
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         """Hook for schedules such as a consistency-weight ramp-up."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Hook after every optimiser step, on every process (e.g. an EMA teacher follows the
+        just-updated ``model``). Whatever it changes must live in this method's state dict, so
+        checkpoints and resumes keep it."""
 
 
 def supervised_losses(

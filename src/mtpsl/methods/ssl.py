@@ -11,8 +11,9 @@ the prediction on view0 carried through the same geometry:
 divided by the zoom, normal x negated on a flip). The MSE is the mean over pixels and channels
 of one image; segmentation compares class probabilities (exp of the log-probabilities). The
 term is summed over an image's unlabelled tasks (``normalize=mean``: divided by their number,
-the paper's 1/|U_n|), averaged over the batch, and scaled by ``weight``. Both views go through the network in one forward pass over ``cat[view0, view1]``,
-so BatchNorm statistics are shared, as the reference does for its two-view methods.
+the paper's 1/|U_n|), averaged over the batch, and scaled by ``weight``. Both views go
+through the network in one forward pass over ``cat[view0, view1]``, so BatchNorm statistics
+are shared, as the reference does for its two-view methods.
 
 Departures from the papers and reference code, with the options and tests that pin them:
 ``docs/fidelity.md``, section "baselines of paper 001".
