@@ -114,6 +114,11 @@ class Task:
         """A label as a map of :meth:`as_map`'s shape ``[B, C, H, W]`` (zero where invalid)."""
         return torch.where(self.valid(target).unsqueeze(1), target, 0.0)
 
+    def pseudo_label(self, prob_map: Tensor, threshold: float) -> Tensor | None:
+        """A hard label from an :meth:`as_map` map, invalid where the confidence is below
+        ``threshold``; None for a task without a confidence (regression: depth, normals)."""
+        return None
+
 
 @TASKS.register("segmentation")
 @dataclass(frozen=True)
@@ -164,6 +169,11 @@ class SegmentationTask(Task):
 
     def label_map(self, target: Tensor) -> Tensor:
         return self.encode_target(target)
+
+    def pseudo_label(self, prob_map: Tensor, threshold: float) -> Tensor:
+        """The most probable class where its probability reaches ``threshold``, else -1."""
+        confidence, classes = prob_map.max(dim=1)
+        return torch.where(confidence >= threshold, classes, -1)
 
     def distance(self, pred: Tensor, ref: Tensor) -> Tensor:
         """Cross-entropy of ``pred`` against the soft distribution ``exp(ref)``, per image.
@@ -295,6 +305,12 @@ class BinaryTask(Task):
 
     def blank_like(self, target: Tensor) -> Tensor:
         return torch.full_like(target, self.blank_value)
+
+    def pseudo_label(self, prob_map: Tensor, threshold: float) -> Tensor:
+        """1 or 0 where ``max(p, 1 - p)`` reaches ``threshold``, else the blank value."""
+        hard = (prob_map >= 0.5).to(prob_map.dtype)
+        confident = torch.maximum(prob_map, 1.0 - prob_map) >= threshold
+        return torch.where(confident, hard, self.blank_value)
 
     def encode_target(self, target: Tensor) -> Tensor:
         return torch.where(self.valid(target).unsqueeze(1), target, 0.0)

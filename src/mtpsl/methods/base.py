@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
@@ -92,6 +93,17 @@ def supervised_losses(
         name: labelled_sum(task.loss(preds[name], targets[name]), batch, name)
         for name, task in tasks.items()
     }
+
+
+def two_view_forward(model: nn.Module, batch: Batch
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """One forward over ``cat[view0, view1]`` (BatchNorm statistics shared by both views, as
+    the reference's two-view methods): view0's and view1's predictions, and view0's features."""
+    n = len(batch)
+    out = model(torch.cat([batch.views[0].image, batch.views[1].image]))
+    preds0 = {k: v[:n] for k, v in out.preds.items()}
+    preds1 = {k: v[n:] for k, v in out.preds.items()}
+    return preds0, preds1, {k: v[:n] for k, v in out.features.items()}
 
 
 def labelled_sum(per_image: Tensor, batch: Batch, task: str) -> Tensor:

@@ -29,7 +29,7 @@ from ..data.batch import Batch
 from ..data.transforms import replay
 from ..models import ModelOutput
 from ..tasks import Task
-from .base import METHODS, Losses, Method, supervised_losses
+from .base import METHODS, Losses, Method, supervised_losses, two_view_forward
 from .terms import Normalize, per_image_mean
 
 
@@ -45,6 +45,17 @@ class SSLOptions(BaseModel):
     mean: divided by their number, the 1/|U_n| of the paper's Eq. 2 (docs/fidelity.md)."""
 
 
+def view1_geometry(batch: Batch) -> tuple[Tensor, Tensor]:
+    """The crop ``[B, 3]`` and flip ``[B]`` that made view1 from view0 (see ``replay``)."""
+    meta = batch.views[1].meta
+    if "crop" not in meta or "flip" not in meta:
+        raise ValueError(
+            "two-view methods need the augmentation record ('crop', 'flip') of view1; build "
+            "the training set with a transform from mtpsl.data.transforms"
+        )
+    return meta["crop"], meta["flip"]
+
+
 def crop_consistency(
     tasks: dict[str, Task],
     batch: Batch,
@@ -55,13 +66,7 @@ def crop_consistency(
 ) -> Tensor:
     """Per-image consistency ``[B]`` of Eq. 2 (unweighted): summed over unlabelled tasks, or
     their mean (``normalize="mean"``)."""
-    meta = batch.views[1].meta
-    if "crop" not in meta or "flip" not in meta:
-        raise ValueError(
-            "ssl needs the augmentation record ('crop', 'flip') of view1; build the training "
-            "set with a transform from mtpsl.data.transforms"
-        )
-    crop, flip = meta["crop"], meta["flip"]
+    crop, flip = view1_geometry(batch)
     total = preds0[next(iter(tasks))].new_zeros(len(batch))
     count = torch.zeros_like(total)
     for name, task in tasks.items():
@@ -85,15 +90,10 @@ class CropConsistency(Method):
     Options = SSLOptions
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
-        view0, view1 = batch.views[0], batch.views[1]
-        n = len(batch)
-        out = model(torch.cat([view0.image, view1.image]))
-        preds0 = {k: v[:n] for k, v in out.preds.items()}
-        preds1 = {k: v[n:] for k, v in out.preds.items()}
+        preds0, preds1, features0 = two_view_forward(model, batch)
         losses = supervised_losses(self.tasks, batch, preds0)
         options: SSLOptions = self.options  # type: ignore[assignment]
         per_image = crop_consistency(self.tasks, batch, preds0, preds1, options.detach_target,
                                      options.normalize)
         extra = {"ssl": options.weight * per_image.mean()}
-        features0 = {k: v[:n] for k, v in out.features.items()}
         return Losses(tasks=losses, extra=extra), ModelOutput(preds0, features0)
