@@ -349,8 +349,8 @@ def contrast_lines(rows: Sequence[Mapping], pairs: Sequence[str], primary: Seque
     return lines
 
 
-def missing_baseline(rows: Sequence[Mapping], baseline: str) -> list[str]:
-    """Set-ups (as text) without a run of the baseline method, where Delta_m is left out."""
+def missing_baseline(rows: Sequence[Mapping]) -> list[str]:
+    """Set-ups (as text) without one baseline set-up to pair with, where Delta_m is left out."""
     have = {r["setup"] for r in rows if "delta_m" in r}
     return list(dict.fromkeys(r["setup"] or "all runs" for r in rows if r["setup"] not in have))
 
@@ -666,7 +666,7 @@ def report_of(results: Sequence[Mapping], baseline: str,
     chosen, origin = _delta_choice(results, delta_metrics, notes)
     tables = build_tables(results, baseline, chosen)
     rows = tables[0].rows
-    lacking = missing_baseline(rows, baseline)
+    lacking = missing_baseline(rows)
     if lacking:
         n_setups = len({r["setup"] for r in rows})
         where = "anywhere" if len(lacking) == n_setups else "under " + "; ".join(lacking)
