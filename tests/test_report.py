@@ -135,6 +135,12 @@ def test_statistics_match_scipy(grid, tmp_path, capsys):
     assert sl["verdict"] == ("significantly " + ("better" if gains.mean() > 0 else "worse")
                              if significant else "not significant")
     assert f"- sl vs stl: Δm {gains.mean():+.1f}%" in printed
+    assert main(["report", str(grid), "--out", str(out), "--contrast", "sl:stl",
+                 "--contrast", "sl:xtcc"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"- sl vs stl: Δm {gains.mean():+.1f}%") == 1  # not repeated
+    assert "- sl vs xtcc: no set-up holds both with a shared seed; not compared" in printed
+    assert main(["report", str(grid), "--contrast", "sl"]) == 2
     assert "over 3 paired seeds" in printed
     main_line = next(x for x in printed.splitlines() if x.startswith("| sl | 3 |"))
     half = (_t_interval(_column("sl", 0))[1] - _t_interval(_column("sl", 0))[0]) / 2

@@ -337,6 +337,7 @@ def contrast_lines(rows: Sequence[Mapping], pairs: Sequence[str], primary: Seque
     lines = []
     for pair in pairs:
         a, _, b = pair.partition(":")
+        before = len(lines)
         for row in rows:
             other = next((o for o in rows if o["_label"] == b
                           and o["_context"] == row["_context"]), None)
@@ -346,6 +347,8 @@ def contrast_lines(rows: Sequence[Mapping], pairs: Sequence[str], primary: Seque
             if summary is not None:
                 lines.append(_verdict_line(row["method"], other["method"], row["setup"],
                                            summary))
+        if len(lines) == before:  # a typo must not pass for "nothing to say"
+            lines.append(f"- {a} vs {b}: no set-up holds both with a shared seed; not compared")
     return lines
 
 
