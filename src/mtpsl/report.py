@@ -228,29 +228,37 @@ def summarise(
     """
     groups = set_ups(results, baseline)
     contexts, names = _row_names(groups)
+    rows = [_seed_row(runs, context, name, primary)
+            for runs, context, name in zip(groups, contexts, names, strict=True)]
+    row_of = {id(runs): row for runs, row in zip(groups, rows, strict=True)}
     base_of = _baselines(groups, baseline)
-    rows = []
-    for runs, context, name in zip(groups, contexts, names, strict=True):
-        row: dict = {"setup": context, "method": name, "seeds": len(runs),
-                     "seed_list": ",".join(str(r.get("seed")) for r in runs)}
-        keys = [k for k in primary if all(k in r["metrics"] for r in runs)]
-        keys += [k for k in dict.fromkeys(k for r in runs for k in r["metrics"])
-                 if k not in keys and all(k in r["metrics"] for r in runs)]
-        row["_points"] = {k: {r.get("seed"): float(r["metrics"][k]) for r in runs}
-                          for k in keys}
-        row["_label"], row["_context"] = runs[0]["method"], runs[0]["context"]
-        row["_splits"] = {r.get("seed"): _split(r) for r in runs}
-        for k in keys:
-            _put(row, k, stats.summarise(list(row["_points"][k].values())))
+    for runs, row in zip(groups, rows, strict=True):
         base = base_of.get(runs[0]["context"])
         if base is not None:
-            _compare(row, runs, base, [k for k in primary if k in keys], better,
-                     is_baseline=base is runs)
+            _compare(row, row_of[id(base)], [k for k in primary if k in row["_points"]],
+                     better, is_baseline=base is runs)
         row["signature"] = runs[0]["signature"]
         if all("run_dir" in r for r in runs):
             row["runs"] = ";".join(str(r["run_dir"]) for r in runs)
-        rows.append(row)
     return rows
+
+
+def _seed_row(runs: Sequence[Mapping], context: str, name: str, primary: Sequence[str]
+              ) -> dict:
+    """A row's per-seed values (``_`` columns) and its statistics over seeds."""
+    row: dict = {"setup": context, "method": name, "seeds": len(runs),
+                 "seed_list": ",".join(str(r.get("seed")) for r in runs)}
+    keys = [k for k in primary if all(k in r["metrics"] for r in runs)]
+    keys += [k for k in dict.fromkeys(k for r in runs for k in r["metrics"])
+             if k not in keys and all(k in r["metrics"] for r in runs)]
+    row["_points"] = {k: {r.get("seed"): float(r["metrics"][k]) for r in runs} for k in keys}
+    row["_label"], row["_context"] = runs[0]["method"], runs[0]["context"]
+    pairing = [(r.get("seed"), r.get("pairing") or {}) for r in runs]
+    row["_splits"] = {seed: p.get("split") for seed, p in pairing}
+    row["_initial"] = {seed: p.get("initial_weights") for seed, p in pairing}
+    for k in keys:
+        _put(row, k, stats.summarise(list(row["_points"][k].values())))
+    return row
 
 
 def _baselines(groups: Sequence[Sequence[Mapping]], baseline: str) -> dict[str, list[Mapping]]:
@@ -269,38 +277,31 @@ def _put(row: dict, key: str, summary: stats.Summary) -> None:
         row[f"{key}:ci_low"], row[f"{key}:ci_high"] = summary.low, summary.high
 
 
-def _pairs(runs: Sequence[Mapping], base: Sequence[Mapping]) -> list[tuple[Mapping, Mapping]]:
-    """(run, baseline run) of the same seed and split: the units of a paired comparison."""
-    by_seed = {b.get("seed"): b for b in base if b.get("seed") is not None}
-    pairs = []
-    for r in runs:
-        b = by_seed.get(r.get("seed"))
-        if b is not None and _split(r) == _split(b):
-            pairs.append((r, b))
-    return pairs
-
-
-def _split(run: Mapping) -> str | None:
-    return (run.get("pairing") or {}).get("split")
-
-
-def _initial(run: Mapping) -> str | None:
-    return (run.get("pairing") or {}).get("initial_weights")
-
-
-def _compare(row: dict, runs, base, keys: Sequence[str], better, is_baseline: bool) -> None:
-    """Paired Delta_m and per-metric differences of ``runs`` against ``base``."""
-    pairs = _pairs(runs, base)
-    keys = [k for k in keys if all(k in b["metrics"] for _, b in pairs)]
-    if not pairs or not keys:
-        return
+def _paired(row: Mapping, other: Mapping, keys: Sequence[str], better: Mapping[str, bool]
+            ) -> tuple[list[str], dict] | None:
+    """The keys both rows have and, per seed both ran with the same split, the Delta_m of
+    ``row`` against ``other`` over them: the units of a paired comparison. None when no key or
+    seed is shared, or Delta_m is undefined (a value of 0 in ``other``)."""
+    keys = [k for k in keys if k in row["_points"] and k in other["_points"]]
+    seeds = [s for s in row["_splits"] if s is not None and s in other["_splits"]
+             and row["_splits"][s] == other["_splits"][s]]
+    if not keys or not seeds:
+        return None
     try:
-        gains = {r.get("seed"): delta_m({k: r["metrics"][k] for k in keys},
-                                        {k: b["metrics"][k] for k in keys}, better)
-                 for r, b in pairs}
-    except ValueError:  # a baseline value of 0: the relative gain is undefined
+        return keys, {s: delta_m({k: row["_points"][k][s] for k in keys},
+                                 {k: other["_points"][k][s] for k in keys}, better)
+                      for s in seeds}
+    except ValueError:
+        return None
+
+
+def _compare(row: dict, base: Mapping, keys: Sequence[str], better, is_baseline: bool) -> None:
+    """Paired Delta_m and per-metric differences of ``row`` against the baseline row."""
+    paired = _paired(row, base, keys, better)
+    if paired is None:
         return
-    row["pairs"] = len(pairs)
+    keys, gains = paired
+    row["pairs"] = len(gains)
     row["_delta_points"] = gains
     summary = stats.summarise(list(gains.values()))
     _put(row, "delta_m", summary)
@@ -308,27 +309,19 @@ def _compare(row: dict, runs, base, keys: Sequence[str], better, is_baseline: bo
         return
     for k in keys:
         _put(row, f"{k}:diff", stats.summarise(
-            [float(r["metrics"][k]) - float(b["metrics"][k]) for r, b in pairs]))
+            [row["_points"][k][s] - base["_points"][k][s] for s in gains]))
     row["verdict"] = stats.verdict(summary)
     row["same_initial_weights"] = all(
-        _initial(r) is not None and _initial(r) == _initial(b) for r, b in pairs)
+        row["_initial"][s] is not None and row["_initial"][s] == base["_initial"][s]
+        for s in gains)
 
 
 def contrast(row: Mapping, other: Mapping, primary: Sequence[str], better: Mapping[str, bool]
              ) -> stats.Summary | None:
     """Paired Delta_m of ``row`` against ``other`` (two rows of one table, same context) over
     the seeds both ran with the same split; None when Delta_m is undefined for them."""
-    keys = [k for k in primary if k in row["_points"] and k in other["_points"]]
-    seeds = [s for s in row["_splits"] if s is not None and s in other["_splits"]
-             and row["_splits"][s] == other["_splits"][s]]
-    if not keys or not seeds:
-        return None
-    try:
-        return stats.summarise([
-            delta_m({k: row["_points"][k][s] for k in keys},
-                    {k: other["_points"][k][s] for k in keys}, better) for s in seeds])
-    except ValueError:  # a value of 0 in ``other``: the relative gain is undefined
-        return None
+    paired = _paired(row, other, primary, better)
+    return None if paired is None else stats.summarise(list(paired[1].values()))
 
 
 def contrast_lines(rows: Sequence[Mapping], pairs: Sequence[str], primary: Sequence[str],

@@ -47,8 +47,7 @@ def setup_from_config(config: Mapping[str, Any]) -> dict:
 
 def signature(setup: Mapping[str, Any]) -> str:
     """A short SHA-256 of the canonical JSON of ``setup`` (key order does not matter)."""
-    text = json.dumps(setup, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(_text(setup).encode()).hexdigest()[:16]
 
 
 def context_of(setup: Mapping[str, Any]) -> dict:

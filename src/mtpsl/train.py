@@ -346,12 +346,15 @@ def dataset_fingerprints(exp: Experiment) -> dict[str, str]:
     return {"train": fingerprint(exp.train_set.dataset), "eval": fingerprint(exp.eval_set.dataset)}
 
 
-def experiment_identity(exp: Experiment) -> dict:
+def experiment_identity(exp: Experiment, state: dict | None = None) -> dict:
     """What a checkpoint records so that a resume can check it continues the same run, and
-    the digest of the freshly initialised model, which tells whether two runs started from
-    the same weights (a paired comparison of methods on one seed)."""
+    the digest of the initial weights, which tells whether two runs started from the same
+    weights (a paired comparison of methods on one seed): of the fresh model for a new run,
+    the recorded one for a resumed run (whose fresh weights are about to be replaced)."""
+    initial = (state["identity"].get("initial_weights") if state
+               else payload_digest(exp.model.state_dict())[:16])
     return {"split": exp.split.digest(), "datasets": dataset_fingerprints(exp),
-            "initial_weights": payload_digest(exp.model.state_dict())[:16]}
+            "initial_weights": initial}
 
 
 @dataclass
@@ -449,11 +452,9 @@ def _fit(
     cfg = exp.config.train
     env = env or DistEnv()
     device = device or resolve_device(cfg.device)
-    identity = experiment_identity(exp)
+    identity = experiment_identity(exp, state)
     if state:
         _check_identity(exp, identity, state["identity"], run_dir)
-        # What the run started from, not the fresh weights of this process.
-        identity["initial_weights"] = state["identity"].get("initial_weights")
     _setup_modules(exp, env, device)
     optim = build_optimisation(exp, optimizer_extra(cfg, device))
     step = _Step(optim, device, env, grad_scaler(cfg, device), StopRequest(env, device))
