@@ -130,7 +130,7 @@ def test_non_xtc_run_is_refused(xtc_run, tmp_path, capsys):
                  "--device", "cpu", "--out", str(tmp_path / "figs")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "trained with method 'sl'" in err and "needs xtc" in err
+    assert "trained with method 'sl'" in err and "no joint task space" in err
     assert not (tmp_path / "figs").exists()
 
 

@@ -22,6 +22,13 @@ import numpy as np
 from .errors import DataError, MtpslError
 from .figures_joint import add_arguments as joint_space_arguments
 from .figures_joint import joint_space_figure
+from .render import (  # noqa: F401  (re-exported for figure code that colours task maps)
+    UNLABELLED,
+    Cell,
+    colour_normals,
+    colour_segmentation,
+    voc_colours,
+)
 
 if TYPE_CHECKING:  # the module stays light to import: `mtpsl figures` builds its parser here
     import torch
@@ -212,40 +219,6 @@ def _seed_points(ax, x: int, values: Sequence[float], row: Mapping, key: str) ->
         ax.plot(x + 0.2, mean, "o", color="black", ms=3.5)
 
 
-def voc_colours(n: int) -> np.ndarray:
-    """The PASCAL VOC bit-interleaved colours of ids ``0..n-1``, uint8 ``[n, 3]`` (id 0 black)."""
-    colours = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, rgb = i, [0, 0, 0]
-        for bit in range(8):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
-            c >>= 3
-        colours[i] = rgb
-    return colours
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """Fixed uint8 ``[num_classes, 3]`` class colours (the VOC pattern from id 1, so no class
-    is black: black means ignore)."""
-    return voc_colours(num_classes + 1)[1:]
-
-
-def colour_segmentation(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """``[H, W]`` class ids -> ``[H, W, 3]`` uint8; ids outside ``[0, C)`` (ignore) black."""
-    valid = (labels >= 0) & (labels < num_classes)
-    out = palette(num_classes)[np.where(valid, labels, 0)]
-    out[~valid] = 0
-    return out
-
-
-def colour_normals(normals: np.ndarray) -> np.ndarray:
-    """``[3, H, W]`` unit vectors -> ``[H, W, 3]`` RGB in [0, 1]; all-zero (invalid) black."""
-    rgb = np.clip((normals.transpose(1, 2, 0) + 1.0) / 2.0, 0.0, 1.0)
-    rgb[~np.any(normals != 0, axis=0)] = 0.0
-    return rgb
-
-
 @dataclass
 class Qualitative:
     """Images, labels and every run's predictions for the chosen evaluation images."""
@@ -362,10 +335,6 @@ def cell_titles(data: Qualitative) -> list[list[str]]:
     return titles
 
 
-Cell = tuple[np.ndarray, dict]
-"""One grid panel: (array, imshow kwargs)."""
-UNLABELLED = "tab:blue"
-"""Colour of unlabelled pixels in binary-task panels (black and white are values there)."""
 
 
 def _panels(data: Qualitative, k: int) -> list[Cell]:
@@ -378,71 +347,16 @@ def _panels(data: Qualitative, k: int) -> list[Cell]:
 
 def task_panels(task: Task, target: torch.Tensor, preds: Sequence[torch.Tensor]) -> list[Cell]:
     """The ground-truth cell, then one cell per prediction, of one image and task (unbatched
-    batch-format label, activated predictions)."""
-    from .tasks import BinaryTask, DepthTask, EdgeTask, NormalTask, SegmentationTask
-
-    label, arrays = target.numpy(), [p.numpy() for p in preds]
-    if isinstance(task, SegmentationTask):
-        return [(colour_segmentation(label, task.num_classes), {})] + [
-            (colour_segmentation(p.argmax(0), task.num_classes), {}) for p in arrays]
-    if isinstance(task, DepthTask):
-        valid = (label[0] != 0) & np.isfinite(label[0])
-        values = np.concatenate([label[0][valid]] + [p[0].ravel() for p in arrays])
-        values = values[np.isfinite(values)]
-        vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0, 1)
-        scale = {"cmap": _depth_cmap(), "vmin": vmin, "vmax": vmax}
-        return [(np.ma.masked_array(label[0], ~valid), scale)] + [(p[0], scale) for p in arrays]
-    if isinstance(task, NormalTask):
-        return [(colour_normals(label), {})] + [(colour_normals(p), {}) for p in arrays]
-    if isinstance(task, EdgeTask):
-        return [binary_label_cell(label)] + [
-            (edge_map(task, p, target), _binary_scale()) for p in preds]
-    if isinstance(task, BinaryTask):
-        return [binary_label_cell(label)] + [probability_cell(p) for p in arrays]
-    raise MtpslError(f"task {task.name!r} ({type(task).__name__}) has no qualitative display")
-
-
-def _depth_cmap():
-    from matplotlib import colormaps
-
-    return colormaps["viridis"].with_extremes(bad="black")  # invalid ground-truth pixels
-
-
-def _binary_scale() -> dict:
-    """Grey scale fixed to [0, 1] (1 white); masked (unlabelled) pixels :data:`UNLABELLED`."""
-    from matplotlib import colormaps
-
-    return {"cmap": colormaps["gray"].with_extremes(bad=UNLABELLED), "vmin": 0.0, "vmax": 1.0}
-
-
-def binary_label_cell(label: np.ndarray) -> Cell:
-    """A ``[1, H, W]`` binary label: 1 white, 0 black, any other value (unlabelled) masked."""
-    valid = (label[0] == 0) | (label[0] == 1)
-    return np.ma.masked_array(np.where(valid, label[0], 0.0), ~valid), _binary_scale()
-
-
-def probability_cell(pred: np.ndarray) -> Cell:
-    """A ``[1, H, W]`` probability map in grey on the fixed [0, 1] scale."""
-    return pred[0], _binary_scale()
+    batch-format label, activated predictions): the task's own ``panels``."""
+    return task.panels(target, preds)
 
 
 def edge_map(task: Task, pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """A ``[1, H, W]`` edge probability map as the 0/1 map its per-image score is taken at:
-    thresholded, with the metric's binning, at the threshold where this image alone reaches
-    its best odsF; at 0.5 where no threshold scores above 0 (no labelled pixel, or no edge in
-    the label), since any threshold then ties."""
-    import torch
+    """An edge prediction as the 0/1 map its odsF is taken at (see
+    :func:`mtpsl.tasks.binary.edge_map`; imported late: this module stays light)."""
+    from .tasks.binary import edge_map as edges
 
-    from .evaluate import build_metrics
-
-    metric = build_metrics({task.name: task})[task.name]
-    metric.update(pred[None], target[None])
-    best = metric.compute()[task.primary_metric]
-    threshold = metric.best["threshold"] if best > 0 else 0.5  # NaN > 0 is False
-    bins = metric.num_bins
-    k = round(threshold * bins)
-    prob = pred[0].to(torch.float64).numpy()  # the metric's bins are taken in float64
-    return (np.floor(prob * bins) >= k).astype(np.float32)
+    return edges(task, pred, target)
 
 
 def qualitative_size(data: Qualitative) -> tuple[float, float]:

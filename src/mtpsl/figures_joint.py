@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 # mtpsl.figures imports this module for its FIGURES entry: its helpers are imported inside the
 # functions, so either module may be imported first.
 
-METHOD = "xtc"
 STEM = "joint-space"
 COLUMNS = 6
 """RGB, source prediction, target ground truth, PCA of m_s, PCA of m_t, cosine map."""
@@ -70,17 +69,10 @@ def parse_pair(pair: str | Sequence[str] | None, tasks: Sequence[str]) -> tuple[
 
 
 def encode_source(task: Task, pred: torch.Tensor) -> torch.Tensor:
-    """A prediction in the mapping network's input space, deterministically: segmentation as
-    the one-hot of its argmax (training's hard Gumbel sample without the noise), every other
-    task through its own ``encode_pred``."""
-    import torch.nn.functional as F
-
-    from .tasks import SegmentationTask
-
-    if isinstance(task, SegmentationTask):
-        onehot = F.one_hot(pred.argmax(dim=1), pred.shape[1])
-        return onehot.permute(0, 3, 1, 2).to(pred.dtype)
-    return task.encode_pred(pred)
+    """A prediction in the mapping network's input space, deterministically (the task's
+    ``encode_pred_eval``: segmentation is the one-hot of its argmax, training's hard Gumbel
+    sample without the noise)."""
+    return task.encode_pred_eval(pred)
 
 
 def cosine_map(m_s: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
@@ -171,10 +163,10 @@ def collect_joint_space(
         raise MtpslError("no image indices given")
     dev = resolve_device(device)
     run = load_run(run_dir, root=root, device=dev)
-    method_name = run.config.method.name
-    if method_name != METHOD:
-        raise MtpslError(f"run {run_dir} was trained with method {method_name!r}; the "
-                         f"joint-space figure needs {METHOD}")
+    mapper = load_method(run).joint_space_mapper()
+    if mapper is None:
+        raise MtpslError(f"run {run_dir} was trained with method {run.config.method.name!r}, "
+                         f"which has no joint task space to draw (xtc and its variants have)")
     names = list(run.tasks)
     source, target = parse_pair(pair, names)
     split = split or run.config.dataset.eval_split
@@ -183,7 +175,6 @@ def collect_joint_space(
     if bad:
         raise MtpslError(f"image indices {bad} out of range: split {split!r} of "
                          f"{run.config.dataset.root} has {len(dataset)} images")
-    mapper = load_method(run).loss_fn.mapper
     batch = Collate(tuple(run.tasks))([dataset[i] for i in indices])
     pid = pair_index(names.index(source), names.index(target), len(names))
     with torch.no_grad():
@@ -213,40 +204,19 @@ def joint_space_titles(data: JointSpace) -> list[list[str]]:
     ]
 
 
-def _task_cell(task: Task, array: np.ndarray, is_label: bool) -> tuple[np.ndarray, dict]:
-    """Display of the source prediction / target label. A binary prediction (saliency,
-    edges) is shown as its probability map, which is what enters the mapping network."""
-    from .figures import (
-        _depth_cmap,
-        binary_label_cell,
-        colour_normals,
-        colour_segmentation,
-        probability_cell,
-    )
-    from .tasks import BinaryTask, DepthTask, NormalTask, SegmentationTask
-
-    if isinstance(task, SegmentationTask):
-        labels = array if is_label else array.argmax(0)
-        return colour_segmentation(labels, task.num_classes), {}
-    if isinstance(task, DepthTask):
-        depth = array[0]
-        valid = np.isfinite(depth) & ((depth != 0) if is_label else True)
-        values = depth[valid]
-        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-        return np.ma.masked_array(depth, ~valid), {"cmap": _depth_cmap(), "vmin": lo, "vmax": hi}
-    if isinstance(task, NormalTask):
-        return colour_normals(array), {}
-    if isinstance(task, BinaryTask):
-        return binary_label_cell(array) if is_label else probability_cell(array)
-    raise MtpslError(f"task {task.name!r} ({type(task).__name__}) has no display")
+def _task_cell(task: Task, array: torch.Tensor, is_label: bool) -> tuple[np.ndarray, dict]:
+    """Display of the source prediction / target label, by the task's own ``panels``. A
+    binary prediction (saliency, edges) is shown as its probability map, which is what
+    enters the mapping network."""
+    return task.panels(array, [])[0] if is_label else task.panels(None, [array])[0]
 
 
 def _cells(data: JointSpace, k: int) -> list[tuple[np.ndarray, dict]]:
     pca_s, pca_t = joint_pca(data.mapped_source[k].numpy(), data.mapped_target[k].numpy())
     return [
         (data.images[k], {}),
-        _task_cell(data.tasks[data.source], data.source_pred[k].numpy(), False),
-        _task_cell(data.tasks[data.target], data.target_label[k].numpy(), True),
+        _task_cell(data.tasks[data.source], data.source_pred[k], False),
+        _task_cell(data.tasks[data.target], data.target_label[k], True),
         (pca_s, {}),
         (pca_t, {}),
         (data.cosine[k].numpy(), {"cmap": COSINE_CMAP, "vmin": 0.0, "vmax": 1.0}),

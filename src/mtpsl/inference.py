@@ -71,12 +71,13 @@ def load_method(run: LoadedRun) -> Method:
     ``build_method`` + ``attach(run.model)`` + ``load_state_dict`` of the checkpoint's
     ``"method"`` entry: the same steps training takes before it resumes.
     """
-    state = load_checkpoint(run.checkpoint, required={"method": dict})
-    require_finite(state["method"].items(), run.checkpoint, "the method")
     config = run.config
     method = build_method(config.method.name, run.tasks, config.method.options)
     method.attach(run.model)
-    load_module_state(method, state["method"], run.checkpoint, "the method")
+    if method.state_dict():  # a method without state (sl, stl) needs no checkpoint entry
+        state = load_checkpoint(run.checkpoint, required={"method": dict})
+        require_finite(state["method"].items(), run.checkpoint, "the method")
+        load_module_state(method, state["method"], run.checkpoint, "the method")
     device = next(run.model.parameters()).device
     return method.to(device).eval()
 

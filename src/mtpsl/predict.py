@@ -12,18 +12,18 @@ Two ways to bring an image of arbitrary size to the network:
 Binary tasks (saliency, edges: sigmoid probabilities) are resized bilinearly / averaged
 over tiles as probabilities.
 
-Outputs per image stem and task, chosen by the task's class: segmentation (semantic, parts)
-``<stem>_<task>.png`` (palette colours) and ``<stem>_<task>_index.png`` (class ids); depth
-``<stem>_<task>.png`` (magma), ``.npy`` (float32 metres) and ``_16bit.png`` (uint16 mm);
-normals ``<stem>_<task>.png`` ((n+1)/2*255) and ``.npy`` (float32 H,W,3); binary tasks
-``<stem>_<task>.png`` (8-bit grey probability, ``round(255 p)``, so ``png / 255`` is within
-1/510 of ``p``) and ``.npy`` (float32 H,W probabilities); any other task type
-``<stem>_<task>.npy`` (float32 H,W,C).
+Outputs per image stem and task, written by the task's ``save_prediction``: segmentation
+(semantic, parts) ``<stem>_<task>.png`` (palette colours) and ``<stem>_<task>_index.png``
+(class ids); depth ``<stem>_<task>.png`` (magma), ``.npy`` (float32 metres) and
+``_16bit.png`` (uint16 mm); normals ``<stem>_<task>.png`` ((n+1)/2*255) and ``.npy``
+(float32 H,W,3); binary tasks ``<stem>_<task>.png`` (8-bit grey probability,
+``round(255 p)``, so ``png / 255`` is within 1/510 of ``p``) and ``.npy`` (float32 H,W
+probabilities); a task type that defines no files of its own ``<stem>_<task>.npy`` (float32
+H,W,C).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,13 +36,20 @@ from tqdm.auto import tqdm
 
 from .errors import DataError, MtpslError
 from .inference import LoadedRun, read_image
-from .tasks import BinaryTask, DepthTask, NormalTask, SegmentationTask, Task
+from .render import (  # noqa: F401  (re-exported: the writers' encodings)
+    DEPTH_PERCENTILES,
+    OutputFiles,
+    colourise_depth,
+    depth_to_mm16,
+    probability_to_u8,
+    voc_colours,
+)
+from .tasks import Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = ("resize", "tile")
 TILE_OVERLAP = 0.5
 """Fraction of a tile shared with its neighbour (the stride is at most half a tile)."""
-DEPTH_PERCENTILES = (2.0, 98.0)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -184,93 +191,27 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def finalise(task: Task, pred: Tensor) -> np.ndarray:
-    """A full-size ``[C,H,W]`` activated prediction as the array that gets written:
-    segmentation class ids (H,W) int64, depth (H,W) float32, normals unit (H,W,3) float32,
-    binary probabilities (H,W) float32 in [0, 1], anything else (H,W,C) float32."""
-    if isinstance(task, SegmentationTask):
-        return pred.argmax(dim=0).cpu().numpy()
-    if isinstance(task, DepthTask):
-        return pred[0].cpu().numpy().astype(np.float32)
-    if isinstance(task, BinaryTask):
-        # Resizing and tile averaging keep probabilities in [0, 1] up to rounding.
-        return pred[0].clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
-    if isinstance(task, NormalTask):
-        pred = F.normalize(pred, p=2, dim=0, eps=1e-12)
-    return pred.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+    """A full-size ``[C,H,W]`` activated prediction as the array that gets written (the
+    task's :meth:`~mtpsl.tasks.Task.finalise`)."""
+    return task.finalise(pred)
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-@functools.lru_cache(maxsize=4)
 def palette(n: int = 256) -> np.ndarray:
-    """The fixed PASCAL VOC colour of every class id, (n,3) uint8 (shared with the figures)."""
-    from .figures import voc_colours
-
+    """The fixed PASCAL VOC colour of every class id, (n,3) uint8 (id 0 black)."""
     return voc_colours(n)
-
-
-def colourise_depth(depth: np.ndarray) -> np.ndarray:
-    """(H,W) depth -> (H,W,3) uint8 'magma' image, scaled between robust percentiles."""
-    from matplotlib import colormaps
-
-    finite = depth[np.isfinite(depth)]
-    lo, hi = np.percentile(finite, DEPTH_PERCENTILES) if finite.size else (0.0, 1.0)
-    scaled = np.clip((depth - lo) / max(float(hi - lo), 1e-12), 0.0, 1.0)
-    scaled = np.nan_to_num(scaled, nan=0.0)
-    return (colormaps["magma"](scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
-
-
-def depth_to_mm16(depth: np.ndarray) -> np.ndarray:
-    """Depth in metres -> uint16 millimetres, clipped to [0, 65535] (non-finite -> 0)."""
-    mm = np.nan_to_num(depth.astype(np.float64) * 1000.0, nan=0.0, posinf=65535.0, neginf=0.0)
-    return np.clip(np.rint(mm), 0, 65535).astype(np.uint16)
-
-
-def probability_to_u8(prob: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> uint8 ``round(255 p)`` (NaN -> 0): a lossless-enough grey
-    PNG (decoding as ``png / 255`` is off by at most 1/510)."""
-    scaled = np.nan_to_num(prob.astype(np.float64), nan=0.0) * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def write_outputs(out_dir: Path, stem: str, tasks: dict[str, Task],
                   arrays: dict[str, np.ndarray]) -> list[Path]:
-    """Write every task's files for one image; return their paths."""
-    from PIL import Image
-
-    written: list[Path] = []
-
-    def save_png(array: np.ndarray, suffix: str) -> None:
-        path = out_dir / f"{stem}_{suffix}.png"
-        Image.fromarray(array).save(path)
-        written.append(path)
-
-    def save_npy(array: np.ndarray, name: str) -> None:
-        path = out_dir / f"{stem}_{name}.npy"
-        np.save(path, array)
-        written.append(path)
-
+    """Write every task's files for one image (each task's ``save_prediction``); return
+    their paths."""
+    files = OutputFiles(out_dir, stem)
     for name, task in tasks.items():
-        array = arrays[name]
-        if isinstance(task, SegmentationTask):
-            ids = array.astype(np.uint8 if task.num_classes <= 256 else np.uint16)
-            save_png(palette()[array % 256], name)
-            save_png(ids, f"{name}_index")
-        elif isinstance(task, DepthTask):
-            save_png(colourise_depth(array), name)
-            save_npy(array, name)
-            save_png(depth_to_mm16(array), f"{name}_16bit")
-        elif isinstance(task, NormalTask):
-            rgb = np.clip(np.rint((array + 1.0) / 2.0 * 255.0), 0, 255).astype(np.uint8)
-            save_png(rgb, name)
-            save_npy(array, name)
-        elif isinstance(task, BinaryTask):
-            save_png(probability_to_u8(array), name)
-            save_npy(array, name)
-        else:
-            save_npy(array, name)
-    return written
+        task.save_prediction(arrays[name], files)
+    return files.written
 
 
 # ----------------------------------------------------------------------------- entry point

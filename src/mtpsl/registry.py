@@ -7,9 +7,11 @@ unknown name fails with the list of known ones.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -64,3 +66,10 @@ def summary_line(text: str, width: int = 100) -> str:
     line = " ".join(text.strip().split("\n\n")[0].split())
     line = re.sub(r":\w+:`~?([^`]*)`", r"\1", line).replace("``", "")  # reST roles, literals
     return line if len(line) <= width else line[: width - 1].rstrip() + "…"
+
+
+def discover(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package (in name order), so each registers its entries:
+    adding a task, model, method or weighting is adding a file."""
+    for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        importlib.import_module(f"{package}.{info.name}")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..registry import Registry
-from ..tasks import DepthTask, Task, build_task
+from ..tasks import Task, build_task
 
 DATASETS: Registry[Callable[..., LayoutDataset]] = Registry("dataset")
 
@@ -229,22 +229,10 @@ class LayoutDataset(torch.utils.data.Dataset):
                 lo, hi = float(arr.min()), float(arr.max())
                 if lo < -_IMAGE_TOLERANCE or hi > 1 + _IMAGE_TOLERANCE:
                     raise DataError(f"{path}: image values must lie in [0,1], found [{lo}, {hi}]")
-        elif task.label_dims == 0:
-            if arr.dtype.kind == "f" and not (arr == np.round(arr)).all():
-                raise DataError(f"{path}: class labels must be integer-valued")
-            ignore = getattr(task, "ignore_index", -1)
-            labels = torch.from_numpy(arr.astype(np.int64))
-            bad = ~task.valid(labels[None])[0] & (labels != ignore)
-            if bad.any():
-                values = sorted(set(labels[bad].unique().tolist()))[:10]
-                classes = getattr(task, "num_classes", None)
-                allowed = f"0..{classes - 1}" if classes else "the task's classes"
-                raise DataError(
-                    f"{path}: label values {values} outside the classes of task {key!r} "
-                    f"(allowed {allowed} and {ignore} = ignore)"
-                )
-        elif isinstance(task, DepthTask) and (arr < 0).any():
-            raise DataError(f"{path}: depth must be >= 0 (0 = invalid), found {float(arr.min())}")
+        else:
+            problem = task.label_problem(arr)
+            if problem:
+                raise DataError(f"{path}: {problem}")
         return arr
 
     def _arrays(self, index: int) -> dict[str, np.ndarray | None]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..tasks import NormalTask, Task
+from ..tasks import Task
 
 Sample = dict[str, Tensor]
 
@@ -89,12 +89,6 @@ def _uniform(generator: torch.Generator | None) -> float:
     return float(torch.rand((1,), generator=generator, device=device).item())
 
 
-def _renormalize(normals: Tensor) -> Tensor:
-    """L2-normalise non-zero vectors; zero (invalid) pixels stay zero."""
-    norm = normals.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, normals / norm.clamp(min=1e-12), normals)
-
-
 def scale_crop_one(
     sample: Mapping[str, Tensor],
     tasks: Mapping[str, Task],
@@ -133,8 +127,8 @@ def scale_crop_one(
         else:
             moved = resize(target, task.interpolation)
         moved = task.on_rescale(moved, scale)
-        if renormalize_normals and isinstance(task, NormalTask):
-            moved = _renormalize(moved)
+        if renormalize_normals:
+            moved = task.after_interpolation(moved)
         out[name] = moved
     return out
 
@@ -275,9 +269,7 @@ def _resize_label(target: Tensor, task: Task, size: tuple[int, int]) -> Tensor:
                               align_corners=False)
     else:
         moved = F.interpolate(x.to(torch.float32), size=size, mode="nearest")
-    if isinstance(task, NormalTask):
-        moved = _renormalize(moved)
-    moved = moved.to(target.dtype)
+    moved = task.after_interpolation(moved).to(target.dtype)
     return moved[0, 0] if task.label_dims == 0 else moved[0]
 
 

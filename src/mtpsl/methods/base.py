@@ -79,6 +79,12 @@ class Method(nn.Module):
         just-updated ``model``). Whatever it changes must live in this method's state dict, so
         checkpoints and resumes keep it."""
 
+    def joint_space_mapper(self) -> nn.Module | None:
+        """The network that maps task maps into a joint task space, called as
+        ``mapper(task_name, encoded_map, pair_ids)`` (``mtpsl figures joint_space`` draws it);
+        None for methods without one."""
+        return None
+
 
 def supervised_losses(
     tasks: Mapping[str, Task], batch: Batch, preds: Mapping[str, Tensor], view: int = 0

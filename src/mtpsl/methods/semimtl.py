@@ -71,7 +71,7 @@ from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models import ModelOutput
 from ..models.base import scaled
-from ..tasks import DepthTask, SegmentationTask, Task
+from ..tasks import Task
 from .base import METHODS, Losses, Method, OptimGroup, labelled_sum
 
 DISC_CHANNELS = (64, 128, 256, 512)
@@ -108,7 +108,7 @@ def task_losses(
     losses = {}
     for name, task in tasks.items():
         target = batch.targets[name]
-        if depth_loss == "berhu" and isinstance(task, DepthTask):
+        if depth_loss == "berhu" and task.continuous:
             per_image = berhu_per_image(preds[name], target, task.valid(target))
         else:
             per_image = task.loss(preds[name], target)
@@ -162,31 +162,20 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 def _fill_invalid(task: Task, target: Tensor, pred: Tensor) -> Tensor:
-    """The label with its invalid pixels replaced by the prediction (detached)."""
+    """The label with its invalid pixels replaced by the prediction (detached), as a label."""
     valid = task.valid(target)
-    if isinstance(task, SegmentationTask):
-        return torch.where(valid, target, pred.detach().argmax(1))
-    return torch.where(valid.unsqueeze(1), target, pred.detach())
+    guess = task.hard_label(pred.detach())
+    return torch.where(valid if task.label_dims == 0 else valid.unsqueeze(1), target, guess)
 
 
 def encode_pred(task: Task, pred: Tensor) -> Tensor:
     """A prediction as discriminator input (see the module docstring)."""
-    if isinstance(task, SegmentationTask):
-        return pred.exp()
-    if isinstance(task, DepthTask):
-        peak = pred.abs().flatten(1).amax(1).view(-1, 1, 1, 1)
-        return pred / (peak + 1e-6)
-    return task.encode_pred(pred)
+    return task.critic_input(pred)
 
 
 def encode_target(task: Task, target: Tensor, pred: Tensor) -> Tensor:
     """A label as discriminator input, holes filled from ``pred`` (see the module docstring)."""
-    filled = _fill_invalid(task, target, pred)
-    if isinstance(task, SegmentationTask):
-        return task.encode_target(filled)
-    if isinstance(task, DepthTask):
-        return encode_pred(task, filled)
-    return task.encode_target(filled)
+    return task.critic_label(_fill_invalid(task, target, pred))
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:

@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models import ModelOutput
-from ..tasks import DepthTask, SegmentationTask, Task, task_kind
+from ..tasks import Task, task_kind
 from .base import METHODS, Losses, Method, labelled_sum
 
 TRANSFER_WIDTHS: tuple[int, int, int] = (64, 128, 256)
@@ -265,9 +265,10 @@ def transfer_widths(options: XTaskOptions) -> list[int]:
 
 
 def seg_and_depth(tasks: Mapping[str, Task], method: str) -> tuple[str, str]:
-    """Names of the one segmentation and the one depth task, or a ConfigError."""
-    segs = [n for n, t in tasks.items() if isinstance(t, SegmentationTask)]
-    depths = [n for n, t in tasks.items() if isinstance(t, DepthTask)]
+    """Names of the one segmentation (class-map) and the one depth (continuous) task, or a
+    ConfigError."""
+    segs = [n for n, t in tasks.items() if t.label_dims == 0]
+    depths = [n for n, t in tasks.items() if t.continuous]
     if len(tasks) != 2 or len(segs) != 1 or len(depths) != 1:
         listed = ", ".join(f"{n} ({task_kind(t) or type(t).__name__})" for n, t in tasks.items())
         raise ConfigError(
@@ -318,7 +319,7 @@ class TaskTransfer(Method):
         per_image = {s: self.tasks[s].loss(preds[s], targets[s])}
         per_pixel = depth_pixel_loss(self.options.depth_loss, preds[d], targets[d])
         # The task's fixed loss factor, as Task.loss applies it to the seg term.
-        weight = getattr(depth_task, "loss_weight", 1.0)
+        weight = depth_task.loss_weight
         per_image[d] = masked_image_mean(per_pixel, depth_task.valid(targets[d])) * weight
         return {f"direct/{t}": labelled_sum(loss, batch, t) for t, loss in per_image.items()}
 

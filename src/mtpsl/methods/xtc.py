@@ -262,6 +262,9 @@ class CrossTaskConsistency(Method):
         self.loss_fn = XTCLoss(self.tasks, mapper, self.regulariser_weight())
         self.loss_fn.to(next(model.parameters()).device)
 
+    def joint_space_mapper(self) -> nn.Module | None:
+        return None if self.loss_fn is None else self.loss_fn.mapper
+
     def regulariser_weight(self) -> float:
         """The weight of the regulariser towards the encoder feature (0 = none)."""
         return self.options.reg_weight if self.options.regularize else 0.0
