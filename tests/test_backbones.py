@@ -14,8 +14,8 @@ from mtpsl.cli import main
 from mtpsl.config import BackboneConfig
 from mtpsl.errors import ConfigError
 from mtpsl.models import HeadSpec, build_model, count_parameters
+from mtpsl.models.dense import resolve_heads
 from mtpsl.models.heads import ASPP_RATES
-from mtpsl.models.resnet import resolve_heads
 from mtpsl.tasks import build_task
 
 from conftest import NYU_HEADS, NYU_TASKS, make_layout
@@ -75,10 +75,10 @@ def test_shapes_and_parameter_counts(os_):
     assert model.head_kinds == kinds
     x = torch.rand(2, 3, 33, 50)  # sides not multiples of the stride
     out = model(x)
-    assert model.encoder_channels == 512
+    assert model.encoder_info.channels == 512
     expected = (2, 512, math.ceil(33 / os_), math.ceil(50 / os_))
     assert tuple(out.features["encoder"].shape) == expected
-    assert model.feature_size(33, 50) == expected[2:]
+    assert model.encoder_info.size(33, 50) == expected[2:]
     for name, t in tasks.items():
         assert out.preds[name].shape == (2, t.out_channels, 33, 50)
     torch.testing.assert_close(out.preds["semantic"].exp().sum(1), torch.ones(2, 33, 50))
@@ -206,7 +206,7 @@ def test_train_resnet_end_to_end(tiny_root, tmp_path, extra):
         (
             "model.options.colour=red",
             "model.options.colour: unknown option for model 'resnet'; "
-            "allowed: head, aspp_rates, psp_bins",
+            "allowed: head, aspp_rates, psp_bins, neck",
         ),
         ("model.options.head=fcn", "model.options.head: unknown head 'fcn'"),
         ("model.options.aspp_rates=[0, 2]", "model.options.aspp_rates: expected a non-empty"),

@@ -16,8 +16,9 @@ from mtpsl.data.cross_domain import write_synthetic_pair
 from mtpsl.evaluate import higher_is_better, primary_keys
 from mtpsl.report import table_metrics
 from mtpsl.splits import Split, make_split
+from mtpsl.summary import label_availability
+from mtpsl.summary import split_counts as _split_counts
 from mtpsl.tasks import TASKS, build_task
-from mtpsl.train import _split_counts, label_availability
 
 from conftest import TINY_TRAIN
 
@@ -212,16 +213,19 @@ def test_one_route_to_primary_metrics_agrees_with_the_task_definitions():
 
 def test_counts_fall_back_to_the_regime_when_the_data_cannot_tell():
     split = make_split("full", 6, ("a", "b"), seed=0)
-    blind = SimpleNamespace(task_names=("a", "b"))  # no availability array
+    # an availability array that does not describe the split's images (2 rows, not 6)
+    blind = SimpleNamespace(task_names=("a", "b"), available=np.ones((2, 2), dtype=bool))
     exp = SimpleNamespace(
         split=split, val_set=None, train_set=SimpleNamespace(dataset=Subset(blind, [0, 1, 2]))
     )
     out = _split_counts(exp)
     assert out["split"] == {"a": 6, "b": 6}
+    assert "does not match" in out["split_detail"]["note"]
     assert "counts are the regime's" in out["split_detail"]["note"]
     # With an availability array (and a validation carve) the counts follow it.
     available = np.array([[1, 0], [1, 1], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=bool)
-    known = SimpleNamespace(task_names=("a", "b"), available=available)
+    known = SimpleNamespace(task_names=("a", "b"), available=available, domain_ids=None,
+                            domain_names=None)
     exp.train_set = SimpleNamespace(dataset=Subset(known, [0, 1, 2, 3]))
     exp.val_set = [4, 5]
     onelabel = Split(np.array([[1, 0], [0, 1], [1, 0], [0, 1], [1, 0], [0, 1]]), ("a", "b"))

@@ -171,3 +171,18 @@ def test_preempting_a_method_that_draws_random_numbers_keeps_its_stream(data, tm
     assert hit.returncode == EXIT_PREEMPTED, hit.stderr
     assert _mtpsl("train", "--resume", str(run)).returncode == 0
     _assert_same_run(run, reference)
+
+
+def test_preempted_inside_an_accumulation_group_stops_after_its_optimiser_step(data, tmp_path):
+    """With train.accumulate=3 a stop requested after micro-batch 1 is honoured after
+    micro-batch 2, the group's last (the summed gradient is never lost), and resuming from
+    there equals the uninterrupted run."""
+    args = [f"dataset.root={data}", *ARGS, "train.accumulate=3"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert _mtpsl("train", "--run-dir", str(reference), *args).returncode == 0
+    hit = _mtpsl("train", "--run-dir", str(run), *args, fault="TERM@step#2")
+    assert hit.returncode == EXIT_PREEMPTED, hit.stderr
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (0, 3)
+    assert _mtpsl("train", "--resume", str(run)).returncode == 0
+    _assert_same_run(run, reference)

@@ -79,7 +79,7 @@ def test_shapes_on_sides_not_multiple_of_32(tiny):
         assert out.preds[name].shape == (2, t.out_channels, 40, 56)
     torch.testing.assert_close(out.preds["semantic"].exp().sum(1), torch.ones(2, 40, 56))
     torch.testing.assert_close(out.preds["normal"].norm(dim=1), torch.ones(2, 40, 56))
-    assert out.features["encoder"].shape == (2, tiny.encoder_channels, 40 // 32, 56 // 32)
+    assert out.features["encoder"].shape == (2, tiny.encoder_info.channels, 40 // 32, 56 // 32)
 
 
 def test_encoder_feature_is_the_shared_segnet_trunk(tiny):
@@ -92,7 +92,7 @@ def test_encoder_feature_is_the_shared_segnet_trunk(tiny):
     segnet.eval()
     with torch.no_grad():
         torch.testing.assert_close(tiny(x).features["encoder"], segnet(x).features["encoder"])
-    assert tiny.encoder_channels == segnet.encoder_channels
+    assert tiny.encoder_info.channels == segnet.encoder_info.channels
 
 
 def test_each_task_reads_the_trunk_through_its_own_attention(tiny):

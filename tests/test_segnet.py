@@ -73,8 +73,8 @@ def test_layer_layout_width1() -> None:
     with torch.device("meta"):
         model = _model(width=1.0)
     assert model.filters == [64, 128, 256, 512, 512]
-    assert model.encoder_channels == 512
-    assert model.encoder_reduction == 32
+    assert model.encoder_info.channels == 512
+    assert model.encoder_info.reduction == 32
     enc_extra = [
         len([m for m in b.modules() if isinstance(m, nn.Conv2d)]) for b in model.conv_block_enc
     ]
@@ -118,7 +118,7 @@ def test_shapes_and_activations(size: tuple[int, int]) -> None:
     norms = out.preds["normal"].norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     enc = out.features["encoder"]
-    assert enc.shape == (2, model.encoder_channels, h // 32, w // 32)
+    assert enc.shape == (2, model.encoder_info.channels, h // 32, w // 32)
 
 
 def test_gradients_reach_every_parameter() -> None:
@@ -137,7 +137,7 @@ def test_one_head_variant() -> None:
     out = model(torch.randn(2, 3, 64, 96))
     assert list(out.preds) == ["depth"]
     assert out.preds["depth"].shape == (2, 1, 64, 96)
-    assert out.features["encoder"].shape == (2, model.encoder_channels, 2, 3)
+    assert out.features["encoder"].shape == (2, model.encoder_info.channels, 2, 3)
 
 
 def test_per_task_models_merge_and_isolation() -> None:

@@ -91,7 +91,7 @@ def test_encoder_depths_build_and_expose_the_encoder(depth, channels):
     assert out.preds["semantic"].shape == (2, C, 21, 30)
     assert out.preds["depth"].shape == (2, 1, 21, 30)
     assert torch.allclose(out.preds["semantic"].exp().sum(1), torch.ones(2, 21, 30), atol=1e-5)
-    assert net.encoder_channels == channels == out.features["encoder"].shape[1]
+    assert net.encoder_info.channels == channels == out.features["encoder"].shape[1]
     assert out.features["encoder"].shape[-2:] == (1, 1)
     shared = {id(p) for p in shared_parameters(net)}
     assert shared == {id(p) for p in net.encoder.parameters()}
@@ -112,7 +112,7 @@ def test_decoder_blocks_are_3x3_and_the_head_1x1_as_xtask_mt_at_head(model):
 def test_default_backbone_is_the_seeds_resnet34():
     net = MODELS.get("xtask_net")(HEADS, width=0.0625)
     assert len(net.encoder.stages[2]) == 6  # ResNet-34's layer3 has 6 BasicBlocks
-    assert net.encoder_channels == 512
+    assert net.encoder_info.channels == 512
     grey = MODELS.get("xtask_net")(HEADS, 0.0625, BackboneConfig(depth=18), in_channels=1)
     assert grey(torch.rand(2, 1, 32, 32)).preds["depth"].shape == (2, 1, 32, 32)
 

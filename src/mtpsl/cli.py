@@ -172,8 +172,7 @@ def cmd_check(args: argparse.Namespace) -> None:
         print(f"  note: the standard {args.dataset} release has {expected} {args.split} images, "
               f"this folder {len(ds)}: an incomplete download or extraction, or a subset "
               "(fine if intended)")
-    missing = getattr(ds, "missing_counts", None) or {}
-    for task, n_missing in missing.items():
+    for task, n_missing in ds.missing_counts.items():
         line = f"  {task}: {len(ds) - n_missing} of {len(ds)} images labelled"
         if n_missing:
             line += (f", {n_missing} without a label file (read as partially annotated: "

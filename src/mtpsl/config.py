@@ -72,15 +72,24 @@ class LabelsConfig(Section):
 
 
 class BackboneConfig(Section):
-    """Encoder of the ResNet-based models (ignored by SegNet and MTAN)."""
+    """Encoder of the encoder + heads models (``resnet``, ``dense``; ignored by SegNet and
+    MTAN); ``mtpsl list encoders`` shows the registered ones."""
 
-    depth: Literal[18, 34, 50, 101, 152] = 50
-    """ResNet depth."""
+    name: str = "resnet"
+    """Registered encoder: ``resnet`` (torchvision, dilated) or ``timm`` (any timm model with
+    ``features_only``)."""
+    depth: int = 50
+    """ResNet depth (18, 34, 50, 101, 152) of the ``resnet`` encoder."""
+    arch: str | None = None
+    """timm model name of the ``timm`` encoder (e.g. convnext_atto, resnet50, hrnet_w18)."""
     weights: str | None = None
-    """Local torchvision ResNet checkpoint (.pth state dict); None = random init. Never
-    downloaded."""
+    """Local checkpoint (torchvision / timm state dict, .safetensors for timm); None = random
+    init. Never downloaded."""
     output_stride: Literal[8, 16, 32] = 8
-    """8 or 16 = dilated last stages (DeepLab/PSP style); 32 = the plain ResNet."""
+    """8 or 16 = dilated last stages (DeepLab/PSP style); 32 = the plain network."""
+    options: dict[str, Any] = {}
+    """Further encoder keyword arguments (timm: ``timm.create_model`` kwargs such as
+    out_indices or drop_path_rate)."""
 
 
 class ModelConfig(Section):
@@ -137,6 +146,11 @@ class TrainConfig(Section):
     """Evaluate every N epochs (and always after the last one)."""
     checkpoint_every: int = Field(default=10, gt=0)
     """Write the checkpoint every N epochs (and always after the last one)."""
+    accumulate: int = Field(default=1, gt=0)
+    """Micro-batches of ``batch_size`` per optimiser step: their gradients are summed with
+    each loss divided by the group's size, which equals one step on the larger batch for
+    weightings linear in the losses (the only ones allowed with it; BatchNorm still sees
+    micro-batches). ``max_steps_per_epoch`` counts micro-batches."""
     clip_norm: float | None = Field(default=None, gt=0.0)
     """Clip the global L2 norm of all trained gradients to this before each step (after the
     fp16 unscale and the torchrun average); None = no clipping."""

@@ -15,16 +15,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from .config import Config
 from .data import DATASETS
+from .data.base import TaskDataset
 from .data.batch import Collate, PartialLabelSet
 from .data.sampling import ResumableSampler, check_balanced_batch, train_sampler
 from .data.transforms import build_train_transform
 from .errors import ConfigError
 from .methods import METHODS, Method, build_method
 from .models import MODELS, HeadSpec, PerTaskModels, build_model
+from .models.encoders import EncoderSpec
 from .registry import Registry
 from .splits import Split, make_split
 from .tasks import Task
@@ -75,7 +77,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def open_dataset(config: Config, split_name: str) -> Dataset:
+def open_dataset(config: Config, split_name: str) -> TaskDataset:
     ds = config.dataset
     build = lookup(DATASETS, ds.name, "dataset.name")
     kwargs = dict(ds.options)
@@ -129,7 +131,7 @@ def model_kwargs(build: Callable, config: Config) -> dict[str, object]:
             )
     kwargs: dict[str, object] = {"width": config.model.width, **config.model.options}
     if "backbone" in params:
-        kwargs["backbone"] = config.model.backbone
+        kwargs["backbone"] = EncoderSpec(**config.model.backbone.model_dump())
     return kwargs
 
 
@@ -161,7 +163,7 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     tasks = dict(train_full.tasks)
     names = tuple(tasks)
     split = split or make_or_load_split(
-        config, len(train_full), names, getattr(train_full, "image_ids", None)
+        config, len(train_full), names, train_full.image_ids
     )
 
     lookup(METHODS, config.method.name, "method.name")
@@ -192,24 +194,16 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     method.attach(model)
     return Experiment(
         config, tasks, split, train_set, eval_set, val_set, model, method, weighting,
-        extra_evals=domain_evals(config, tasks, method),
+        extra_evals=domain_evals(eval_base, tasks, method),
     )
 
 
-def domain_evals(config: Config, tasks: dict[str, Task], method: Method) -> dict:
+def domain_evals(eval_base: TaskDataset, tasks: dict[str, Task], method: Method) -> dict:
     """Cross-dataset runs: each source's evaluation split with every task it has on disk,
     logged as ``eval@<source>/...`` (none for single-source data)."""
-    ds = config.dataset
-    if ds.name != "cross_domain":
-        return {}
-    from .data.cross_domain import domain_eval_sets, parse_domains
-
-    n_sources = len(parse_domains(ds.options.get("domains")))
-    wanted = getattr(method.options, "n_domains", n_sources)
-    if wanted != n_sources:
-        raise ConfigError(f"method.options.n_domains: {wanted} but dataset.options.domains "
-                          f"lists {n_sources} sources")
-    sets = domain_eval_sets(ds.root, ds.options["domains"], ds.eval_split, tasks, ds.cache)
+    sets = eval_base.source_eval_sets()
+    if eval_base.domain_names is not None:
+        method.check_sources(len(eval_base.domain_names))
     return {name: PartialLabelSet(view, tasks) for name, view in sets.items()}
 
 

@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from .config import TrainConfig
 from .errors import ConfigError
-from .methods.joint_space import SampleNorm
-from .models import ModelOutput
+from .models import ModelOutput, MultiTaskModel
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_BACKEND = "inductor"
@@ -38,6 +37,12 @@ def check_options(cfg: TrainConfig, device: torch.device, weighting: str) -> Non
             f"train.amp: fp16 needs a loss scale, which is exact only for weightings linear "
             f"in the losses ({', '.join(linear_weightings())}); method.weighting is "
             f"{weighting!r}: use train.amp=bf16 or off"
+        )
+    if cfg.accumulate > 1 and weighting not in linear_weightings():
+        raise ConfigError(
+            f"train.accumulate: summing micro-batch gradients equals a larger batch only for "
+            f"weightings linear in the losses ({', '.join(linear_weightings())}); "
+            f"method.weighting is {weighting!r}: use a larger train.batch_size instead"
         )
     if cfg.amp != "off" and not torch.amp.autocast_mode.is_autocast_available(device.type):
         raise ConfigError(f"train.amp: autocast is not available on device {device.type!r}")
@@ -61,11 +66,12 @@ def _fp32(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 def fp32_activations(model: nn.Module) -> int:
     """Run every task activation of ``model`` in fp32; returns how many were wrapped.
 
-    Models keep their heads' activations in an ``activations`` dict (see models.segnet).
+    Models keep their heads' activations in an ``activations`` dict (the model contract,
+    :class:`~mtpsl.models.MultiTaskModel`); containers such as STL's leave it to members.
     """
     wrapped = 0
     for module in model.modules():
-        table = getattr(module, "activations", None)
+        table = vars(module).get("activations") if isinstance(module, MultiTaskModel) else None
         if isinstance(table, dict):
             for name, fn in table.items():
                 if not getattr(fn, "_mtpsl_fp32", False):
@@ -94,7 +100,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
         model.compile(backend=COMPILE_BACKEND)
 
 
-NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, SampleNorm)
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+"""torch's normalisation layers; a layer of ours declares ``is_normalisation = True``."""
 
 
 def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
@@ -110,7 +117,8 @@ def fp32_norms(module: nn.Module) -> int:
     autocast runs normalisations and cosine similarity in bf16). With fp32 inputs the norm,
     the FiLM/ReLU after it and the network's output stay fp32; only convolutions run in bf16.
     """
-    layers = [m for m in module.modules() if isinstance(m, NORMS)]
+    layers = [m for m in module.modules()
+              if isinstance(m, NORMS) or getattr(type(m), "is_normalisation", False)]
     for m in layers:
         m.register_forward_pre_hook(_inputs_to_fp32)
     return len(layers)

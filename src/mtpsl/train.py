@@ -44,7 +44,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, apply_override, build_config, save_config
-from .data.fingerprint import fingerprint, unwrap
+from .data.fingerprint import fingerprint
 from .distributed import DistEnv
 from .errors import (
     ConfigError,
@@ -54,7 +54,7 @@ from .errors import (
     Preempted,
     RunFolderError,
 )
-from .evaluate import evaluate, higher_is_better, primary_keys
+from .evaluate import evaluate, primary_keys
 from .experiment import (
     Experiment,
     build_experiment,
@@ -65,10 +65,9 @@ from .experiment import (
 )
 from .faults import fault_point
 from .files import write_text
-from .models import count_parameters, shared_parameters
+from .models import shared_parameters
 from .optim import Optimisation
 from .rundir import RunLock, claim_new
-from .signature import setup_from_config, signature
 from .speed import (
     autocast,
     check_options,
@@ -79,6 +78,7 @@ from .speed import (
     to_channels_last,
 )
 from .splits import Split
+from .summary import final_metrics
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -416,6 +416,8 @@ class StopRequest:
         self.signal = signum
 
     def requested(self, step: int) -> bool:
+        """Whether to stop after optimiser step ``step`` of the epoch (agreed under torchrun
+        every ``CHECK_EVERY`` optimiser steps)."""
         if not self.env.enabled:
             return self.signal is not None
         if step % CHECK_EVERY:
@@ -490,7 +492,7 @@ def _fit(
             writer.close()
     final = None
     if env.is_main:
-        final = _final_metrics(exp, history, time.perf_counter() - started, device, identity)
+        final = final_metrics(exp, history, time.perf_counter() - started, device, identity)
         path = run_dir / "final_metrics.json"
         write_text(path, json.dumps(final, indent=2))
     return _from_rank0(final, env)
@@ -679,29 +681,37 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
     loader.sampler.start_at(first * loader.batch_size)
     loader.generator.manual_seed(int(np.random.SeedSequence(
         [exp.config.seed, epoch, run.env.rank]).generate_state(1)[0]))
+    accumulate = cfg.accumulate
     for step, batch in enumerate(loader, start=first):
         if step >= n_steps:
             break
+        group_start = step - step % accumulate
+        group_size = min(accumulate, n_steps - group_start)  # the last group may be shorter
+        steps_now = step == group_start + group_size - 1  # the group's last micro-batch
         batch = to_channels_last(batch.to(run.device, non_blocking=True), cfg.channels_last)
-        terms = _forward_backward(exp, batch, run, shared)
-        ddp.allreduce_gradients(params, run.env)
-        run.optim.unscale(run.scaler)
+        terms = _forward_backward(exp, batch, run, shared, zero=step == group_start,
+                                  divisor=group_size)
+        if steps_now:
+            ddp.allreduce_gradients(params, run.env)
+            run.optim.unscale(run.scaler)
         grads = [] if run.scaler else [p.grad for p in params if p.grad is not None]
         watch.update(step, terms, grads)
         fault_point("backward")
         if step % CHECK_EVERY == 0 or step == n_steps - 1:
             _check_finite(watch, epoch, n_steps)  # one host sync per CHECK_EVERY steps
-        if cfg.clip_norm is not None:  # on the unscaled, averaged gradients of every group
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-        run.optim.step(run.scaler)
-        exp.method.after_step(exp.model)
+        if steps_now:
+            if cfg.clip_norm is not None:  # on the unscaled, averaged gradients of every group
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            run.optim.step(run.scaler)
+            exp.method.after_step(exp.model)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0) + value
         bar.update()
         if show and (step % CHECK_EVERY == 0 or step == n_steps - 1):
             bar.set_postfix(loss=f"{sums['total'].item() / (step + 1):.4f}")
         fault_point("step")
-        if step < n_steps - 1 and run.stop is not None and run.stop.requested(step):
+        if (steps_now and step < n_steps - 1 and run.stop is not None
+                and run.stop.requested(step // accumulate)):  # between optimiser steps only
             bar.close()
             raise _StopAt(step + 1, {k: v.detach().cpu() for k, v in sums.items()})
     bar.close()
@@ -711,22 +721,28 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
     return {f"train/{k}": v for k, v in means.items()}
 
 
-def _forward_backward(exp: Experiment, batch, run: _Step, shared) -> dict[str, torch.Tensor]:
+def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = True,
+                      divisor: int = 1) -> dict[str, torch.Tensor]:
     """Losses under autocast (in fp32: see mtpsl.speed), then the weighting's backward.
 
+    ``zero`` starts a new gradient (the first micro-batch of an optimiser step); ``divisor``
+    (the step's number of micro-batches) divides what is backpropagated, not what is logged.
     With fp16 the losses handed to the weighting are multiplied by the loss scale (exact for
     the linear weightings fp16 is allowed with) and the logged total is divided back.
     """
     with autocast(exp.config.train.amp, run.device):
         losses, _ = exp.method.compute(exp.model, batch)
-    run.optim.zero_grad()
+    if zero:
+        run.optim.zero_grad()
     task_losses = {k: v.float() for k, v in losses.tasks.items()}
     extra = sum((v.float() for v in losses.extra.values()), torch.zeros((), device=run.device))
     present = batch.labelled.any(0)
-    if run.scaler is None:
+    scale = torch.ones((), device=run.device) / divisor
+    if run.scaler is not None:
+        scale = run.scaler.scale(scale)  # no host sync
+    if divisor == 1 and run.scaler is None:
         total = exp.weighting.backward(task_losses, extra, shared, present)
     else:
-        scale = run.scaler.scale(torch.ones((), device=run.device))  # no host sync
         scaled = {k: v * scale for k, v in task_losses.items()}
         total = exp.weighting.backward(scaled, extra * scale, shared, present) / scale
     return {"total": total, **losses.detached()}
@@ -818,146 +834,3 @@ def _state(exp: Experiment, run: _Step, epoch: int, identity: dict, steps: int =
         "rng": rng_state(),
         **extra,
     }
-
-
-def setup_signature(exp: Experiment, fingerprints: dict[str, str]) -> dict:
-    """``setup`` (the config minus :data:`~mtpsl.signature.NOT_SETUP`, plus the datasets'
-    fingerprints and image size) and ``setup_signature``, its SHA-256: runs of one experiment
-    that differ only in their seed share it, so tables group seeds of one set-up and no more."""
-    data = setup_from_config(exp.config.model_dump())
-    data["data"] = {**fingerprints,
-                    "size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width]}
-    return {"setup": data, "setup_signature": signature(data)}
-
-
-def run_environment(cfg, device: torch.device) -> dict:
-    """What bitwise reproducibility depends on: the build, the threads, the hardware and the
-    determinism flags (same values, same seed: same weights on CPU)."""
-    import platform
-
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = _cpu_name() or platform.processor() or platform.machine()
-    return {
-        "torch": torch.__version__, "python": platform.python_version(),
-        "device": str(device), "hardware": hardware, "threads": torch.get_num_threads(),
-        "deterministic": cfg.deterministic,
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "amp": cfg.amp, "compile": cfg.compile,
-    }
-
-
-def _cpu_name() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
-def _final_metrics(exp: Experiment, history: History, seconds: float,
-                   device: torch.device, identity: dict) -> dict:
-    last = history.last_eval() or {}
-    final = {
-        "name": exp.config.name,
-        "method": exp.config.method.name,
-        "label": exp.config.label or exp.config.method.name,
-        "regime": exp.split.regime,
-        "seed": exp.config.seed,
-        "epochs": exp.config.train.epochs,
-        "eval_split": exp.config.dataset.eval_split,
-        "reported": "last epoch",
-        "metrics": _eval_metrics(last),
-        **_extra_eval_metrics(last),
-        **_split_counts(exp),
-        "parameters": count_parameters(exp.model),
-        **setup_signature(exp, identity["datasets"]),
-        "pairing": {"split": identity["split"], "initial_weights": identity["initial_weights"]},
-        "environment": run_environment(exp.config.train, device),
-        "train_seconds_this_session": round(seconds, 1),
-    }
-    val_rows = [r for r in history.rows if any(k.startswith("val/") for k in r)]
-    if val_rows:
-        # A best epoch, chosen on the carved validation split only, by the first task's
-        # primary metric; reported beside (never instead of) the last epoch.
-        key = primary_keys(exp.tasks)[0]
-        pick = max if higher_is_better(exp.tasks)[key] else min
-        best = pick(val_rows, key=lambda r: r[f"val/{key}"])
-        final["best_epoch_on_validation_split"] = {
-            "epoch": best["epoch"],
-            "selected_by": f"val/{key}",
-            "metrics": _eval_metrics(best),
-        }
-    return final
-
-
-def _split_counts(exp: Experiment) -> dict:
-    """``split``: labelled images per task that training can see (the regime's labels that
-    also exist in the data), and ``split_detail``: the regime's own counts, per-source counts
-    for cross-dataset data, and how they were counted.
-
-    The regime alone (e.g. ``full``) would claim labels a source never provides. Which labels
-    exist comes from the dataset's ``available`` ``[N, T]`` array, filled from file listings
-    when it was opened (no label is decoded here); a dataset without one falls back to the
-    regime's counts, with a note saying so.
-    """
-    split = exp.split
-    dataset = unwrap(exp.train_set.dataset)
-    available = label_availability(dataset, len(split), split.task_names)
-    detail: dict = {"images": len(split), "labelled_by_regime": split.counts()}
-    if exp.val_set is not None:
-        detail["carved_for_validation"] = len(exp.val_set)
-    if available is None:
-        detail["note"] = (f"{type(dataset).__name__} does not list which labels exist (no "
-                          "available [N, T] array): the counts are the regime's")
-        return {"split": split.counts(), "split_detail": detail}
-    per_source = _per_source_counts(dataset, split, available)
-    if per_source:
-        detail["per_source"] = per_source
-    detail["note"] = ("images of the training split (split.json) whose label the regime "
-                      "gives and the data has" + (", validation carve included"
-                                                  if exp.val_set is not None else ""))
-    return {"split": split.counts(available), "split_detail": detail}
-
-
-def label_availability(dataset, n_images: int, task_names: Sequence[str]) -> np.ndarray | None:
-    """Which labels exist, bool ``[N, T]`` in ``task_names`` order, or None when unknown.
-
-    Read from the dataset's ``available`` array (layout, PASCAL-Context and cross-domain
-    datasets fill it from their file listings); None where there is none, or it does not
-    match the split's images and tasks.
-    """
-    available = getattr(dataset, "available", None)
-    names = tuple(getattr(dataset, "task_names", task_names))
-    if not isinstance(available, np.ndarray) or names != tuple(task_names):
-        return None
-    if available.shape != (n_images, len(task_names)):
-        return None
-    return available.astype(bool)
-
-
-def _per_source_counts(dataset, split: Split, available: np.ndarray) -> dict:
-    """Cross-dataset data: ``{source: {"images": n, task: count, ...}}``; {} otherwise."""
-    ids = getattr(dataset, "domain_ids", None)
-    names = getattr(dataset, "domain_names", None)
-    if ids is None or names is None:
-        return {}
-    ids = np.asarray(ids)
-    return {name: {"images": int((ids == d).sum()), **split.counts(available, ids == d)}
-            for d, name in enumerate(names)}
-
-
-def _extra_eval_metrics(row: dict) -> dict:
-    """``{"metrics@<set>": {...}}`` for every extra evaluation set in ``row``."""
-    out: dict[str, dict[str, float]] = {}
-    for key, value in row.items():
-        if key.startswith("eval@"):
-            name, _, metric = key.removeprefix("eval@").partition("/")
-            out.setdefault(f"metrics@{name}", {})[metric] = value
-    return out
-
-
-def _eval_metrics(row: dict) -> dict[str, float]:
-    return {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}

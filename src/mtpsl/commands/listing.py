@@ -32,6 +32,10 @@ def _registries() -> dict[str, tuple[str, Callable[[], object]]]:
         from ..tasks import TASKS
         return TASKS
 
+    def encoders():
+        from ..models.encoders import ENCODERS
+        return ENCODERS
+
     def regimes():
         from ..splits import REGIMES
         return REGIMES
@@ -41,6 +45,7 @@ def _registries() -> dict[str, tuple[str, Callable[[], object]]]:
         return METRICS
 
     return {"methods": ("method.name", methods), "models": ("model.name", models),
+            "encoders": ("model.backbone.name", encoders),
             "weightings": ("method.weighting", weightings),
             "datasets": ("dataset.name", datasets),
             "tasks": ("task types of the datasets' tasks", tasks),

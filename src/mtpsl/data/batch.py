@@ -140,13 +140,13 @@ class PartialLabelSet(Dataset):
     def domain_ids(self) -> np.ndarray | None:
         """Source dataset of each item (cross-dataset data), or None for a single source.
 
-        Read from a ``domain_ids`` array on the wrapped dataset, through any ``Subset``.
+        Read from the wrapped dataset's ``domain_ids``, through any ``Subset``.
         """
         dataset, index = self.dataset, np.arange(len(self.dataset))
         while isinstance(dataset, Subset):
             index = np.asarray(dataset.indices)[index]
             dataset = dataset.dataset
-        ids = getattr(dataset, "domain_ids", None)
+        ids = dataset.domain_ids
         return None if ids is None else np.asarray(ids)[index]
 
     def __len__(self) -> int:

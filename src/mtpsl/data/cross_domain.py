@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from ..tasks import Task
+from .base import TaskDataset
 from .layout import DATASETS
 
 KEY = "dataset.options.domains"
@@ -94,7 +94,7 @@ def domain_label(index: int, spec: DomainSpec) -> str:
 
 def _open_source(
     root: str | Path, spec: DomainSpec, index: int, split: str, tasks: Sequence[str], cache: bool
-) -> Dataset:
+) -> TaskDataset:
     try:
         build = DATASETS.get(spec.name)
     except KeyError as err:
@@ -106,7 +106,7 @@ def _open_source(
         raise ConfigError(f"{KEY}[{index}] ({spec.name}, tasks/options): {err}") from None
 
 
-def union_tasks(sources: Sequence[Dataset], specs: Sequence[DomainSpec]) -> dict[str, Task]:
+def union_tasks(sources: Sequence[TaskDataset], specs: Sequence[DomainSpec]) -> dict[str, Task]:
     """The tasks of all sources in order of first appearance; shared ones must agree."""
     tasks: dict[str, Task] = {}
     owner: dict[str, int] = {}
@@ -123,7 +123,7 @@ def union_tasks(sources: Sequence[Dataset], specs: Sequence[DomainSpec]) -> dict
     return tasks
 
 
-def _check_sizes(sources: Sequence[Dataset], specs: Sequence[DomainSpec], split: str) -> None:
+def _check_sizes(sources: Sequence[TaskDataset], specs: Sequence[DomainSpec], split: str) -> None:
     sizes = [(s.height, s.width) for s in sources]
     if len(set(sizes)) > 1:
         listed = ", ".join(
@@ -135,10 +135,10 @@ def _check_sizes(sources: Sequence[Dataset], specs: Sequence[DomainSpec], split:
         )
 
 
-class UnionView(Dataset):
+class UnionView(TaskDataset):
     """One source seen with the union's tasks: blank targets / unavailable where it lacks one."""
 
-    def __init__(self, source: Dataset, tasks: Mapping[str, Task], domain: int) -> None:
+    def __init__(self, source: TaskDataset, tasks: Mapping[str, Task], domain: int) -> None:
         self.source = source
         self.tasks = dict(tasks)
         self.task_names = tuple(self.tasks)
@@ -156,8 +156,7 @@ class UnionView(Dataset):
         return len(self.source)
 
     def file_listing(self) -> list[tuple[str, int]]:
-        listing = getattr(self.source, "file_listing", None)
-        return listing() if listing is not None else []
+        return self.source.file_listing()
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         item = self.source[index]
@@ -175,10 +174,12 @@ class UnionView(Dataset):
         return out
 
 
-class CrossDomainDataset(Dataset):
+class CrossDomainDataset(TaskDataset):
     """The concatenation of several :class:`UnionView` s (one per source)."""
 
     def __init__(self, parts: Sequence[UnionView], labels: Sequence[str]) -> None:
+        self.opened_with: tuple = ()
+        """(root, domains, split, cache) it was opened with: how to open its sources alone."""
         self.parts = list(parts)
         self.domain_names = tuple(labels)
         self.tasks = dict(self.parts[0].tasks)
@@ -190,6 +191,10 @@ class CrossDomainDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.available)
+
+    def source_eval_sets(self) -> dict[str, TaskDataset]:
+        root, domains, split, cache = self.opened_with
+        return dict(domain_eval_sets(root, domains, split, self.tasks, cache))
 
     def file_listing(self) -> list[tuple[str, int]]:
         return [(f"{label}/{name}", size) for label, part in zip(self.domain_names, self.parts,
@@ -235,7 +240,10 @@ def cross_domain(
             )
         union = {t: union[t] for t in union if t in tasks}
     parts = [UnionView(src, union, i) for i, src in enumerate(sources)]
-    return CrossDomainDataset(parts, [domain_label(i, s) for i, s in enumerate(specs)])
+    dataset = CrossDomainDataset(parts, [domain_label(i, s) for i, s in enumerate(specs)])
+    # (split stays None: it is part of the fingerprint, which recorded runs must keep matching)
+    dataset.opened_with = (root, domains, split, cache)
+    return dataset
 
 
 def _probe_tasks(

@@ -13,6 +13,8 @@ import hashlib
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from .base import TaskDataset
+
 
 def unwrap(dataset: Dataset) -> Dataset:
     """The dataset under any ``Subset`` (the split's rows are its images)."""
@@ -22,17 +24,17 @@ def unwrap(dataset: Dataset) -> Dataset:
 
 
 def fingerprint(dataset: Dataset) -> str:
+    """SHA-256 of what identifies a dataset's content without reading it: its type, split,
+    size, tasks, which labels exist and every file's name and size."""
     base = unwrap(dataset)
+    if not isinstance(base, TaskDataset):
+        raise TypeError(f"{type(base).__name__} does not keep the dataset contract "
+                        f"(subclass mtpsl.data.base.TaskDataset)")
     hasher = hashlib.sha256()
-    shape = (getattr(base, "height", None), getattr(base, "width", None))
-    head = (type(base).__name__, getattr(base, "split", None), len(base),
-            tuple(getattr(base, "task_names", ())), shape)
+    head = (type(base).__name__, base.split, len(base), tuple(base.task_names),
+            (base.height, base.width))
     hasher.update(repr(head).encode())
-    available = getattr(base, "available", None)
-    if isinstance(available, np.ndarray):
-        hasher.update(np.ascontiguousarray(available, dtype=bool).tobytes())
-    listing = getattr(base, "file_listing", None)
-    if listing is not None:
-        for name, size in listing():
-            hasher.update(f"{name}\0{size}\0".encode())
+    hasher.update(np.ascontiguousarray(base.available, dtype=bool).tobytes())
+    for name, size in base.file_listing():
+        hasher.update(f"{name}\0{size}\0".encode())
     return hasher.hexdigest()

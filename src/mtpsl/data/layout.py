@@ -24,6 +24,7 @@ from torch import Tensor
 from ..errors import DataError
 from ..registry import Registry
 from ..tasks import Task, build_task
+from .base import TaskDataset
 
 DATASETS: Registry[Callable[..., LayoutDataset]] = Registry("dataset")
 
@@ -99,7 +100,7 @@ def _expected_shapes(task: Task | None, h: int, w: int) -> list[tuple[int, ...]]
     return [(h, w, c)]
 
 
-class LayoutDataset(torch.utils.data.Dataset):
+class LayoutDataset(TaskDataset):
     """Reads ``ROOT/{split}/{folder}/{i}.npy`` for the image and every task.
 
     Items: ``"image"`` float32 ``[3,H,W]`` in [0,1]; per task its per-sample target
@@ -199,11 +200,6 @@ class LayoutDataset(torch.utils.data.Dataset):
         """(path relative to the root, size in bytes) of every file read (fingerprints)."""
         return [(p.relative_to(self.root).as_posix(), p.stat().st_size)
                 for paths in self._paths.values() for p in paths if p is not None]
-
-    @property
-    def missing_counts(self) -> dict[str, int]:
-        """Number of images without a label, per task (partially annotated data)."""
-        return {n: int((~self.available[:, t]).sum()) for t, n in enumerate(self.task_names)}
 
     def __repr__(self) -> str:
         return (

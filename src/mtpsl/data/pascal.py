@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..tasks import Task, build_task
+from .base import TaskDataset
 from .layout import DATASETS, _ls, _select
 from .transforms import fit_to_size
 
@@ -209,7 +210,7 @@ def parts_from_mat(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     return target
 
 
-class PascalContextDataset(torch.utils.data.Dataset):
+class PascalContextDataset(TaskDataset):
     """Items like :class:`~mtpsl.data.layout.LayoutDataset`'s: ``image`` ``[3,H,W]`` in
     [0,1], one target per task (blank where unavailable), ``index``, ``available`` ``[T]``;
     ``image_ids`` lists the ids in item order."""
@@ -296,7 +297,7 @@ class PascalContextDataset(torch.utils.data.Dataset):
     @property
     def missing_counts(self) -> dict[str, int]:
         """Images without a label file, per task (``parts`` may lose more when decoded)."""
-        return {n: int((~self.available[:, t]).sum()) for t, n in enumerate(self.task_names)}
+        return super().missing_counts
 
     def __repr__(self) -> str:
         size = "native" if self.size is None else f"{self.size[0]}x{self.size[1]}"

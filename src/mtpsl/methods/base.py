@@ -79,6 +79,10 @@ class Method(nn.Module):
         just-updated ``model``). Whatever it changes must live in this method's state dict, so
         checkpoints and resumes keep it."""
 
+    def check_sources(self, n_sources: int) -> None:
+        """Refuse cross-dataset data of ``n_sources`` sources the method is not set up for
+        (a ConfigError naming the option)."""
+
     def joint_space_mapper(self) -> nn.Module | None:
         """The network that maps task maps into a joint task space, called as
         ``mapper(task_name, encoded_map, pair_ids)`` (``mtpsl figures joint_space`` draws it);

@@ -17,6 +17,7 @@ form as the test oracle.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,9 @@ class SampleNorm(nn.Module):
 
     Holds the same 2C parameters as ``nn.BatchNorm2d`` so parameter counts match the paper.
     """
+
+    is_normalisation: ClassVar[bool] = True
+    """Fed fp32 inputs under autocast (:func:`mtpsl.speed.fp32_norms`)."""
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()

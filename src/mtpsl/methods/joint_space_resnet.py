@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import require_encoder_info
 from ..models.base import scaled
-from ..models.resnet_trunk import ResNetTrunk
 from .joint_space import Mapper, NormFiLM, SampleNorm, init_conv_only
 
 BASE_WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
@@ -163,32 +163,16 @@ class ResNetJointSpaceMapper(Mapper):
 def mapper_for_model(
     model: nn.Module, in_channels: Mapping[str, int], conditioned: bool, width: float | None
 ) -> ResNetJointSpaceMapper:
-    """A ResNet mapper whose output matches ``model``'s encoder feature.
-
-    Its output stride follows the model's ``encoder_reduction`` (8/16/32; else 32). The size
-    rule is the model's ``feature_size(H, W)`` when it has one; otherwise ``ceil(H / r)`` for
-    models built on a :class:`~mtpsl.models.resnet_trunk.ResNetTrunk` (padded strided convs
-    round up) and ``floor(H / r)`` for the rest (max-pooling encoders such as SegNet and MTAN
-    round down).
-    """
-    reduction = int(getattr(model, "encoder_reduction", 32))
-    size_fn = getattr(model, "feature_size", None)
-    if not callable(size_fn):
-        size_fn = _size_rule(reduction, any(isinstance(m, ResNetTrunk) for m in model.modules()))
+    """A ResNet mapper whose output matches the model's encoder feature (its ``encoder_info``):
+    the same channels, the output stride of its reduction (8/16/32; else 32) and its size
+    rule."""
+    info = require_encoder_info(model, "xtc")
+    reduction = info.reduction
     return ResNetJointSpaceMapper(
         in_channels,
-        model.encoder_channels,
+        info.channels,
         conditioned,
         width or 1.0,
         reduction if reduction in (8, 16, 32) else 32,
-        size_fn,
+        info.size,
     )
-
-
-def _size_rule(reduction: int, round_up: bool) -> SizeFn:
-    def size(h: int, w: int) -> tuple[int, int]:
-        if round_up:
-            return -(-h // reduction), -(-w // reduction)
-        return h // reduction, w // reduction
-
-    return size

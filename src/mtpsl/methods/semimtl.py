@@ -367,6 +367,11 @@ class SemiMTL(_Adversarial):
     def n_classes(self) -> int:
         return 1 + self.options.n_domains
 
+    def check_sources(self, n_sources: int) -> None:
+        if self.options.n_domains != n_sources:
+            raise ConfigError(f"method.options.n_domains: {self.options.n_domains} but "
+                              f"dataset.options.domains lists {n_sources} sources")
+
     def _domain(self, batch: Batch) -> Tensor:
         if batch.domain is None:  # a single source: every image is domain 0
             return torch.zeros(len(batch), dtype=torch.long, device=batch.labelled.device)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..errors import ConfigError
-from ..models import ModelOutput
+from ..models import ModelOutput, require_encoder_info
 from ..models.segnet import scaled_filters
 from ..tasks import Task
 from .base import METHODS, Losses, Method, OptimGroup, supervised_losses
@@ -236,24 +236,20 @@ class CrossTaskConsistency(Method):
 
     def attach(self, model: nn.Module) -> None:
         """Create the mapping network to match the model's encoder feature."""
-        channels = getattr(model, "encoder_channels", None)
-        if channels is None:
-            raise ConfigError(
-                f"method {self.label} needs a model with one shared encoder feature "
-                f"(features['encoder']); {type(model).__name__} has none"
-            )
+        info = require_encoder_info(model, self.label)
+        channels = info.channels
         in_channels = {n: t.out_channels for n, t in self.tasks.items()}
         if self.options.mapper == "resnet18":
             mapper = mapper_for_model(model, in_channels, self.options.conditioned,
                                       self.options.width)
-        elif self.options.width is None and not hasattr(model, "filters"):
+        elif self.options.width is None and 2 ** len(info.stages) != info.reduction:
             raise ConfigError(
-                f"method.options.mapper: the segnet mapper needs a SegNet-style model; "
-                f"{type(model).__name__} needs mapper=resnet18"
+                f"method.options.mapper: the segnet mapper mirrors a SegNet-style encoder of "
+                f"halving stages; {type(model).__name__} needs mapper=resnet18"
             )
         else:
-            filters = scaled_filters(self.options.width) if self.options.width else model.filters
-            mapper = JointSpaceMapper(in_channels, self.options.conditioned, filters)
+            filters = scaled_filters(self.options.width) if self.options.width else info.stages
+            mapper = JointSpaceMapper(in_channels, self.options.conditioned, list(filters))
         if mapper.out_channels != channels:
             raise ConfigError(
                 f"method.options.width: the mapping network gives {mapper.out_channels} "

@@ -1,28 +1,36 @@
-"""Architectures. Importing this package registers every built-in model in ``MODELS``."""
+"""Architectures. Every module of this package is imported here, so each registers its models
+in ``MODELS`` (and ``encoders/`` its backbones in ``ENCODERS``): adding one is adding a file."""
 
-from mtpsl.models import mtan as mtan  # import registers "mtan"
-from mtpsl.models import resnet as resnet  # import registers "resnet"
-from mtpsl.models import segnet as segnet  # import registers "segnet"
-from mtpsl.models import xtask_net as xtask_net  # registers "xtask_net"
 from mtpsl.models.base import (
     MODELS,
+    FeatureInfo,
     HeadSpec,
     ModelOutput,
+    MultiTaskModel,
     PerTaskModels,
+    as_multitask,
     build_model,
     count_parameters,
+    require_encoder_info,
     shared_parameters,
 )
 from mtpsl.models.segnet import SegNet, conv_bn_relu
+from mtpsl.registry import discover
+
+discover(__name__, __path__)
 
 __all__ = [
     "MODELS",
+    "FeatureInfo",
     "HeadSpec",
     "ModelOutput",
+    "MultiTaskModel",
     "PerTaskModels",
     "SegNet",
+    "as_multitask",
     "build_model",
     "conv_bn_relu",
     "count_parameters",
+    "require_encoder_info",
     "shared_parameters",
 ]

@@ -1,16 +1,22 @@
 """Model contract shared by every architecture: heads in, activated predictions out.
 
-Methods (the training recipes) only ever see :class:`ModelOutput`, so any network that
-maps an image to ``ModelOutput`` can be swapped in by registry name without touching them.
+Every model is a :class:`MultiTaskModel`: ``forward(x) -> ModelOutput``, its task names, its
+heads' activations, the parameters every task shares (required: gradient weightings act on
+them) and, when it has one shared encoder, that encoder's last feature as :class:`FeatureInfo`.
+Methods only ever see this contract, so any network that keeps it can be swapped in by
+registry name without touching them.
 """
 
 from __future__ import annotations
 
+import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from mtpsl.errors import ConfigError
 from mtpsl.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -42,7 +48,58 @@ class ModelOutput:
     features: dict[str, Tensor] = field(default_factory=dict)
 
 
-class PerTaskModels(nn.Module):
+@dataclass(frozen=True)
+class FeatureInfo:
+    """The shared encoder feature a model puts in ``features["encoder"]``: what cross-task
+    methods size their mapping networks from."""
+
+    channels: int
+    reduction: int
+    """Stride relative to the input (32 for SegNet, 8 for a dilated ResNet)."""
+    size: Callable[[int, int], tuple[int, int]]
+    """(H, W) of the input -> (h, w) of the feature (architectures round differently)."""
+    stages: tuple[int, ...] = ()
+    """Widths of the encoder's halving stages, when it is a plain stack of them (SegNet):
+    the SegNet-style mapping network mirrors these."""
+
+
+def floor_size(reduction: int) -> Callable[[int, int], tuple[int, int]]:
+    """The size rule of max-pooling encoders (SegNet, MTAN): every pooling floors."""
+    return lambda h, w: (h // reduction, w // reduction)
+
+
+def ceil_size(reduction: int) -> Callable[[int, int], tuple[int, int]]:
+    """The size rule of padded strided convolutions (ResNets): every stride rounds up."""
+    return lambda h, w: (math.ceil(h / reduction), math.ceil(w / reduction))
+
+
+class MultiTaskModel(nn.Module, ABC):
+    """The model contract (see the module docstring)."""
+
+    activations: dict[str, Callable[[Tensor], Tensor]]
+    """Task activation per head, plain callables outside the module tree (so ``train.amp``
+    can run them in fp32); a container of per-task models leaves it to its members."""
+
+    @property
+    @abstractmethod
+    def tasks(self) -> list[str]:
+        """Task names in head order."""
+
+    @abstractmethod
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every task's loss flows through, in forward order ([] only for a model
+        that shares nothing, as single-task learning)."""
+
+    @property
+    def encoder_info(self) -> FeatureInfo | None:
+        """The shared encoder feature, None when there is no single shared encoder."""
+        return None
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> ModelOutput: ...
+
+
+class PerTaskModels(MultiTaskModel):
     """Single-task learning (STL): one independent network per task, same forward contract.
 
     Wrapping the per-task networks behind the multi-task contract lets the STL baseline run
@@ -63,12 +120,16 @@ class PerTaskModels(nn.Module):
         """Task names in construction order."""
         return list(self.nets.keys())
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """None: every task has its own network."""
+        return []
+
     def forward(self, x: Tensor) -> ModelOutput:
         """Run every per-task net on ``x`` and merge their single predictions."""
         preds: dict[str, Tensor] = {}
         features: dict[str, Tensor] = {}
         for task, net in self.nets.items():
-            out: ModelOutput = net(x)
+            out = net(x)
             if task not in out.preds:
                 raise KeyError(
                     f"per-task net for {task!r} returned preds {sorted(out.preds)}, "
@@ -96,10 +157,24 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters every task's loss flows through, in forward order ([] if none are shared).
+    """The model's declared shared parameters (gradient weightings act on these)."""
+    return list(as_multitask(model).shared_parameters())
 
-    Gradient-based weighting strategies (GradNorm, MGDA, PCGrad, CAGrad) act on these; a
-    model offers them by defining ``shared_parameters()``.
-    """
-    method = getattr(model, "shared_parameters", None)
-    return list(method()) if callable(method) else []
+
+def as_multitask(model: nn.Module) -> MultiTaskModel:
+    """``model`` if it keeps the model contract, else a ConfigError saying what is missing
+    (a model that forgot ``shared_parameters`` would silently turn PCGrad/MGDA into a sum)."""
+    if isinstance(model, MultiTaskModel):
+        return model
+    raise ConfigError(f"model {type(model).__name__} does not keep the model contract: "
+                      f"subclass mtpsl.models.MultiTaskModel (tasks, activations, "
+                      f"shared_parameters, encoder_info)")
+
+
+def require_encoder_info(model: nn.Module, method: str) -> FeatureInfo:
+    """The model's shared encoder feature, or a ConfigError naming ``method``."""
+    info = as_multitask(model).encoder_info
+    if info is None:
+        raise ConfigError(f"method {method} needs a model with one shared encoder feature "
+                          f"(features['encoder']); {type(model).__name__} has none")
+    return info

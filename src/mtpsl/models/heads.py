@@ -15,6 +15,8 @@ head never needs to know which task it serves.
   of two of the encoder's output stride, then a 1x1 conv; its logits are at input resolution.
 
 ``width`` scales every hidden channel count (256 for ASPP/conv, 512 for the PSP bottleneck).
+
+:class:`FPNNeck` turns a multi-scale encoder's maps into the one map these heads take.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ PSP_BINS: tuple[int, ...] = (1, 2, 3, 6)
 #: DeepLab v3 atrous rates per output stride; OS 32 halves the OS-16 rates (our choice: the
 #: paper only defines 8 and 16, and rates larger than the map are pure padding).
 ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
+FPN_CHANNELS = 128
+"""Width of the FPN neck's maps at ``width`` 1 (Panoptic FPN's semantic branch uses 128)."""
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3) -> nn.Sequential:
@@ -128,7 +132,8 @@ def build_head(
     psp_bins: Sequence[int] = PSP_BINS,
 ) -> nn.Module:
     """The head ``kind`` (one of :data:`HEAD_KINDS`) for an encoder of this output stride."""
-    rates = tuple(aspp_rates) if aspp_rates else ASPP_RATES[output_stride]
+    nearest = min(ASPP_RATES, key=lambda r: (abs(math.log2(r / output_stride)), r))
+    rates = tuple(aspp_rates) if aspp_rates else ASPP_RATES[nearest]
     if kind == "psp":
         return PSPHead(in_channels, out_channels, width, psp_bins)
     if kind in ("aspp", "deeplab"):
@@ -136,3 +141,37 @@ def build_head(
     if kind == "conv":
         return ConvUpDecoder(in_channels, out_channels, output_stride, width)
     raise ValueError(f"unknown head {kind!r}; allowed: {', '.join(HEAD_KINDS)}")
+
+
+class FPNNeck(nn.Module):
+    """Feature pyramid (Lin et al., CVPR 2017) fused into one map at the finest level.
+
+    A 1x1 lateral conv brings every encoder map to ``out_channels``; a top-down pass adds each
+    coarser level, upsampled bilinearly, to the next finer one; a 3x3 conv-BN-ReLU smooths
+    each level; the levels are upsampled to the finest and summed (Panoptic FPN's semantic
+    branch without its per-level upsampling stacks). Output: ``[B, out_channels, h0, w0]`` at
+    the stride of the encoder's first map.
+    """
+
+    def __init__(self, channels: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in channels)
+        self.smooth = nn.ModuleList(conv_bn_relu(out_channels, out_channels) for _ in channels)
+
+    def forward(self, maps: Sequence[Tensor]) -> Tensor:
+        levels = [conv(m) for conv, m in zip(self.lateral, maps, strict=True)]
+        for i in range(len(levels) - 2, -1, -1):
+            levels[i] = levels[i] + _resize(levels[i + 1], levels[i].shape[-2:])
+        smoothed = [conv(level) for conv, level in zip(self.smooth, levels, strict=True)]
+        size = smoothed[0].shape[-2:]
+        fused = smoothed[0]
+        for level in smoothed[1:]:
+            fused = fused + _resize(level, size)
+        return fused
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)

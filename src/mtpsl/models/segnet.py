@@ -14,7 +14,15 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from mtpsl.models.base import MODELS, HeadSpec, ModelOutput, scaled
+from mtpsl.models.base import (
+    MODELS,
+    FeatureInfo,
+    HeadSpec,
+    ModelOutput,
+    MultiTaskModel,
+    floor_size,
+    scaled,
+)
 
 BASE_FILTERS: tuple[int, ...] = (64, 128, 256, 512, 512)
 # Extra conv_bn_relu layers after the first one at each level (levels 0..4), as in MTAN.
@@ -56,15 +64,13 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class SegNet(nn.Module):
+class SegNet(MultiTaskModel):
     """Shared SegNet encoder/decoder with one head per task (a one-head SegNet is the STL net).
 
-    ``features["encoder"]`` is the last pooled encoder map, ``[B, encoder_channels, ~H/32,
+    ``features["encoder"]`` is the last pooled encoder map, ``[B, filters[-1], ~H/32,
     ~W/32]``; unpooling is given explicit output sizes so inputs whose sides are not multiples
     of 32 come back at their own resolution.
     """
-
-    encoder_reduction: int = 32
 
     def __init__(
         self, heads: Mapping[str, HeadSpec], width: float = 1.0, in_channels: int = 3
@@ -74,7 +80,6 @@ class SegNet(nn.Module):
             raise ValueError("SegNet needs at least one head")
         f = scaled_filters(width)
         self.filters = f
-        self.encoder_channels = f[-1]
         n = len(f)
 
         self.encoder_block = nn.ModuleList(
@@ -107,6 +112,12 @@ class SegNet(nn.Module):
     def tasks(self) -> list[str]:
         """Task names in head order."""
         return list(self.heads.keys())
+
+    @property
+    def encoder_info(self) -> FeatureInfo:
+        """The last pooled map: every level pools by 2 (flooring odd sides)."""
+        r = 2 ** len(self.filters)
+        return FeatureInfo(self.filters[-1], r, floor_size(r), tuple(self.filters))
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Encoder and decoder (everything but the heads), in forward order."""

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import BackboneConfig
-from .base import MODELS, HeadSpec, ModelOutput, scaled
-from .resnet_trunk import ResNetTrunk, resnet_trunk
+from ..errors import ConfigError
+from .base import MODELS, FeatureInfo, HeadSpec, ModelOutput, MultiTaskModel, scaled
+from .encoders import EncoderSpec
+from .encoders.resnet import ResNetTrunk, resnet_trunk
 from .segnet import conv_bn_relu, init_weights
 
 MID_CHANNELS = 128
@@ -76,13 +77,11 @@ class UNetDecoder(nn.Module):
         return self.head(h)
 
 
-class XTaskNet(nn.Module):
+class XTaskNet(MultiTaskModel):
     """Shared ResNet encoder + one U-Net decoder per task (TaskTransferNet's multi-task net).
 
-    ``features["encoder"]`` is the last ResNet stage, ``[B, encoder_channels, ~H/32, ~W/32]``.
+    ``features["encoder"]`` is the last ResNet stage, ``[B, channels[-1], ~H/32, ~W/32]``.
     """
-
-    encoder_reduction: int = 32
 
     def __init__(
         self,
@@ -99,7 +98,6 @@ class XTaskNet(nn.Module):
         if in_channels != 3:  # a fresh first conv; the rest of the trunk is unchanged
             trunk.stem[0] = nn.Conv2d(in_channels, STEM_CHANNELS, 7, 2, 3, bias=False)
         self.encoder = trunk
-        self.encoder_channels = trunk.channels[-1]
         self.mid_channels = scaled(MID_CHANNELS, width)
         skips = [*reversed(trunk.channels), STEM_CHANNELS]
         self.decoders = nn.ModuleDict(
@@ -115,6 +113,11 @@ class XTaskNet(nn.Module):
     @property
     def tasks(self) -> list[str]:
         return list(self.decoders.keys())
+
+    @property
+    def encoder_info(self) -> FeatureInfo:
+        trunk = self.encoder
+        return FeatureInfo(trunk.channels[-1], trunk.reductions[-1], trunk.feature_size)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The encoder: the only parameters every task's loss flows through."""
@@ -145,7 +148,7 @@ class XTaskNet(nn.Module):
 def xtask_net(
     heads: Mapping[str, HeadSpec],
     width: float = 1.0,
-    backbone: BackboneConfig | None = None,
+    backbone: EncoderSpec | None = None,
     in_channels: int = 3,
 ) -> XTaskNet:
     """TaskTransferNet's ResNet U-Net with task-transfer networks (xtask_mt).
@@ -155,6 +158,9 @@ def xtask_net(
     ``backbone.output_stride`` is not used: the five-level U-Net decoder needs the plain
     stride-32 ResNet pyramid. Without a backbone config the seed's ResNet-34 (random init).
     """
+    if backbone is not None and backbone.name != "resnet":
+        raise ConfigError(f"model.backbone.name: xtask_net's U-Net decoder taps the ResNet "
+                          f"stem; it needs the resnet encoder, not {backbone.name!r}")
     depth = backbone.depth if backbone is not None else DEFAULT_DEPTH
     weights = backbone.weights if backbone is not None else None
     trunk = resnet_trunk(depth, weights=weights, output_stride=32)

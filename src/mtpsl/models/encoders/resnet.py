@@ -1,4 +1,5 @@
-"""torchvision ResNet encoders, built without a download and loaded from a local file.
+"""torchvision ResNet encoders (18 to 152), built without a download and loaded from a local
+file; dilated to output stride 8/16 (DeepLab/PSP style) or plain (32).
 
 Every ResNet-based architecture in mtpsl (dilated ResNet + PSP/ASPP heads, TaskTransferNet,
 ResNet mapping networks) gets its encoder here, so weight loading and dilation are handled once.
@@ -6,13 +7,15 @@ ResNet mapping networks) gets its encoder here, so weight loading and dilation a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from .base import ENCODERS, Encoder, EncoderSpec
 
 DEPTHS = {
     18: resnet.resnet18,
@@ -23,7 +26,7 @@ DEPTHS = {
 }
 
 
-class ResNetTrunk(nn.Module):
+class ResNetTrunk(Encoder):
     """ResNet stem + 4 stages; forward returns the stage outputs ``[c1, c2, c3, c4]``.
 
     ``channels`` gives their widths; ``reductions`` their strides w.r.t. the input.
@@ -34,8 +37,18 @@ class ResNetTrunk(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         expansion = 4 if isinstance(net.layer1[0], resnet.Bottleneck) else 1
-        self.channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
-        self.reductions = [4, 8, min(16, output_stride), output_stride]
+        self.channels = (64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
+        self.reductions = (4, 8, min(16, output_stride), output_stride)
+
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        """Every strided layer of a ResNet rounds up."""
+        r = self.reductions[-1]
+        return math.ceil(height / r), math.ceil(width / r)
+
+    def set_in_channels(self, in_channels: int) -> None:
+        if in_channels != 3:  # a fresh stem conv: pretrained RGB filters do not apply
+            old = self.stem[0]
+            self.stem[0] = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         h = self.stem(x)
@@ -110,3 +123,13 @@ def load_local_weights(net: nn.Module, path: str | Path) -> None:
             f"wrong shape {bad[:3]}{'...' if len(bad) > 3 else ''}); check model.backbone.depth"
         )
     net.load_state_dict(state, strict=False)
+
+
+@ENCODERS.register("resnet")
+def torchvision_resnet(spec: EncoderSpec) -> ResNetTrunk:
+    """torchvision ResNet (``model.backbone.depth``: 18, 34, 50, 101, 152), dilated for output
+    stride 8/16; a local torchvision state dict in ``model.backbone.weights``."""
+    if spec.options:
+        raise ConfigError(f"model.backbone.options: the resnet encoder takes none, got "
+                          f"{sorted(spec.options)}")
+    return resnet_trunk(spec.depth, spec.weights, spec.output_stride)

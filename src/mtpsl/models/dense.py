@@ -1,9 +1,18 @@
-"""Dilated ResNet encoder with one dense head per task (registered as model ``resnet``).
+"""Any encoder with one dense head per task (registered as ``dense``, and as ``resnet``, its
+name from when the encoder was always a dilated torchvision ResNet).
 
-The encoder is a torchvision ResNet-{18,34,50,101,152} (``model.backbone``: depth, local
-weights, output stride 8/16/32 by dilating the last stages); random init unless
-``model.backbone.weights`` names a local checkpoint (never downloaded). Each task gets a head
-from :mod:`mtpsl.models.heads` on the last stage's map, chosen by ``model.options.head``:
+The encoder is chosen by ``model.backbone`` (``mtpsl list encoders``): ``resnet`` (torchvision
+ResNet-{18..152}, output stride 8/16/32 by dilating the last stages) or ``timm`` (any timm
+model with ``features_only``: ConvNeXt, Swin, HRNet, EfficientNet, ...); random init unless
+``model.backbone.weights`` names a local checkpoint (never downloaded). ``model.options.neck``
+chooses what the heads see:
+
+- ``none`` (default): the encoder's last map (DeepLab/PSP on a dilated ResNet);
+- ``fpn``: a light feature pyramid over every map the encoder returns, fused at the finest
+  one (the multi-scale decoder that transformer and ConvNeXt encoders want; see
+  :class:`~mtpsl.models.heads.FPNNeck`).
+
+Each task gets a head from :mod:`mtpsl.models.heads`, chosen by ``model.options.head``:
 
 - unset: ``psp`` for class-map tasks (labels are class indices, e.g. segmentation) and
   ``conv`` (conv + upsampling decoder) for dense regression (depth, normals), as SemiMTL's
@@ -14,23 +23,22 @@ from :mod:`mtpsl.models.heads` on the last stage's map, chosen by ``model.option
   over kinds, unmapped tasks keep the default.
 
 Logits are resized bilinearly to the input size before the task activation.
-``features["encoder"]`` is the last stage's map, ``[B, C, ceil(H/os), ceil(W/os)]``.
+``features["encoder"]`` is the encoder's last map (its channels, stride and size rule are the
+model's ``encoder_info``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import BackboneConfig
 from ..errors import ConfigError
 from ..tasks import TASKS, Task, task_kind
-from .base import MODELS, HeadSpec, ModelOutput
-from .heads import HEAD_KINDS, PSP_BINS, build_head
-from .resnet_trunk import resnet_trunk
+from .base import MODELS, FeatureInfo, HeadSpec, ModelOutput, MultiTaskModel, scaled
+from .encoders import EncoderSpec, build_encoder
+from .heads import FPN_CHANNELS, HEAD_KINDS, PSP_BINS, FPNNeck, build_head
 
 HeadOption = str | Mapping[str, str] | None
 
@@ -96,43 +104,42 @@ def _positive_ints(value: Sequence[int] | None, key: str) -> tuple[int, ...] | N
     return tuple(value)
 
 
-class DilatedResNet(nn.Module):
-    """ResNet trunk + per-task heads; see the module docstring."""
+NECKS: tuple[str, ...] = ("none", "fpn")
+
+
+class DenseModel(MultiTaskModel):
+    """Encoder (+ optional FPN neck) + per-task heads; see the module docstring."""
 
     def __init__(
         self,
         heads: Mapping[str, HeadSpec],
         width: float = 1.0,
         in_channels: int = 3,
-        backbone: BackboneConfig | None = None,
+        backbone: EncoderSpec | None = None,
         head: HeadOption = None,
         aspp_rates: Sequence[int] | None = None,
         psp_bins: Sequence[int] = PSP_BINS,
+        neck: str = "none",
     ) -> None:
         super().__init__()
         if not heads:
-            raise ValueError("DilatedResNet needs at least one head")
-        bb = backbone or BackboneConfig()
-        self.trunk = resnet_trunk(bb.depth, bb.weights, bb.output_stride)
-        if in_channels != 3:  # a fresh stem conv: pretrained RGB filters do not apply
-            old = self.trunk.stem[0]
-            self.trunk.stem[0] = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
-        self.encoder_channels = self.trunk.channels[-1]
-        self.encoder_reduction = bb.output_stride
+            raise ValueError("DenseModel needs at least one head")
+        if neck not in NECKS:
+            raise ConfigError(f"model.options.neck: {neck!r}; allowed: {', '.join(NECKS)}")
+        self.trunk = build_encoder(backbone or EncoderSpec(), in_channels)
+        channels, reductions = self.trunk.channels, self.trunk.reductions
+        self.neck = None
+        head_in, head_stride = channels[-1], reductions[-1]
+        if neck == "fpn":
+            self.neck = FPNNeck(channels, scaled(FPN_CHANNELS, width))
+            head_in, head_stride = self.neck.out_channels, reductions[0]
         self.head_kinds = resolve_heads(head, heads)
         rates = _positive_ints(aspp_rates, "model.options.aspp_rates")
         bins = _positive_ints(psp_bins, "model.options.psp_bins") or PSP_BINS
         self.heads = nn.ModuleDict(
             {
-                name: build_head(
-                    self.head_kinds[name],
-                    self.encoder_channels,
-                    spec.channels,
-                    bb.output_stride,
-                    width,
-                    rates,
-                    bins,
-                )
+                name: build_head(self.head_kinds[name], head_in, spec.channels, head_stride,
+                                 width, rates, bins)
                 for name, spec in heads.items()
             }
         )
@@ -142,40 +149,44 @@ class DilatedResNet(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.heads.keys())
 
-    def feature_size(self, height: int, width: int) -> tuple[int, int]:
-        """Spatial size of ``features["encoder"]`` for an input of this size (every strided
-        layer of a ResNet rounds up)."""
-        r = self.encoder_reduction
-        return math.ceil(height / r), math.ceil(width / r)
+    @property
+    def encoder_info(self) -> FeatureInfo:
+        trunk = self.trunk
+        return FeatureInfo(trunk.channels[-1], trunk.reductions[-1], trunk.feature_size)
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """The ResNet trunk, in forward order."""
-        return list(self.trunk.parameters())
+        """The encoder and the neck, in forward order."""
+        neck = [] if self.neck is None else list(self.neck.parameters())
+        return [*self.trunk.parameters(), *neck]
 
     def forward(self, x: Tensor) -> ModelOutput:
-        feature = self.trunk(x)[-1]
+        maps = self.trunk(x)
+        shared = maps[-1] if self.neck is None else self.neck(maps)
         size = x.shape[-2:]
         preds = {}
         for name, head in self.heads.items():
-            logits = head(feature)
+            logits = head(shared)
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             preds[name] = self.activations[name](logits)
-        return ModelOutput(preds=preds, features={"encoder": feature})
+        return ModelOutput(preds=preds, features={"encoder": maps[-1]})
 
 
+@MODELS.register("dense")
 @MODELS.register("resnet")
-def resnet(
+def dense(
     heads: Mapping[str, HeadSpec],
     width: float = 1.0,
     in_channels: int = 3,
-    backbone: BackboneConfig | None = None,
+    backbone: EncoderSpec | None = None,
     *,
     head: HeadOption = None,
     aspp_rates: Sequence[int] | None = None,
     psp_bins: Sequence[int] = PSP_BINS,
-) -> DilatedResNet:
-    """Dilated torchvision ResNet with DeepLab/PSP heads per task (PASCAL-Context's model).
+    neck: str = "none",
+) -> DenseModel:
+    """Any encoder (model.backbone: torchvision ResNet, any timm model) with DeepLab/PSP/conv
+    heads per task, optionally over an FPN neck (PASCAL-Context's model on a dilated ResNet).
 
-    Keyword-only arguments are ``model.options`` (head, aspp_rates, psp_bins)."""
-    return DilatedResNet(heads, width, in_channels, backbone, head, aspp_rates, psp_bins)
+    Keyword-only arguments are ``model.options`` (head, aspp_rates, psp_bins, neck)."""
+    return DenseModel(heads, width, in_channels, backbone, head, aspp_rates, psp_bins, neck)

@@ -1,0 +1,55 @@
+"""The dataset contract: what training, evaluation, splits and run records ask of a dataset.
+
+A :class:`TaskDataset` holds ``N`` images, each an item ``{"image": [3, H, W], <task>: label,
+"available": bool [T], "index": int}`` at one size ``height x width``; ``tasks`` names its
+tasks; ``available`` says which labels exist on disk (bool ``[N, T]``, from file listings, no
+decoding), so partial annotation is known before any item is read; ``file_listing`` feeds the
+dataset fingerprint. Cross-dataset data also says which source each image comes from.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..tasks import Task
+
+
+class TaskDataset(torch.utils.data.Dataset, ABC):
+    """Base of every registered dataset (see the module docstring)."""
+
+    tasks: dict[str, Task]
+    task_names: tuple[str, ...]
+    height: int
+    width: int
+    available: np.ndarray
+    """bool ``[N, T]``: image ``i`` has a label file for task ``t`` (``task_names`` order)."""
+    split: str | None = None
+    image_ids: list[str] | None = None
+    """Names of the images in item order, where the layout has them (PASCAL-Context)."""
+    domain_ids: np.ndarray | None = None
+    """Source of each image (int ``[N]``) for cross-dataset data; None for one source."""
+    domain_names: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return int(self.available.shape[0])
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> dict[str, Tensor]: ...
+
+    @abstractmethod
+    def file_listing(self) -> list[tuple[str, int]]:
+        """(path relative to the root, size in bytes) of every file read (fingerprints)."""
+
+    def source_eval_sets(self) -> dict[str, TaskDataset]:
+        """Cross-dataset data: each source's own images of this split with every task it has
+        on disk (evaluated as ``eval@<source>``); {} for a single source."""
+        return {}
+
+    @property
+    def missing_counts(self) -> dict[str, int]:
+        """Number of images without a label, per task (partially annotated data)."""
+        return {n: int((~self.available[:, t]).sum()) for t, n in enumerate(self.task_names)}

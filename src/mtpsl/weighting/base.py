@@ -1,0 +1,106 @@
+"""The weighting contract: :class:`Weighting` (owns the backward pass), the registry and
+``build_weighting`` (see the package docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..optim import OptimGroup
+from ..registry import Registry
+
+WEIGHTINGS: Registry[type[Weighting]] = Registry("weighting")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class Weighting(nn.Module):
+    """Base class: a weighted sum (override :meth:`combine`) or a gradient rule (override
+    :meth:`backward`)."""
+
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    linear_in_losses: ClassVar[bool] = False
+    """True when the gradient is linear in the task losses within a step (a fixed weighted
+    sum), so scaling the losses by fp16's loss scale scales the gradient alike: only such
+    strategies may run under ``train.amp=fp16``."""
+
+    def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
+        super().__init__()
+        self.task_names = tuple(task_names)
+        self.options = options if options is not None else self.Options()
+
+    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def backward(
+        self,
+        task_losses: Mapping[str, Tensor],
+        extra: Tensor,
+        shared: Sequence[nn.Parameter],
+        present: Tensor,
+    ) -> Tensor:
+        """Backpropagate the training objective; return the (detached) total for logging.
+
+        ``extra`` is the sum of the method's already-weighted extra terms (consistency,
+        adversarial...); ``shared`` lists the parameters every task's loss flows through, in
+        forward order (empty for single-task learning), for gradient-based strategies;
+        ``present`` is bool ``[T]`` (``task_names`` order, on the device): which tasks have at
+        least one labelled image in this batch.
+        """
+        return backward_total(self.combine(task_losses) + extra)
+
+    def end_epoch(self, task_means: Mapping[str, float]) -> None:
+        """Hook called with each task's mean training loss over the epoch (DWA uses it)."""
+
+    def optimizer_groups(self) -> list[OptimGroup]:
+        """Groups with their own optimiser; parameters in none of them join the main group."""
+        return []
+
+    def _present_indices(self, present: Tensor) -> list[int]:
+        """Indices of the present tasks (reads ``present`` on the host: one sync)."""
+        return [i for i, flag in enumerate(present.tolist()) if flag]
+
+
+def backward_total(total: Tensor) -> Tensor:
+    """Backward ``total`` when anything requires a gradient; return it detached."""
+    if total.requires_grad:
+        total.backward()
+    return total.detach()
+
+
+def plain_sum(task_losses: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    return torch.stack([task_losses[t] for t in names]).sum()
+
+
+def weighted_sum(
+    weights: Tensor, task_losses: Mapping[str, Tensor], names: Sequence[str]
+) -> Tensor:
+    """``sum_k weights[k] * L_k`` in ``names`` order."""
+    return torch.stack([weights[i] * task_losses[t] for i, t in enumerate(names)]).sum()
+
+
+def build_weighting(
+    name: str, task_names: Sequence[str], options: Mapping[str, Any] | None = None
+) -> Weighting:
+    """Registry lookup + option validation, with errors that name the config key."""
+    try:
+        cls = WEIGHTINGS.get(name)
+    except KeyError as err:
+        raise ConfigError(f"method.weighting: {err.args[0]}") from None
+    try:
+        parsed = cls.Options.model_validate(dict(options or {}))
+    except ValidationError as err:
+        details = "; ".join(
+            f"method.weighting_options.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in err.errors()
+        )
+        allowed = ", ".join(cls.Options.model_fields) or "(none)"
+        raise ConfigError(f"{details} (weighting {name!r} accepts: {allowed})") from None
+    return cls(task_names, parsed)
