@@ -3,6 +3,8 @@ from the registries and the config schema (so a new entry shows up without editi
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import yaml
 
@@ -68,3 +70,21 @@ def test_config_show_errors_are_one_line(capsys):
     assert "no_such_preset" in capsys.readouterr().err
     assert main(["config", "show", "synthetic_demo", "train.epochs=0"]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+def _parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_command_and_sub_command_prints_its_help():
+    """``--help`` formats every help string (a stray "%" in one broke ``mtpsl figures``)."""
+    from mtpsl.cli import build_parser
+
+    parsers = list(_parsers(build_parser()))
+    assert len(parsers) > 15
+    for parser in parsers:
+        assert parser.format_help().startswith("usage:")

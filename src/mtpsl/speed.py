@@ -30,6 +30,14 @@ def linear_weightings() -> list[str]:
     return [n for n in WEIGHTINGS.names() if WEIGHTINGS.get(n).linear_in_losses]
 
 
+def accumulable_weightings() -> list[str]:
+    """Linear weightings that draw nothing per step: k summed micro-batches equal one step on
+    k times the batch."""
+    from .weighting import WEIGHTINGS
+
+    return [n for n in linear_weightings() if not WEIGHTINGS.get(n).draws_per_step]
+
+
 def check_options(cfg: TrainConfig, device: torch.device, weighting: str) -> None:
     """Reject combinations that cannot work, naming the config keys."""
     if cfg.amp == "fp16" and weighting not in linear_weightings():
@@ -38,11 +46,12 @@ def check_options(cfg: TrainConfig, device: torch.device, weighting: str) -> Non
             f"in the losses ({', '.join(linear_weightings())}); method.weighting is "
             f"{weighting!r}: use train.amp=bf16 or off"
         )
-    if cfg.accumulate > 1 and weighting not in linear_weightings():
+    if cfg.accumulate > 1 and weighting not in accumulable_weightings():
         raise ConfigError(
             f"train.accumulate: summing micro-batch gradients equals a larger batch only for "
-            f"weightings linear in the losses ({', '.join(linear_weightings())}); "
-            f"method.weighting is {weighting!r}: use a larger train.batch_size instead"
+            f"weightings linear in the losses with fixed weights within a step "
+            f"({', '.join(accumulable_weightings())}); method.weighting is {weighting!r}: use "
+            f"a larger train.batch_size instead"
         )
     if cfg.amp != "off" and not torch.amp.autocast_mode.is_autocast_available(device.type):
         raise ConfigError(f"train.amp: autocast is not available on device {device.type!r}")

@@ -11,7 +11,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("figures", help="figures of finished runs (PNG + PDF)")
     sub = parser.add_subparsers(dest="figure", required=True)
     for name, spec in FIGURES.items():
-        p = sub.add_parser(name, help=spec.help, description=spec.help)
+        # argparse %-formats help strings ("95% interval" would break --help)
+        p = sub.add_parser(name, help=spec.help.replace("%", "%%"), description=spec.help)
         p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR")
         p.add_argument("--labels", nargs="+", help="one per run (default: method names)")
         p.add_argument("--out", default="figures", help="output folder (default: figures)")

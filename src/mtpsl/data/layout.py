@@ -16,14 +16,15 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import Registry
-from ..tasks import Task, build_task
+from ..tasks import TASKS, Task, build_task
 from .base import TaskDataset
 
 DATASETS: Registry[Callable[..., LayoutDataset]] = Registry("dataset")
@@ -290,21 +291,51 @@ def _select(requested: Iterable[str], allowed: Sequence[str], dataset: str) -> l
     return names
 
 
+ExtraTasks = Mapping[str, Mapping[str, Any]] | None
+
+
+def with_extra_tasks(
+    allowed: dict[str, tuple[Task, str]], extra: ExtraTasks, dataset: str
+) -> dict[str, tuple[Task, str]]:
+    """The dataset's own tasks plus ``dataset.options.extra_tasks``: ``{name: {type: <task
+    type>, folder: <folder, default the name>, <task options>...}}``, so a task type added to
+    ``mtpsl.tasks`` trains on any layout dataset that has a folder of its labels."""
+    out = dict(allowed)
+    for name, spec in (extra or {}).items():
+        key = f"dataset.options.extra_tasks.{name}"
+        if name in out:
+            raise ConfigError(f"{key}: {dataset} already has a task {name!r}")
+        if not isinstance(spec, Mapping) or "type" not in spec:
+            raise ConfigError(f"{key}: give at least the task type, e.g. {{type: "
+                              f"{TASKS.names()[0]}}}; task types: {', '.join(TASKS.names())}")
+        kwargs = {k: v for k, v in spec.items() if k not in ("type", "folder")}
+        try:
+            task = build_task(str(spec["type"]), name, **kwargs)
+        except KeyError as err:
+            raise ConfigError(f"{key}.type: {err.args[0]}") from None
+        except TypeError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        out[name] = (task, str(spec.get("folder", name)))
+    return out
+
+
 @DATASETS.register("nyuv2")
 def nyuv2(
     root: str | Path,
     split: str,
     *,
-    tasks: Iterable[str] = ("semantic", "depth", "normal"),
+    tasks: Iterable[str] | None = None,
+    extra_tasks: ExtraTasks = None,
     cache: bool = False,
 ) -> LayoutDataset:
-    """NYUv2 (13-class semantics, depth in metres, surface normals)."""
-    allowed = {
+    """NYUv2 (13-class semantics, depth in metres, surface normals; more from
+    ``dataset.options.extra_tasks``)."""
+    allowed = with_extra_tasks({
         "semantic": (build_task("segmentation", "semantic", num_classes=13), "label"),
         "depth": (build_task("depth", "depth"), "depth"),
         "normal": (build_task("normal", "normal"), "normal"),
-    }
-    names = _select(tasks, list(allowed), "nyuv2")
+    }, extra_tasks, "nyuv2")
+    names = _select(list(allowed) if tasks is None else tasks, list(allowed), "nyuv2")
     folders = {"image": "image", **{n: allowed[n][1] for n in names}}
     return LayoutDataset(root, split, {n: allowed[n][0] for n in names}, folders, cache=cache)
 
@@ -314,20 +345,22 @@ def cityscapes(
     root: str | Path,
     split: str,
     *,
-    tasks: Iterable[str] = ("semantic", "depth"),
+    tasks: Iterable[str] | None = None,
     num_classes: int = 7,
+    extra_tasks: ExtraTasks = None,
     cache: bool = False,
 ) -> LayoutDataset:
-    """Cityscapes in the MTAN layout (7- or 19-class semantics, disparity as ``depth``)."""
+    """Cityscapes in the MTAN layout (7- or 19-class semantics, disparity as ``depth``; more
+    from ``dataset.options.extra_tasks``)."""
     if num_classes not in (7, 19):
         raise ValueError(f"cityscapes num_classes must be 7 or 19, got {num_classes!r}")
-    allowed = {
+    allowed = with_extra_tasks({
         "semantic": (
             build_task("segmentation", "semantic", num_classes=num_classes),
             f"label_{num_classes}",
         ),
         "depth": (build_task("depth", "depth"), "depth"),
-    }
-    names = _select(tasks, list(allowed), "cityscapes")
+    }, extra_tasks, "cityscapes")
+    names = _select(list(allowed) if tasks is None else tasks, list(allowed), "cityscapes")
     folders = {"image": "image", **{n: allowed[n][1] for n in names}}
     return LayoutDataset(root, split, {n: allowed[n][0] for n in names}, folders, cache=cache)

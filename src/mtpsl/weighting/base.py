@@ -30,6 +30,9 @@ class Weighting(nn.Module):
     """True when the gradient is linear in the task losses within a step (a fixed weighted
     sum), so scaling the losses by fp16's loss scale scales the gradient alike: only such
     strategies may run under ``train.amp=fp16``."""
+    draws_per_step: ClassVar[bool] = False
+    """True when every step draws new random weights (RLW): summed micro-batches
+    (``train.accumulate``) would average several draws, not take one larger step."""
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__()

@@ -1,0 +1,198 @@
+"""Every registered entry of every registry keeps its contract on tiny CPU inputs (in the manner
+of smp's BaseModelTester and timm's per-model tests): a new task, model, encoder, method,
+weighting or metric file is covered here without writing a test for the contract itself."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtpsl.data import DATASETS
+from mtpsl.data.batch import PartialLabelSet, collate
+from mtpsl.data.transforms import build_train_transform
+from mtpsl.errors import ConfigError
+from mtpsl.methods import METHODS, build_method
+from mtpsl.metrics import METRICS
+from mtpsl.models import MODELS, HeadSpec, MultiTaskModel, build_model, shared_parameters
+from mtpsl.models.encoders import ENCODERS, EncoderSpec, build_encoder
+from mtpsl.render import OutputFiles
+from mtpsl.splits import make_split
+from mtpsl.tasks import TASKS, Task, build_task
+from mtpsl.weighting import WEIGHTINGS, build_weighting
+
+from conftest import NYU_HEADS, make_layout
+
+H, W = 64, 96
+ENCODER_SPECS = {"resnet": EncoderSpec(depth=18, output_stride=16),
+                 "timm": EncoderSpec(name="timm", arch="convnext_atto", output_stride=32)}
+
+
+def _label_like(task: Task, b: int = 2) -> torch.Tensor:
+    """A label in the task's batch format: its own hard label of a random prediction."""
+    raw = torch.randn(b, task.out_channels, H, W, generator=torch.Generator().manual_seed(0))
+    return task.hard_label(task.activate(raw))
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TASKS.names())
+def test_task_contract(kind, tmp_path):
+    task = build_task(kind, "t")
+    raw = torch.randn(2, task.out_channels, H, W, requires_grad=True)
+    pred = task.activate(raw)
+    target = _label_like(task)
+    loss = task.loss(pred, target)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert raw.grad is not None
+    assert task.valid(target).shape == (2, H, W)
+    assert not task.valid(task.blank_like(target)).any()
+    assert task.encode_pred_eval(pred.detach()).shape == task.encode_target(target).shape
+    assert task.label_map(target).shape == task.as_map(pred.detach()).shape
+    assert task.distance(pred.detach(), pred.detach()).shape == (2,)
+    assert task.after_interpolation(target).shape == target.shape
+    assert task.critic_input(pred.detach()).shape[0] == 2
+    cells = task.panels(target[0], [pred[0].detach(), pred[1].detach()])
+    assert len(cells) == 3 and all(np.asarray(c[0]).shape[:2] == (H, W) for c in cells)
+    assert len(task.panels(None, [pred[0].detach()])) == 1
+    array = task.finalise(pred[0].detach())
+    assert array.shape[:2] == (H, W)
+    files = OutputFiles(tmp_path, "img")
+    task.save_prediction(array, files)
+    assert files.written and all(p.is_file() for p in files.written)
+    assert task.metric in METRICS
+    assert task.primary_metric in METRICS.get(task.metric).higher_is_better
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TASKS.names())
+def test_metric_of_every_task_type(kind):
+    task = build_task(kind, "t")
+    metric = METRICS.get(task.metric)(**task.metric_kwargs())
+    target = _label_like(task)
+    metric.update(task.activate(torch.randn(2, task.out_channels, H, W)), target)
+    result = metric.compute()
+    assert set(METRICS.get(task.metric).higher_is_better) <= set(result)
+    assert all(isinstance(v, float) for v in result.values())
+
+
+# --- encoders and models --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ENCODERS.names())
+def test_encoder_contract(name):
+    enc = build_encoder(ENCODER_SPECS[name])
+    maps = enc(torch.zeros(1, 3, H + 1, W - 1))
+    assert [m.shape[1] for m in maps] == list(enc.channels)
+    assert len(enc.reductions) == len(maps)
+    assert enc.feature_size(H + 1, W - 1) == tuple(maps[-1].shape[-2:])
+
+
+def _build(name: str, heads=NYU_HEADS):
+    build = MODELS.get(name)
+    kwargs = {"width": 0.0625}
+    if "backbone" in inspect.signature(build).parameters:
+        kwargs["backbone"] = EncoderSpec(depth=18, output_stride=32)
+    torch.manual_seed(0)
+    return build_model(name, heads, **kwargs)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_model_contract(name):
+    model = _build(name)
+    assert isinstance(model, MultiTaskModel) and model.tasks == list(NYU_HEADS)
+    out = model(torch.zeros(2, 3, H, W))
+    assert {k: tuple(v.shape) for k, v in out.preds.items()} == {
+        k: (2, h.channels, H, W) for k, h in NYU_HEADS.items()}
+    shared = shared_parameters(model)
+    assert shared and {id(p) for p in shared} <= {id(p) for p in model.parameters()}
+    info = model.encoder_info
+    if info is not None:
+        assert out.features["encoder"].shape[1:] == (info.channels, *info.size(H, W))
+    total = sum(v.float().mean() for v in out.preds.values())
+    total.backward()
+    assert all(p.grad is not None for p in shared)
+
+
+# --- methods --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_layout(tmp_path_factory.mktemp("data"), n=4, h=H, w=W)
+
+
+TINY_OPTIONS = {"direct_map": {"mapping_width": 0.0625},
+                "perceptual_map": {"mapping_width": 0.0625}}
+"""Options that only shrink a method's own networks (their defaults are paper-sized)."""
+
+
+def _method_and_data(name, root):
+    layout = DATASETS.get("nyuv2")(root, "train")
+    options = TINY_OPTIONS.get(name, {})
+    try:
+        return build_method(name, layout.tasks, options), layout
+    except ConfigError:  # e.g. xtask: exactly one segmentation and one depth task
+        layout = DATASETS.get("nyuv2")(root, "train", tasks=("semantic", "depth"))
+        return build_method(name, layout.tasks, options), layout
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_contract(name, root):
+    method, layout = _method_and_data(name, root)
+    tasks = dict(layout.tasks)
+    heads = {n: HeadSpec(t.out_channels, t.activate) for n, t in tasks.items()}
+    if method.per_task_networks:
+        from mtpsl.models import PerTaskModels
+
+        model = PerTaskModels({n: _build("segnet", {n: h}) for n, h in heads.items()})
+    else:
+        model = _build("segnet", heads)
+    method.attach(model)
+    names = tuple(tasks)
+    split = make_split("onelabel", len(layout), names, seed=0)
+    items = PartialLabelSet(layout, tasks, split.labelled,
+                            build_train_transform((1.0, 1.2), flip=True),
+                            n_views=method.n_views, seed=0)
+    batch = collate([items[i] for i in range(len(layout))], names)
+    losses, out = method.compute(model, batch)
+    assert set(losses.tasks) == set(names)
+    terms = [*losses.tasks.values(), *losses.extra.values()]
+    assert all(t.ndim == 0 and math.isfinite(float(t)) for t in terms)
+    sum(terms).backward()
+    groups = method.optimizer_groups(model)
+    trained = [p for g in groups for p in g.params]
+    assert all(p.requires_grad for p in trained)
+    assert {id(p) for p in model.parameters()} <= {id(p) for p in trained}
+    method.after_step(model)
+    method.on_epoch_start(0, 2)
+    assert set(out.preds) >= set(names)
+
+
+# --- weightings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_weighting_contract(name):
+    torch.manual_seed(0)
+    shared = torch.nn.Parameter(torch.randn(4))
+    heads = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    names = ("a", "b", "c")
+    weighting = build_weighting(name, names)
+    losses = {n: ((shared + h) ** 2).sum() * (k + 1) for k, (n, h) in
+              enumerate(zip(names, heads, strict=True))}
+    present = torch.tensor([True, False, True])
+    losses["b"] = losses["b"] * 0.0  # absent: an exact 0
+    total = weighting.backward(losses, torch.zeros(()), [shared], present)
+    assert math.isfinite(float(total))
+    assert shared.grad is not None and torch.isfinite(shared.grad).all()
+    assert heads[1].grad is None or not heads[1].grad.any()  # the absent task moves nothing
+    weighting.end_epoch({"a": 1.0, "b": 1.0, "c": 1.0})
+    assert isinstance(type(weighting).linear_in_losses, bool)
