@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv, installs mtpsl, renders the synthetic dataset, trains and compares
-#   make test   creates .venv, installs mtpsl with test tools, runs ruff and the test suite
+#   make test   creates .venv, installs mtpsl with test tools, runs ruff, mypy and the test suite
 # TORCH_SPEC picks the PyTorch build; override it for another CUDA/CPU wheel.
 
 PYTHON ?= python3
@@ -32,6 +32,7 @@ demo: $(VENV)/.installed $(DEMO_DATA)/synthetic.json
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest

@@ -216,7 +216,8 @@ def test_counts_fall_back_to_the_regime_when_the_data_cannot_tell():
     # an availability array that does not describe the split's images (2 rows, not 6)
     blind = SimpleNamespace(task_names=("a", "b"), available=np.ones((2, 2), dtype=bool))
     exp = SimpleNamespace(
-        split=split, val_set=None, train_set=SimpleNamespace(dataset=Subset(blind, [0, 1, 2]))
+        split=split, val_set=None,
+        train_set=SimpleNamespace(dataset=Subset(blind, [0, 1, 2]), source=blind)
     )
     out = _split_counts(exp)
     assert out["split"] == {"a": 6, "b": 6}
@@ -226,7 +227,7 @@ def test_counts_fall_back_to_the_regime_when_the_data_cannot_tell():
     available = np.array([[1, 0], [1, 1], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=bool)
     known = SimpleNamespace(task_names=("a", "b"), available=available, domain_ids=None,
                             domain_names=None)
-    exp.train_set = SimpleNamespace(dataset=Subset(known, [0, 1, 2, 3]))
+    exp.train_set = SimpleNamespace(dataset=Subset(known, [0, 1, 2, 3]), source=known)
     exp.val_set = [4, 5]
     onelabel = Split(np.array([[1, 0], [0, 1], [1, 0], [0, 1], [1, 0], [0, 1]]), ("a", "b"))
     exp.split = onelabel

@@ -41,7 +41,8 @@ def _simplex_grid(k: int, n: int) -> np.ndarray:
 
 
 def test_registry_holds_every_strategy():
-    assert set(WEIGHTINGS.names()) == set(ALL)
+    """The seven of this file at least (strategies with their own file test themselves)."""
+    assert set(ALL) <= set(WEIGHTINGS.names())
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -288,7 +288,8 @@ def _nonfinite_path(value: Any, where: str) -> str | None:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in resources.files("mtpsl.presets").iterdir() if p.suffix == ".yaml")
+    names = (p.name for p in resources.files("mtpsl.presets").iterdir())
+    return sorted(n.removesuffix(".yaml") for n in names if n.endswith(".yaml"))
 
 
 def _read_yaml(source: str) -> dict:

@@ -203,6 +203,8 @@ class AllReduceBatchNorm(nn.BatchNorm2d):
     def _update_running(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
         if not self.track_running_stats:
             return
+        assert self.num_batches_tracked is not None  # tracked stats have all three buffers
+        assert self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked += 1
         m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         unbiased = var * n / (n - 1).clamp(min=1)

@@ -174,7 +174,7 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
         len(train_full), config.dataset.val_fraction, config.seed
     )
     train_set = PartialLabelSet(
-        Subset(train_full, train_idx), tasks, split.labelled[train_idx], transform,
+        Subset(train_full, train_idx.tolist()), tasks, split.labelled[train_idx], transform,
         n_views=method.n_views, seed=config.seed,
     )
     domains = train_set.domain_ids()
@@ -184,7 +184,8 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     if len(val_idx):
         # Validation images keep only the labels the regime gives them: selecting an epoch
         # must not read labels that training is denied.
-        val_set = PartialLabelSet(Subset(train_full, val_idx), tasks, split.labelled[val_idx])
+        val_set = PartialLabelSet(Subset(train_full, val_idx.tolist()), tasks,
+                                  split.labelled[val_idx])
     eval_set = PartialLabelSet(eval_base, tasks)
 
     weighting = build_weighting(
@@ -232,7 +233,7 @@ def train_loader(
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.num_workers,
-        collate_fn=Collate(exp.tasks),
+        collate_fn=Collate(tuple(exp.tasks)),
         pin_memory=device.type == "cuda",
         # its own generator: starting an epoch's iterator (which draws the workers' base
         # seed) must not consume the global RNG that the training steps draw from, so a run
@@ -248,6 +249,6 @@ def eval_loader(dataset: PartialLabelSet, config: Config, device: torch.device) 
         batch_size=config.train.eval_batch_size,
         shuffle=False,
         num_workers=config.train.num_workers,
-        collate_fn=Collate(dataset.tasks),
+        collate_fn=Collate(tuple(dataset.tasks)),
         pin_memory=device.type == "cuda",
     )

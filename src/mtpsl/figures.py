@@ -354,8 +354,11 @@ def task_panels(task: Task, target: torch.Tensor, preds: Sequence[torch.Tensor])
 def edge_map(task: Task, pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """An edge prediction as the 0/1 map its odsF is taken at (see
     :func:`mtpsl.tasks.binary.edge_map`; imported late: this module stays light)."""
+    from .tasks.binary import EdgeTask
     from .tasks.binary import edge_map as edges
 
+    if not isinstance(task, EdgeTask):
+        raise MtpslError(f"task {task.name!r} is not an edge task")
     return edges(task, pred, target)
 
 

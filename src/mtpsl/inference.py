@@ -34,7 +34,10 @@ class LoadedRun:
 def checkpoint_path(run: str | Path | None, checkpoint: str | Path | None) -> Path:
     if (run is None) == (checkpoint is None):
         raise DataError("give exactly one of a run folder or a checkpoint file")
-    return Path(checkpoint) if checkpoint else Path(run) / "checkpoint.pt"
+    if checkpoint is not None:
+        return Path(checkpoint)
+    assert run is not None  # exactly one was given
+    return Path(run) / "checkpoint.pt"
 
 
 def load_run(

@@ -113,11 +113,11 @@ class Optimisation:
     def load_state_dict(self, state: dict) -> None:
         for o, s in zip(self.optimizers, state["optimizers"], strict=True):
             o.load_state_dict(s)
-        for o, s in zip(self.schedulers, state["schedulers"], strict=True):
-            o.load_state_dict(s)
-            if isinstance(o, LambdaLR):
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(s)
+            if isinstance(sched, LambdaLR):
                 # A poly schedule depends on train.epochs, which a resume may extend: the
                 # saved learning rate belongs to the old schedule, so recompute it.
-                for group, lr in zip(o.optimizer.param_groups, o.get_lr(), strict=True):
+                for group, lr in zip(sched.optimizer.param_groups, sched.get_lr(), strict=True):
                     group["lr"] = lr
-                o._last_lr = [g["lr"] for g in o.optimizer.param_groups]
+                sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]

@@ -107,10 +107,12 @@ def reflect_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
     # has nothing to reflect, so it is repeated.
     for axis in (0, 1):
         if pads[axis][1]:
-            mode = "reflect" if image.shape[axis] > 1 else "edge"
             axis_pads = [(0, 0)] * 3
             axis_pads[axis] = pads[axis]
-            image = np.pad(image, axis_pads, mode=mode)
+            if image.shape[axis] > 1:
+                image = np.pad(image, axis_pads, mode="reflect")
+            else:
+                image = np.pad(image, axis_pads, mode="edge")
     return image
 
 

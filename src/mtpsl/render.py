@@ -93,7 +93,8 @@ def depth_cells(label: np.ndarray | None, preds: list[np.ndarray]) -> list[Cell]
     values = values[np.isfinite(values)]
     vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0, 1)
     scale = {"cmap": depth_cmap(), "vmin": vmin, "vmax": vmax}
-    cells = [] if label is None else [(np.ma.masked_array(label[0], ~valid), scale)]
+    cells = [] if label is None or valid is None else [
+        (np.ma.masked_array(label[0], ~valid), scale)]
     return cells + [(np.ma.masked_invalid(p[0]), scale) for p in preds]
 
 

@@ -261,13 +261,14 @@ def _seed_row(runs: Sequence[Mapping], context: str, name: str, primary: Sequenc
     return row
 
 
-def _baselines(groups: Sequence[Sequence[Mapping]], baseline: str) -> dict[str, list[Mapping]]:
+def _baselines(groups: Sequence[Sequence[Mapping]], baseline: str
+               ) -> dict[str, Sequence[Mapping]]:
     """Each context's one baseline set-up (a context with two has none: it is ambiguous)."""
-    found: dict[str, list[list[Mapping]]] = {}
+    found: dict[str, list[Sequence[Mapping]]] = {}
     for runs in groups:
         if runs[0]["method"] == baseline:
             found.setdefault(runs[0]["context"], []).append(runs)
-    return {c: g[0] for c, g in found.items() if len(g) == 1}
+    return {c: g[0] for c, g in found.items() if len(g) == 1}  # the group itself: ids matter
 
 
 def _put(row: dict, key: str, summary: stats.Summary) -> None:
@@ -327,7 +328,7 @@ def contrast(row: Mapping, other: Mapping, primary: Sequence[str], better: Mappi
 def contrast_lines(rows: Sequence[Mapping], pairs: Sequence[str], primary: Sequence[str],
                    better: Mapping[str, bool]) -> list[str]:
     """A verdict line per ``a:b`` of ``pairs`` (run labels) and per context holding both."""
-    lines = []
+    lines: list[str] = []
     for pair in pairs:
         a, _, b = pair.partition(":")
         before = len(lines)
@@ -658,7 +659,7 @@ def report_of(results: Sequence[Mapping], baseline: str,
               delta_metrics: Sequence[str] | None = None, contrasts: Sequence[str] = ()
               ) -> dict:
     """The tables of loaded runs, rendered, with notes on what was chosen and left out."""
-    notes = []
+    notes: list[str] = []
     chosen, origin = _delta_choice(results, delta_metrics, notes)
     tables = build_tables(results, baseline, chosen)
     rows = tables[0].rows
@@ -685,7 +686,7 @@ def _delta_choice(
         return list(given), f"{', '.join(given)} (--delta-metrics)"
     choices = {r.get("delta_metrics") for r in results}
     if len(choices) == 1 and None not in choices:
-        keys = list(next(iter(choices)))
+        keys = list(next(iter(choices)) or ())
         return keys, f"{', '.join(keys)} (compare.delta_metrics of the runs)"
     if len(choices) > 1:
         notes.append("note: the runs' configs disagree on compare.delta_metrics; "

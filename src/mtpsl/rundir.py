@@ -13,9 +13,11 @@ import os
 import shutil
 from contextlib import suppress
 from pathlib import Path
+from types import ModuleType
 
 from .errors import RunFolderError
 
+fcntl: ModuleType | None
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs still work, unguarded

@@ -85,7 +85,7 @@ def fp32_activations(model: nn.Module) -> int:
             for name, fn in table.items():
                 if not getattr(fn, "_mtpsl_fp32", False):
                     table[name] = _fp32(fn)
-                    table[name]._mtpsl_fp32 = True  # type: ignore[attr-defined]
+                    table[name]._mtpsl_fp32 = True
                     wrapped += 1
     return wrapped
 

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from .data.base import TaskDataset
-from .data.fingerprint import unwrap
 from .evaluate import higher_is_better, primary_keys
 from .experiment import Experiment
 from .models import count_parameters
@@ -28,7 +27,7 @@ def setup_signature(exp: Experiment, fingerprints: dict[str, str]) -> dict:
     that differ only in their seed share it, so tables group seeds of one set-up and no more."""
     data = setup_from_config(exp.config.model_dump())
     data["data"] = {**fingerprints,
-                    "size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width]}
+                    "size": [exp.eval_set.source.height, exp.eval_set.source.width]}
     return {"setup": data, "setup_signature": signature(data)}
 
 
@@ -108,7 +107,7 @@ def split_counts(exp: Experiment) -> dict:
     regime's counts, with a note saying so.
     """
     split = exp.split
-    dataset = unwrap(exp.train_set.dataset)
+    dataset = exp.train_set.source
     available = label_availability(dataset, len(split), split.task_names)
     detail: dict = {"images": len(split), "labelled_by_regime": split.counts()}
     if exp.val_set is not None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,6 +173,7 @@ def train(config: Config, run_dir: Path | None = None) -> dict:
     def write_start_files(exp: Experiment) -> None:
         nonlocal started
         if env.is_main:
+            assert run_dir is not None  # claimed before the experiment is built
             save_config(config, run_dir / "config.yaml")
             exp.split.save(run_dir / "split.json")
         started = True
@@ -292,7 +294,7 @@ def _restarted_config(run_dir: Path, overrides: Sequence[str]) -> Config:
     if (run_dir / "final_metrics.json").exists():
         raise RunFolderError(f"{run_dir} holds final metrics but no {CHECKPOINT}: "
                              "it cannot be continued")
-    return load_config(str(run_dir / "config.yaml"), overrides)
+    return load_config(str(run_dir / "config.yaml"), list(overrides))
 
 
 def _check_resume_overrides(overrides: Sequence[str]) -> None:
@@ -365,7 +367,8 @@ class _Step:
     device: torch.device
     env: DistEnv
     scaler: torch.amp.GradScaler | None = None
-    stop: StopRequest | None = None
+    stop: StopRequest = field(default_factory=lambda: StopRequest(DistEnv(), torch.device("cpu")))
+    """Set when SIGTERM/SIGUSR1 arrives (only while entered; the default never fires)."""
     clock: list[float] = field(default_factory=list)
     """Seconds of each epoch trained in this session (the ETA's basis)."""
     saved_epoch: int | None = None
@@ -400,7 +403,7 @@ class StopRequest:
     def __init__(self, env: DistEnv, device: torch.device) -> None:
         self.env, self.device = env, device
         self.signal: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -710,13 +713,13 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
         if show and (step % CHECK_EVERY == 0 or step == n_steps - 1):
             bar.set_postfix(loss=f"{sums['total'].item() / (step + 1):.4f}")
         fault_point("step")
-        if (steps_now and step < n_steps - 1 and run.stop is not None
+        if (steps_now and step < n_steps - 1
                 and run.stop.requested(step // accumulate)):  # between optimiser steps only
             bar.close()
             raise _StopAt(step + 1, {k: v.detach().cpu() for k, v in sums.items()})
     bar.close()
-    means = ddp.all_reduce_mean({k: v / max(n_steps, 1) for k, v in sums.items()}, run.env)
-    means = {k: v.item() for k, v in means.items()}
+    reduced = ddp.all_reduce_mean({k: v / max(n_steps, 1) for k, v in sums.items()}, run.env)
+    means = {k: float(v.item()) for k, v in reduced.items()}
     exp.weighting.end_epoch({t: means[t] for t in exp.tasks if t in means})
     return {f"train/{k}": v for k, v in means.items()}
 
@@ -826,7 +829,7 @@ def _state(exp: Experiment, run: _Step, epoch: int, identity: dict, steps: int =
         "identity": identity,
         "config": exp.config.model_dump(),
         "task_names": list(exp.tasks),
-        "input_size": [exp.eval_set.dataset.height, exp.eval_set.dataset.width],
+        "input_size": [exp.eval_set.source.height, exp.eval_set.source.width],
         "model": exp.model.state_dict(),
         "method": exp.method.state_dict(),
         "weighting": exp.weighting.state_dict(),

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 NAMED_BY_REGISTRY = {"dataset.name": "datasets", "model.name": "models",
                      "method.name": "methods", "method.weighting": "weightings",
@@ -83,7 +86,7 @@ def explain(section, prefix: str = "", indent: int = 0) -> list[str]:
     return lines
 
 
-def _option_lines(model: type, given: dict, pad: str) -> list[str]:
+def _option_lines(model: type[BaseModel], given: dict, pad: str) -> list[str]:
     """Comment lines for each option the chosen method or weighting accepts."""
     fields = model.model_fields
     if not fields:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 
-def _registries() -> dict[str, tuple[str, Callable[[], object]]]:
+def _registries() -> dict[str, tuple[str, Callable[[], Registry]]]:
     """kind -> (the config key that names it, a loader of its registry)."""
     def methods():
         from ..methods import METHODS

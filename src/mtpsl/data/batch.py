@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from ..tasks import Task
+from .base import TaskDataset
 from .transforms import META_KEYS
 
 Transform = Callable[[dict[str, Tensor], Mapping[str, Task], torch.Generator], dict[str, Tensor]]
@@ -100,6 +101,15 @@ class Batch:
         )
 
 
+def _unwrap(dataset: Dataset) -> TaskDataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, TaskDataset):
+        raise TypeError(f"{type(dataset).__name__} does not keep the dataset contract "
+                        f"(subclass mtpsl.data.base.TaskDataset)")
+    return dataset
+
+
 class PartialLabelSet(Dataset):
     """A dataset seen through a label split, an augmentation and a number of views.
 
@@ -114,7 +124,7 @@ class PartialLabelSet(Dataset):
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: TaskDataset | Subset,
         tasks: Mapping[str, Task],
         labelled: np.ndarray | None = None,
         transform: Transform | None = None,
@@ -126,6 +136,8 @@ class PartialLabelSet(Dataset):
         if labelled is not None and len(labelled) != len(dataset):
             raise ValueError(f"split has {len(labelled)} rows but the dataset {len(dataset)}")
         self.dataset = dataset
+        self.source = _unwrap(dataset)
+        """The :class:`TaskDataset` under any ``Subset`` (its size, tasks, sources)."""
         self.tasks = dict(tasks)
         self.labelled = None if labelled is None else torch.as_tensor(labelled, dtype=torch.bool)
         self.transform = transform
@@ -142,11 +154,12 @@ class PartialLabelSet(Dataset):
 
         Read from the wrapped dataset's ``domain_ids``, through any ``Subset``.
         """
-        dataset, index = self.dataset, np.arange(len(self.dataset))
+        dataset: Dataset = self.dataset
+        index = np.arange(len(self))
         while isinstance(dataset, Subset):
             index = np.asarray(dataset.indices)[index]
             dataset = dataset.dataset
-        ids = dataset.domain_ids
+        ids = self.source.domain_ids
         return None if ids is None else np.asarray(ids)[index]
 
     def __len__(self) -> int:

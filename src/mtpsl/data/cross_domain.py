@@ -177,6 +177,8 @@ class UnionView(TaskDataset):
 class CrossDomainDataset(TaskDataset):
     """The concatenation of several :class:`UnionView` s (one per source)."""
 
+    domain_names: tuple[str, ...]
+
     def __init__(self, parts: Sequence[UnionView], labels: Sequence[str]) -> None:
         self.opened_with: tuple = ()
         """(root, domains, split, cache) it was opened with: how to open its sources alone."""

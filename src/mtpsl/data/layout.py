@@ -27,7 +27,7 @@ from ..registry import Registry
 from ..tasks import TASKS, Task, build_task
 from .base import TaskDataset
 
-DATASETS: Registry[Callable[..., LayoutDataset]] = Registry("dataset")
+DATASETS: Registry[Callable[..., TaskDataset]] = Registry("dataset")
 
 _INDEX_NAME = re.compile(r"(0|[1-9][0-9]*)\.npy")
 _NUMERIC_KINDS = "biuf"
@@ -136,7 +136,7 @@ class LayoutDataset(TaskDataset):
     def _scan(self) -> None:
         if not self.root.is_dir():
             raise DataError(f"dataset root {self.root} does not exist")
-        split_dir = self.root / self.split
+        split_dir = self.root / str(self.split)
         if not split_dir.is_dir():
             raise DataError(
                 f"split folder {split_dir} does not exist; {self.root} holds: {_ls(self.root)}"

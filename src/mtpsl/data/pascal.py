@@ -215,6 +215,9 @@ class PascalContextDataset(TaskDataset):
     [0,1], one target per task (blank where unavailable), ``index``, ``available`` ``[T]``;
     ``image_ids`` lists the ids in item order."""
 
+    split: str
+    image_ids: list[str]
+
     def __init__(
         self,
         root: str | Path,
@@ -274,7 +277,7 @@ class PascalContextDataset(TaskDataset):
             shapes = _mat_shapes(path)
             if "LabelMap" not in shapes:
                 raise DataError(f"{path}: no 'LabelMap' variable; has {sorted(shapes)}")
-            got = shapes["LabelMap"][:2]
+            got = (int(shapes["LabelMap"][0]), int(shapes["LabelMap"][1]))
         else:
             shapes = _mat_shapes(path)
             if "anno" not in shapes:
@@ -426,6 +429,6 @@ def pascal_context(
         root,
         split,
         pascal_tasks(names, loss_weights),
-        size=None if size is None else tuple(size),
+        size=None if size is None else (int(size[0]), int(size[1])),
         cache=cache,
     )

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 from torch.utils.data import DistributedSampler, Sampler
 
 from ..errors import ConfigError
+
+
+class EpochSampler(Protocol):
+    """A sized, epoch-aware index stream (DistributedSampler, DomainBalancedSampler)."""
+
+    def __iter__(self) -> Iterator[int]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 class DomainBalancedSampler(Sampler[int]):
@@ -85,7 +94,7 @@ def train_sampler(
     seed: int,
     num_replicas: int = 1,
     rank: int = 0,
-) -> Sampler[int]:
+) -> EpochSampler:
     """The sampler for a training set (``domain_ids`` None = a single source)."""
     if domain_ids is None or len(np.unique(domain_ids)) < 2:
         dummy = range(n_items)  # DistributedSampler only needs len()
@@ -103,7 +112,7 @@ class ResumableSampler(Sampler[int]):
     exactly the batches the uninterrupted run saw; later passes start at 0 again.
     """
 
-    def __init__(self, base: Sampler[int]) -> None:
+    def __init__(self, base: EpochSampler) -> None:
         self.base = base
         self._start = 0
 

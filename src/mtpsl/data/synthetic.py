@@ -201,6 +201,7 @@ def _cast(scene: Scene, d: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.nd
     """Nearest hit per pixel: t-buffer (inf = no hit) and primitive index (-1 = none)."""
     h, w, _ = d.shape
     cam = scene.camera
+    assert cam is not None, "a scene is rendered from its camera"
     tbuf = np.full((h, w), np.inf)
     pid = np.full((h, w), -1, np.int64)
     for i, p in enumerate(scene.prims):
@@ -375,7 +376,9 @@ def _render(scene: Scene, seed: int, height: int, width: int, style: str) -> dic
         raise ValueError(f"unknown synthetic style {style!r}; expected 'a' or 'b'")
     st = _STYLES[style]
     _, r_app, r_noise, r_drop, r_lab = np.random.SeedSequence(seed).spawn(5)
-    d, k = _rays(scene.camera, height, width)
+    cam = scene.camera
+    assert cam is not None, "a scene is rendered from its camera"
+    d, k = _rays(cam, height, width)
     tbuf, pid = _cast(scene, d, k)
     hit = pid >= 0
     prim_inst = np.array([p.inst for p in scene.prims])
@@ -384,7 +387,7 @@ def _render(scene: Scene, seed: int, height: int, width: int, style: str) -> dic
     cls_of = np.array([i.cls for i in info] + [10 if scene.family == "street" else -1])
     cls = cls_of[inst]  # inst -1 picks the last entry (no hit)
     glass = np.array([i.glass for i in info] + [False])[inst] & hit
-    pts = scene.camera.pos + np.where(hit, tbuf, 0.0)[..., None] * d
+    pts = cam.pos + np.where(hit, tbuf, 0.0)[..., None] * d
     nw = _normals(scene, pts, d, pid)
     rgb = _colour(scene, pts, nw, d, inst, glass, np.random.default_rng(r_app), st)
     if "haze" in st:  # style b: another atmosphere and lens (style a stays unchanged)
@@ -392,7 +395,7 @@ def _render(scene: Scene, seed: int, height: int, width: int, style: str) -> dic
     image = _finish(rgb, np.random.default_rng(r_noise), st)
     valid = hit & ~glass
     depth = _dropout(np.where(valid, tbuf, 0.0), np.random.default_rng(r_drop))
-    normal = np.where(valid[..., None], nw @ scene.camera.rotation(), 0.0)
+    normal = np.where(valid[..., None], nw @ cam.rotation(), 0.0)
     edge = _edges(cls, inst)
     sem = cls.copy()
     structural = np.array([i.structural for i in info] + [True])[inst]

@@ -439,6 +439,7 @@ def build_pascal(rng: np.random.Generator) -> Scene:
     s.family = "pascal"
     rw, rd = s.prims[3].center[0], s.prims[5].center[1]  # the x = rw and y = rd walls
     cam = s.camera
+    assert cam is not None  # build_indoor places it
     n_people = int(rng.choice([0, 1, 1, 1, 2, 2]))
     for _ in range(n_people):
         dist, side = rng.uniform(1.6, 3.5), rng.uniform(-0.45, 0.45)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ def identity_meta(batch: int, device: torch.device | str = "cpu") -> Sample:
 
 
 def _batched(
-    fn: Callable[[Sample, Mapping[str, Task], torch.Generator | None], Sample],
+    fn: Callable[[Any, Sample, Mapping[str, Task], torch.Generator | None], Sample],
 ) -> Callable[..., Sample]:
     """Let a batch transform also accept one sample (image ``[3,H,W]``)."""
 
@@ -62,14 +63,14 @@ def _batched(
     ) -> Sample:
         image = sample["image"]
         if image.ndim == 4:
-            return fn(self, dict(sample), tasks, generator)  # type: ignore[call-arg]
+            return fn(self, dict(sample), tasks, generator)
         if image.ndim != 3:
             raise ValueError(f"image must be [B,3,H,W] or [3,H,W], got {tuple(image.shape)}")
         keys = _keys(sample, tasks)
         batch = dict(sample)
         for k in [*keys, *(m for m in META_KEYS if m in sample)]:
             batch[k] = sample[k].unsqueeze(0)
-        out = fn(self, batch, tasks, generator)  # type: ignore[call-arg]
+        out = fn(self, batch, tasks, generator)
         for k in [*keys, *(m for m in META_KEYS if m in out)]:
             out[k] = out[k].squeeze(0)
         return out

@@ -202,10 +202,11 @@ class ContrastiveLoss(_JointSpaceAlternative):
     """"Contrastive-Loss" of paper 001 (Table 1). Options: :class:`ContrastiveOptions`."""
 
     Options = ContrastiveOptions
+    options: ContrastiveOptions
     label = "contrastive"
 
     def joint_terms(self, preds, targets, feature, labelled) -> dict[str, Tensor]:
-        per_image = contrastive_consistency(self.loss_fn, preds, targets, labelled,
+        per_image = contrastive_consistency(self.built, preds, targets, labelled,
                                             self.options.margin,
                                             normalize=self.options.normalize)
         return {"contrastive": self.weight_now * per_image.mean()}
@@ -216,6 +217,7 @@ class DiscriminatorLoss(_JointSpaceAlternative):
     """"Discriminator-Loss" of paper 001 (Table 1). Options: :class:`DiscriminatorOptions`."""
 
     Options = DiscriminatorOptions
+    options: DiscriminatorOptions
     label = "discriminator"
 
     def __init__(self, tasks: Mapping[str, Task], options: DiscriminatorOptions) -> None:
@@ -224,15 +226,20 @@ class DiscriminatorLoss(_JointSpaceAlternative):
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
-        self.disc = PairDiscriminator(self.loss_fn.mapper.out_channels)
-        self.disc.to(next(model.parameters()).device)
+        disc = PairDiscriminator(self.built.mapper.out_channels)
+        self.disc = disc.to(next(model.parameters()).device)
+
+    def _disc(self) -> PairDiscriminator:
+        if self.disc is None:
+            raise RuntimeError("method discriminator: attach(model) builds the discriminator")
+        return self.disc
 
     def optimizer_groups(self, model: nn.Module) -> list[OptimGroup]:
         groups = super().optimizer_groups(model)
-        groups.append(OptimGroup("discriminator", list(self.disc.parameters()),
+        groups.append(OptimGroup("discriminator", list(self._disc().parameters()),
                                  self.options.disc_lr))
         return groups
 
     def joint_terms(self, preds, targets, feature, labelled) -> dict[str, Tensor]:
-        d_term, g_term = discriminator_terms(self.loss_fn, self.disc, preds, targets, labelled)
+        d_term, g_term = discriminator_terms(self.built, self._disc(), preds, targets, labelled)
         return {"disc": d_term, "disc_gen": self.weight_now * g_term}

@@ -17,7 +17,7 @@ form as the test oracle.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,8 @@ class Mapper(nn.Module):
     (they have their own optimiser in paper 001). Subclasses build ``inputs`` and ``encode``."""
 
     inputs: nn.ModuleDict
+    out_channels: int
+    """Channels of the joint-space map (the model's encoder feature's)."""
 
     def encode(self, h: Tensor, pairs: Tensor, batch1_reference: bool = False) -> Tensor:
         raise NotImplementedError
@@ -123,7 +125,7 @@ class Mapper(nn.Module):
 
     def embed(self, task: str, x: Tensor, batch1_reference: bool = False) -> Tensor:
         """The task-specific input layer (keeps the spatial size)."""
-        layer = self.inputs[task]
+        layer: Any = self.inputs[task]  # a ModuleDict of conv and norm
         x = x.to(layer["conv"].weight.dtype)  # one-hot labels arrive as float32
         return F.relu(layer["norm"](layer["conv"](x), batch1_reference))
 

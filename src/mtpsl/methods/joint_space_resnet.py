@@ -152,7 +152,8 @@ class ResNetJointSpaceMapper(Mapper):
         """Match the model's encoder feature size (see the module docstring)."""
         if self.feature_size is None:
             return h
-        target = tuple(self.feature_size(int(input_size[0]), int(input_size[1])))
+        th, tw = self.feature_size(int(input_size[0]), int(input_size[1]))
+        target = (int(th), int(tw))
         if tuple(h.shape[-2:]) == target:
             return h
         if h.shape[-2] >= target[0] and h.shape[-1] >= target[1]:

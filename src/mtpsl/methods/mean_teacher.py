@@ -71,6 +71,8 @@ class MeanTeacher(Method):
 
     n_views = 2
     Options = MeanTeacherOptions
+    options: MeanTeacherOptions
+    updates: Tensor
 
     def __init__(self, tasks, options: MeanTeacherOptions) -> None:
         super().__init__(tasks, options)
@@ -88,7 +90,7 @@ class MeanTeacher(Method):
         preds0, preds1, features0 = two_view_forward(model, batch)
         losses = supervised_losses(self.tasks, batch, preds0)
         targets = self.teacher_predictions(batch.views[0].image)
-        o: MeanTeacherOptions = self.options  # type: ignore[assignment]
+        o: MeanTeacherOptions = self.options
         per_image = crop_consistency(self.tasks, batch, targets, preds1, detach_target=True,
                                      normalize=o.normalize)
         extra = {"mean_teacher": o.weight * self.ramp * per_image.mean()}
@@ -106,6 +108,8 @@ class MeanTeacher(Method):
     def after_step(self, model: nn.Module) -> None:
         # The warm-up decay computed on the device: no host sync per step.
         decay = (1.0 - 1.0 / (self.updates + 1).double()).clamp(max=self.options.decay)
+        if self.teacher is None:
+            raise RuntimeError("mean_teacher: attach(model) builds the teacher first")
         student = model.state_dict()
         for key, value in self.teacher.state_dict().items():
             source = student[key].to(value.device)

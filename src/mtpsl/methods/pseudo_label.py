@@ -80,11 +80,12 @@ class PseudoLabel(Method):
 
     n_views = 2
     Options = PseudoLabelOptions
+    options: PseudoLabelOptions
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
         preds0, preds1, features0 = two_view_forward(model, batch)
         losses = supervised_losses(self.tasks, batch, preds0)
-        o: PseudoLabelOptions = self.options  # type: ignore[assignment]
+        o: PseudoLabelOptions = self.options
         per_image = pseudo_label_terms(self.tasks, batch, preds0, preds1, o.threshold,
                                        o.normalize)
         extra = {"pseudo_label": o.weight * per_image.mean()}

@@ -200,18 +200,19 @@ class JTLOptions(BaseModel):
     """Supervised depth loss: BerHu (the paper's) or the task's own L1."""
 
 
-class SemiSDOptions(JTLOptions):
+class AdversarialOptions(JTLOptions):
     disc_lr: float = Field(default=1e-4, gt=0.0)
     """Adam learning rate of the discriminators (betas 0.9, 0.99)."""
     disc_width: float = Field(default=1.0, gt=0.0)
     """Multiplier of the discriminator channels 64, 128, 256, 512 (1.0 = the paper's)."""
+
+
+class SemiSDOptions(AdversarialOptions):
     lambda_adv: float = Field(default=1e-3, ge=0.0)
     """Weight of the generator's adversarial loss on images unlabelled for a task."""
 
 
-class SemiMTLOptions(JTLOptions):
-    disc_lr: float = Field(default=1e-4, gt=0.0)
-    disc_width: float = Field(default=1.0, gt=0.0)
+class SemiMTLOptions(AdversarialOptions):
     n_domains: int = Field(default=2, ge=1)
     """Source datasets: the discriminator classifies 1 + n_domains classes."""
     mode: Literal["m1", "m2", "m3"] = "m2"
@@ -225,6 +226,7 @@ class JointTaskLearning(Method):
     """Supervised losses only, on domain-balanced batches (BerHu depth by default)."""
 
     Options = JTLOptions
+    options: JTLOptions
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
         out = model(batch.image)
@@ -241,6 +243,8 @@ class JTLSingleTask(JointTaskLearning):
 
 class _Adversarial(JointTaskLearning):
     """One discriminator per task in its own Adam group; subclasses set the classes/targets."""
+
+    options: AdversarialOptions
 
     def n_classes(self) -> int:
         raise NotImplementedError
@@ -319,6 +323,7 @@ class SemiSD(_Adversarial):
     """JTL + a 2-way discriminator per task (ground truth vs prediction)."""
 
     Options = SemiSDOptions
+    options: SemiSDOptions
 
     def n_classes(self) -> int:
         return 2
@@ -363,6 +368,7 @@ class SemiMTL(_Adversarial):
     """JTL + a domain-aware discriminator per task (ground truth vs prediction of domain d)."""
 
     Options = SemiMTLOptions
+    options: SemiMTLOptions
 
     def n_classes(self) -> int:
         return 1 + self.options.n_domains

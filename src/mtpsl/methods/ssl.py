@@ -88,11 +88,12 @@ class CropConsistency(Method):
 
     n_views = 2
     Options = SSLOptions
+    options: SSLOptions
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
         preds0, preds1, features0 = two_view_forward(model, batch)
         losses = supervised_losses(self.tasks, batch, preds0)
-        options: SSLOptions = self.options  # type: ignore[assignment]
+        options: SSLOptions = self.options
         per_image = crop_consistency(self.tasks, batch, preds0, preds1, options.detach_target,
                                      options.normalize)
         extra = {"ssl": options.weight * per_image.mean()}

@@ -99,6 +99,7 @@ class PairwiseMappings(Method):
     """Shared machinery: one SegNet mapping per ordered task pair, run per selected sub-batch."""
 
     Options = MapOptions
+    options: MapOptions
 
     def __init__(self, tasks: Mapping[str, Task], options: MapOptions) -> None:
         super().__init__(tasks, options)

@@ -283,6 +283,7 @@ class TaskTransfer(Method):
     """Direct + transferred losses of the TaskTransferNet framework (see the module doc)."""
 
     Options = XTaskOptions
+    options: XTaskOptions
 
     def __init__(self, tasks: Mapping[str, Task], options: XTaskOptions) -> None:
         super().__init__(tasks, options)

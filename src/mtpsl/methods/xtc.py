@@ -37,7 +37,7 @@ from ..models import ModelOutput, require_encoder_info
 from ..models.segnet import scaled_filters
 from ..tasks import Task
 from .base import METHODS, Losses, Method, OptimGroup, supervised_losses
-from .joint_space import JointSpaceMapper, pair_index
+from .joint_space import JointSpaceMapper, Mapper, pair_index
 from .joint_space_resnet import mapper_for_model
 
 
@@ -118,7 +118,7 @@ def pair_loss(m_s: Tensor, m_t: Tensor, feature: Tensor, reg_weight: float) -> T
 class XTCLoss(nn.Module):
     """The consistency term of Eq. 4 for any set of tasks (batched and reference forms)."""
 
-    def __init__(self, tasks: Mapping[str, Task], mapper: JointSpaceMapper, reg_weight: float):
+    def __init__(self, tasks: Mapping[str, Task], mapper: Mapper, reg_weight: float):
         super().__init__()
         self.tasks = dict(tasks)
         self.names = tuple(tasks)
@@ -159,8 +159,8 @@ class XTCLoss(nn.Module):
         """
         n_s, n_t = len(source_rows), len(target_rows)
         first = next(iter(preds.values()))
-        h0 = first.new_empty(n_s + n_t, self.mapper.inputs[self.names[0]]["conv"].out_channels,
-                             *first.shape[-2:])
+        width = self.mapper.inputs[self.names[0]]["conv"].out_channels  # type: ignore[index]
+        h0 = first.new_empty(n_s + n_t, width, *first.shape[-2:])
         if n_s:
             h0 = self._embed_rows(h0, source_rows.source, source_rows.image, preds, encode_pred,
                                   offset=0)
@@ -221,7 +221,8 @@ class CrossTaskConsistency(Method):
     task-spaces. Options: :class:`XTCOptions` (ablations: conditioned, regularize)."""
 
     n_views = 2
-    Options = XTCOptions
+    Options: ClassVar[type[JointSpaceOptions]] = XTCOptions
+    options: JointSpaceOptions  # XTCOptions for xtc itself; the alternatives narrow it
     label: ClassVar[str] = "xtc"
     """The registered name, for error messages (subclasses set theirs)."""
 
@@ -239,6 +240,7 @@ class CrossTaskConsistency(Method):
         info = require_encoder_info(model, self.label)
         channels = info.channels
         in_channels = {n: t.out_channels for n, t in self.tasks.items()}
+        mapper: Mapper
         if self.options.mapper == "resnet18":
             mapper = mapper_for_model(model, in_channels, self.options.conditioned,
                                       self.options.width)
@@ -261,12 +263,20 @@ class CrossTaskConsistency(Method):
     def joint_space_mapper(self) -> nn.Module | None:
         return None if self.loss_fn is None else self.loss_fn.mapper
 
+    @property
+    def built(self) -> XTCLoss:
+        """The loss with its mapping network (``attach`` builds it)."""
+        if self.loss_fn is None:
+            raise RuntimeError(f"method {self.label}: attach(model) builds the mapping network")
+        return self.loss_fn
+
     def regulariser_weight(self) -> float:
         """The weight of the regulariser towards the encoder feature (0 = none)."""
-        return self.options.reg_weight if self.options.regularize else 0.0
+        o = self.options
+        return o.reg_weight if isinstance(o, XTCOptions) and o.regularize else 0.0
 
     def optimizer_groups(self, model: nn.Module) -> list[OptimGroup]:
-        mapper = self.loss_fn.mapper
+        mapper = self.built.mapper
         groups = [OptimGroup("main", [*model.parameters(), *mapper.other_parameters()])]
         if mapper.film_parameters():
             o = self.options
@@ -300,8 +310,9 @@ class CrossTaskConsistency(Method):
         labelled: Tensor,
     ) -> dict[str, Tensor]:
         """The extra loss terms on the second view (already weighted by ``weight_now``)."""
-        per_sample = getattr(self.options, "implementation", "batched") == "per_sample"
-        form = self.loss_fn.reference_consistency if per_sample else self.loss_fn.consistency
+        o = self.options
+        per_sample = isinstance(o, XTCOptions) and o.implementation == "per_sample"
+        form = self.built.reference_consistency if per_sample else self.built.consistency
         per_image = form(preds, targets, feature, labelled)
         return {"xtc": self.weight_now * per_image.mean()}
 

@@ -70,10 +70,10 @@ def argmax_classes(scores: Tensor) -> Tensor:
         return scores.max(dim=1).indices
     planes = scores.unbind(1)
     best = planes[0].clone()
-    f32 = {"dtype": torch.float32}  # flags and ids in float32 (bf16 holds ids only to 256)
-    index = torch.zeros_like(best, **f32)
-    flag, nan = torch.empty_like(best, **f32), torch.empty_like(best, **f32)
-    best_nan = torch.ne(best, best, out=torch.empty_like(best, **f32))
+    f32 = torch.float32  # flags and ids in float32 (bf16 holds ids only to 256)
+    index = torch.zeros_like(best, dtype=f32)
+    flag, nan = torch.empty_like(best, dtype=f32), torch.empty_like(best, dtype=f32)
+    best_nan = torch.ne(best, best, out=torch.empty_like(best, dtype=f32))
     for c, plane in enumerate(planes[1:], start=1):
         torch.gt(plane, best, out=flag)
         torch.ne(plane, plane, out=nan)

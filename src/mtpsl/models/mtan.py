@@ -21,6 +21,7 @@ of 32; we upsample to the recorded shared size instead, identical on those input
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,10 +121,11 @@ class SegNetMTAN(SegNet):
         unpooled: dict[int, Tensor],
         decoded: dict[int, Tensor],
     ) -> Tensor:
-        enc_att, dec_att = self.encoder_att[task], self.decoder_att[task]
-        g = None
-        for j in range(len(self.filters)):
-            inp = first[j] if g is None else torch.cat([first[j], g], dim=1)
+        enc_att: Any = self.encoder_att[task]  # ModuleLists, one module per level
+        dec_att: Any = self.decoder_att[task]
+        g = F.max_pool2d(self.encoder_block_att[0](enc_att[0](first[0]) * last[0]), 2, 2)
+        for j in range(1, len(self.filters)):
+            inp = torch.cat([first[j], g], dim=1)
             g = F.max_pool2d(self.encoder_block_att[j](enc_att[j](inp) * last[j]), 2, 2)
         for j in reversed(range(len(self.filters))):
             g = F.interpolate(g, size=unpooled[j].shape[-2:], mode="bilinear", align_corners=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ def edge_map(task: EdgeTask, pred: Tensor, target: Tensor) -> np.ndarray:
     the label), since any threshold then ties."""
     from ..evaluate import build_metrics
 
-    metric = build_metrics({task.name: task})[task.name]
+    metric: Any = build_metrics({task.name: task})[task.name]  # an EdgeMetric
     metric.update(pred[None], target[None])
     best = metric.compute()[task.primary_metric]
     threshold = metric.best["threshold"] if best > 0 else 0.5  # NaN > 0 is False

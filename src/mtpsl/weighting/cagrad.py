@@ -32,6 +32,7 @@ class CAGrad(GradientWeighting):
     """
 
     Options = CAGradOptions
+    options: CAGradOptions
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray) -> np.ndarray:
         return cagrad_coefficients(gram, self.options.c, self.options.rescale)

@@ -31,6 +31,10 @@ class DWA(Weighting):
     linear_in_losses = True  # the weights are fixed within an epoch
 
     Options = DWAOptions
+    options: DWAOptions
+    history: Tensor
+    epochs_seen: Tensor
+    lambdas: Tensor
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)

@@ -38,6 +38,9 @@ class GradNorm(Weighting):
     """
 
     Options = GradNormOptions
+    options: GradNormOptions
+    initial_losses: Tensor
+    observed: Tensor
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)

@@ -34,6 +34,7 @@ class MGDA(GradientWeighting):
     """
 
     Options = MGDAOptions
+    options: MGDAOptions
     heads_follow = True
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray) -> np.ndarray:
@@ -77,7 +78,7 @@ def min_norm_coefficients(gram: np.ndarray, max_iter: int = 1000, tol: float = 1
     for _ in range(max_iter if k > 2 else 0):
         gw = gram @ w
         t = int(np.argmin(gw))
-        gamma = _two_point(w @ gw, gw[t], gram[t, t])
+        gamma = _two_point(float(w @ gw), float(gw[t]), float(gram[t, t]))
         new = gamma * w
         new[t] += 1.0 - gamma
         if np.abs(new - w).sum() < tol:

@@ -32,6 +32,7 @@ class PCGrad(GradientWeighting):
     """
 
     Options = PCGradOptions
+    options: PCGradOptions
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)

@@ -31,6 +31,7 @@ class RLW(Weighting):
     """Random loss weighting (Lin et al., TMLR 2022): softmax of fresh normal draws per step."""
 
     Options = RLWOptions
+    options: RLWOptions
     linear_in_losses = True  # fixed weights within a step
     draws_per_step = True
 

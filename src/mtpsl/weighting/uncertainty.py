@@ -30,6 +30,7 @@ class Uncertainty(Weighting):
     """
 
     Options = UncertaintyOptions
+    options: UncertaintyOptions
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)

@@ -48,6 +48,7 @@ class ResNetTrunk(Encoder):
     def set_in_channels(self, in_channels: int) -> None:
         if in_channels != 3:  # a fresh stem conv: pretrained RGB filters do not apply
             old = self.stem[0]
+            assert isinstance(old, nn.Conv2d)
             self.stem[0] = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -89,10 +90,14 @@ def resnet_trunk(
 def _dilate_basic_stage(stage: nn.Sequential, previous: int, rate: int) -> None:
     """Stride 1 instead of 2; the first conv keeps the previous dilation, the rest use rate."""
     for i, block in enumerate(stage):
+        assert isinstance(block, resnet.BasicBlock)
         block.conv1.stride = (1, 1)
-        if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
+        if isinstance(block.downsample, nn.Sequential):
+            shortcut = block.downsample[0]
+            assert isinstance(shortcut, nn.Conv2d)
+            shortcut.stride = (1, 1)
         for conv in (block.conv1, block.conv2):
+            assert isinstance(conv, nn.Conv2d)
             d = previous if (i == 0 and conv is block.conv1) else rate
             conv.dilation, conv.padding = (d, d), (d, d)
 

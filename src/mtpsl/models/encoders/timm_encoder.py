@@ -14,6 +14,7 @@ below 32 is passed to timm (dilated last stages) for the architectures that take
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ class TimmEncoder(Encoder):
         super().__init__()
         self.spec, self.in_channels = spec, in_channels
         self.net = _create(spec, in_channels)
-        info = self.net.feature_info
+        info: Any = self.net.feature_info  # timm's FeatureInfo
         self.channels = tuple(int(c) for c in info.channels())
         self.reductions = tuple(int(r) for r in info.reduction())
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
