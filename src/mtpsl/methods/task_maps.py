@@ -59,8 +59,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.batch import Batch
-from ..models import HeadSpec, ModelOutput
-from ..models.segnet import segnet
+from ..models import HeadSpec, ModelOutput, build_model
 from ..tasks import Task
 from .base import METHODS, Losses, Method, supervised_losses
 from .terms import Distance, ImageTerms, Normalize, between, to_label
@@ -106,7 +105,8 @@ class PairwiseMappings(Method):
         self.task_order = tuple(self.tasks)
         self.mappings = nn.ModuleDict(
             {
-                pair_key(s, t): segnet(
+                pair_key(s, t): build_model(  # the paper's mappings are SegNets
+                    "segnet",
                     heads={t: HeadSpec(task_t.out_channels, task_t.activate)},
                     width=options.mapping_width,
                     in_channels=encoded_channels(task_s),
