@@ -118,7 +118,8 @@ class PartialLabelSet(Dataset):
         tasks: the dataset's tasks in order (names must match the item keys).
         labelled: bool ``[N, T]`` split; None means every available label is used.
         transform: joint augmentation applied per view; None for evaluation.
-        n_views: 2 for consistency methods: view1 is the transform applied to view0.
+        n_views: 2 for consistency methods (3 for jtr): each view after the first is the
+            transform applied to view0 (independent draws).
         seed: base seed of the augmentation draws.
     """
 
@@ -172,12 +173,13 @@ class PartialLabelSet(Dataset):
             labelled &= self.labelled[i]
         sample = {"image": item["image"][None]}
         sample.update({name: item[name][None] for name in self.tasks})
-        views = []
         generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, i))
-        for _ in range(self.n_views):
-            if self.transform is not None:
-                sample = self.transform(sample, self.tasks, generator)
-            views.append(self._hide_unlabelled(sample, labelled))
+        first = sample if self.transform is None else self.transform(sample, self.tasks, generator)
+        views = [self._hide_unlabelled(first, labelled)]
+        for _ in range(1, self.n_views):  # every later view is a fresh transform of view 0
+            assert self.transform is not None
+            again = self.transform(first, self.tasks, generator)
+            views.append(self._hide_unlabelled(again, labelled))
         out = {"views": views, "labelled": labelled, "index": torch.tensor(i)}
         if "domain" in item:
             out["domain"] = torch.as_tensor(item["domain"], dtype=torch.long)

@@ -7,7 +7,8 @@ combines outside the method, plus extra terms (already weighted) that are added 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -114,6 +115,20 @@ def two_view_forward(model: nn.Module, batch: Batch
     preds0 = {k: v[:n] for k, v in out.preds.items()}
     preds1 = {k: v[n:] for k, v in out.preds.items()}
     return preds0, preds1, {k: v[:n] for k, v in out.features.items()}
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Switch off ``requires_grad`` of ``module``'s parameters inside the block."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def labelled_sum(per_image: Tensor, batch: Batch, task: str) -> Tensor:

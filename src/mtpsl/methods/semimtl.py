@@ -57,8 +57,7 @@ Departures from the papers and reference code, with the options and tests that p
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -72,7 +71,7 @@ from ..errors import ConfigError
 from ..models import ModelOutput
 from ..models.base import scaled
 from ..tasks import Task
-from .base import METHODS, Losses, Method, OptimGroup, labelled_sum
+from .base import METHODS, Losses, Method, OptimGroup, frozen, labelled_sum
 
 DISC_CHANNELS = (64, 128, 256, 512)
 DISC_BETAS = (0.9, 0.99)
@@ -145,20 +144,6 @@ class PatchDiscriminator(nn.Module):
                 f"{MIN_DISC_INPUT} pixels, got {h}x{w} (use larger images)"
             )
         return F.interpolate(self.body(x), size=(h, w), mode="bilinear", align_corners=False)
-
-
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Switch off ``requires_grad`` of ``module``'s parameters inside the block."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def _fill_invalid(task: Task, target: Tensor, pred: Tensor) -> Tensor:

@@ -123,8 +123,8 @@ class SegNet(MultiTaskModel):
         """Encoder and decoder (everything but the heads), in forward order."""
         return [p for name, p in self.named_parameters() if not name.startswith("heads.")]
 
-    def forward(self, x: Tensor) -> ModelOutput:
-        """Encode with pooling indices, decode by unpooling to the recorded sizes, run heads."""
+    def encode(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
+        """The last pooled map, with the pooling indices and pre-pool sizes the decoder needs."""
         indices: list[Tensor] = []
         sizes: list[tuple[int, int]] = []
         h = x
@@ -133,12 +133,19 @@ class SegNet(MultiTaskModel):
             sizes.append((h.shape[-2], h.shape[-1]))
             h, idx = self.pool(h)
             indices.append(idx)
-        encoder_feature = h
+        return h, indices, sizes
 
+    def decode(self, h: Tensor, indices: list[Tensor], sizes: list[tuple[int, int]]) -> Tensor:
+        """Unpool to the recorded sizes and decode back to the first level's width."""
         for i in reversed(range(len(self.filters))):
             h = self.unpool(h, indices[i], output_size=sizes[i])
             h = self.conv_block_dec[i](self.decoder_block[i](h))
+        return h
 
+    def forward(self, x: Tensor) -> ModelOutput:
+        """Encode with pooling indices, decode by unpooling to the recorded sizes, run heads."""
+        encoder_feature, indices, sizes = self.encode(x)
+        h = self.decode(encoder_feature, indices, sizes)
         preds = {task: self.activations[task](head(h)) for task, head in self.heads.items()}
         return ModelOutput(preds=preds, features={"encoder": encoder_feature})
 

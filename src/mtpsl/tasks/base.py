@@ -147,6 +147,14 @@ class Task:
         """A hole-free label in the input space of :meth:`critic_input`."""
         return self.encode_target(target)
 
+    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Per-image loss ``[N]`` of decoder ``logits`` reconstructing an encoded map ``target``
+        (:meth:`encode_target`'s space), averaged over the pixels of ``mask`` ``[N, H, W]``: a
+        joint-task auto-encoder's (JTR's) reconstruction term. Default: L1 between the
+        sigmoid of the logits (kept 1e-5 inside (0, 1)) and the target, summed over channels."""
+        squeezed = torch.sigmoid(logits) * (1.0 - 2e-5) + 1e-5
+        return masked_pixel_mean((squeezed - target).abs().sum(dim=1), mask)
+
     def after_interpolation(self, target: Tensor) -> Tensor:
         """Restore a label's invariants after interpolation blended its values (unit
         normals); the identity for most tasks."""
@@ -172,6 +180,12 @@ class Task:
         """Figure cells of one image: the label's (unless None), then one per prediction
         (unbatched batch-format label, activated predictions)."""
         raise MtpslError(f"task {self.name!r} ({type(self).__name__}) has no figure display")
+
+
+def masked_pixel_mean(per_pixel: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``[N, H, W]`` values over each image's ``mask`` pixels (0 where it has none)."""
+    mask = mask.to(per_pixel.dtype)
+    return (per_pixel * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
 
 
 def broadcast_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..render import Cell, OutputFiles, colour_normals, unit_to_u8
-from .base import TASKS, Interpolation, Task
+from .base import TASKS, Interpolation, Task, masked_pixel_mean
 
 
 @TASKS.register("normal")
@@ -59,6 +59,11 @@ class NormalTask(Task):
         Used where the reference is itself a mapped prediction (no label, so no invalid pixels).
         """
         return (1.0 - (pred * ref).sum(dim=1)).flatten(1).mean(dim=1)
+
+    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """``1 - cos`` between the normalised logits and the unit normal ``2 target - 1``."""
+        unit = F.normalize(logits, p=2, dim=1, eps=1e-12)
+        return masked_pixel_mean(1.0 - (unit * (2.0 * target - 1.0)).sum(dim=1), mask)
 
     def after_interpolation(self, target: Tensor) -> Tensor:
         """L2-normalise non-zero vectors; zero (invalid) pixels stay zero."""

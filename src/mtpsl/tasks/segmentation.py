@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..render import Cell, OutputFiles, colour_segmentation, voc_colours
-from .base import TASKS, Interpolation, Task
+from .base import TASKS, Interpolation, Task, masked_pixel_mean
 
 
 @TASKS.register("segmentation")
@@ -82,6 +82,12 @@ class SegmentationTask(Task):
         """The one-hot of the argmax: the hard Gumbel sample without its noise."""
         onehot = F.one_hot(pred.argmax(dim=1), pred.shape[1])
         return onehot.permute(0, 3, 1, 2).to(pred.dtype)
+
+    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Binary cross-entropy of each class channel's logit against the (one-hot or soft)
+        class map, summed over classes."""
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)
+        return masked_pixel_mean(bce, mask)
 
     def hard_label(self, pred: Tensor) -> Tensor:
         return pred.argmax(dim=1)
