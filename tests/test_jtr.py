@@ -168,3 +168,20 @@ def test_options_are_validated():
     tasks = _tasks("cityscapes-like")
     with pytest.raises(Exception, match=r"method\.options\.depth_std"):
         build_method("jtr", tasks, {"depth_std": 0})
+
+
+def test_the_task_scaling_benchmark_runs_every_method_on_five_tasks():
+    """benchmarks/bench_task_scaling.py's measurement (one step, tiny) for the largest set."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_task_scaling.py"
+    spec = importlib.util.spec_from_file_location("bench_task_scaling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = SimpleNamespace(device="cpu", height=64, width=96, batch_size=2, width_mult=0.0625,
+                           steps=1, warmup=0)
+    for method in bench.METHODS:
+        row = bench.measure_one(method, "5 (PASCAL-like)", "full", args)
+        assert row["s_per_step"] > 0 and (row["method_parameters"] > 0) == (method != "sl")
