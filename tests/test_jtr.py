@@ -185,3 +185,23 @@ def test_the_task_scaling_benchmark_runs_every_method_on_five_tasks():
     for method in bench.METHODS:
         row = bench.measure_one(method, "5 (PASCAL-like)", "full", args)
         assert row["s_per_step"] > 0 and (row["method_parameters"] > 0) == (method != "sl")
+
+
+def test_joint_space_figure_of_a_jtr_run(tmp_path):
+    """The figure draws the latents of the stacked predictions and labels; its per-image
+    number is 1 - the latent distance computed here from the loaded method."""
+    from mtpsl.cli import main
+    from mtpsl.figures_joint import collect_joint_space
+
+    root = make_layout(tmp_path / "data", n=4, h=H, w=W)
+    run = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith("train.epochs")] + ["train.epochs=1"]
+    assert main(["train", "--run-dir", str(run), f"dataset.root={root}", *args]) == 0
+    data = collect_joint_space(run, "semantic,depth", [0, 1], device="cpu")
+    assert data.titles == ("E(predictions)", "E(labels)")
+    distance = latent_distance(data.mapped_source, data.mapped_target)
+    np.testing.assert_allclose(data.mean_cosine, (1 - distance).numpy(), rtol=1e-5)
+    out = tmp_path / "figs"
+    assert main(["figures", "joint-space", "--runs", str(run), "--indices", "0", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (out / "joint-space.png").is_file()

@@ -1,9 +1,11 @@
-"""The joint pairwise task-space of a trained ``xtc`` run (paper 001, Fig. 3).
+"""The joint task-space of a trained ``xtc`` run (paper 001, Fig. 3), of its variants, or of a
+``jtr`` run (the method's ``joint_space``: which maps its loss compares).
 
 For a task pair (s, t) and each chosen evaluation image, one row: the RGB image, the
 prediction of s, the ground truth of t, then the two branches the consistency loss compares,
 ``m^{s->st}(y_hat^s)`` and ``m^{t->st}(y^t)`` (the mapping network conditioned on the ordered
-pair (s, t), as in training), shown as
+pair (s, t), as in training; for ``jtr``, the auto-encoder's latents of all stacked
+predictions and of all stacked labels), shown as
 
 * the first three principal components of their channels rendered as RGB; the PCA is fitted
   jointly on both maps of the image, so equal colours mean nearby joint-space features;
@@ -68,13 +70,6 @@ def parse_pair(pair: str | Sequence[str] | None, tasks: Sequence[str]) -> tuple[
     return parts[0], parts[1]
 
 
-def encode_source(task: Task, pred: torch.Tensor) -> torch.Tensor:
-    """A prediction in the mapping network's input space, deterministically (the task's
-    ``encode_pred_eval``: segmentation is the one-hot of its argmax, training's hard Gumbel
-    sample without the noise)."""
-    return task.encode_pred_eval(pred)
-
-
 def cosine_map(m_s: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
     """Per-position cosine over channels, ``[N, C, h, w]`` x2 -> ``[N, h, w]`` (the eps of the
     xtc loss, so ``1 - cosine_map(...).mean((1, 2))`` is its pair term)."""
@@ -131,6 +126,8 @@ class JointSpace:
     """``m^{s->st}(y_hat^s)``: ``[N, C, h, w]`` (CPU)."""
     mapped_target: torch.Tensor
     """``m^{t->st}(y^t)``: ``[N, C, h, w]`` (CPU)."""
+    titles: tuple[str, str] = ("m s->(s,t)", "m t->(s,t)")
+    """What the two mapped maps are (the method says)."""
 
     @property
     def cosine(self) -> torch.Tensor:
@@ -163,10 +160,7 @@ def collect_joint_space(
         raise MtpslError("no image indices given")
     dev = resolve_device(device)
     run = load_run(run_dir, root=root, device=dev)
-    mapper = load_method(run).joint_space_mapper()
-    if mapper is None:
-        raise MtpslError(f"run {run_dir} was trained with method {run.config.method.name!r}, "
-                         f"which has no joint task space to draw (xtc and its variants have)")
+    method = load_method(run)
     names = list(run.tasks)
     source, target = parse_pair(pair, names)
     split = split or run.config.dataset.eval_split
@@ -178,15 +172,18 @@ def collect_joint_space(
     batch = Collate(tuple(run.tasks))([dataset[i] for i in indices])
     pid = pair_index(names.index(source), names.index(target), len(names))
     with torch.no_grad():
-        pred = run.model(batch.image.to(dev)).preds[source]
-        label = batch.targets[target].to(dev)
-        pairs = torch.full((len(indices),), pid, dtype=torch.long, device=dev)
-        m_s = mapper(source, encode_source(run.tasks[source], pred), pairs)
-        m_t = mapper(target, run.tasks[target].encode_target(label), pairs)
+        preds = run.model(batch.image.to(dev)).preds
+        targets = {k: v.to(dev) for k, v in batch.targets.items()}
+        maps = method.joint_space(preds, targets, source, target)
+    if maps is None:
+        raise MtpslError(f"run {run_dir} was trained with method {run.config.method.name!r}, "
+                         f"which has no joint task space to draw (xtc, its variants and jtr "
+                         f"have)")
+    m_s, m_t, titles = maps
     return JointSpace(
         Path(run_dir), dict(run.tasks), source, target, pid, list(indices), split,
-        batch.image.permute(0, 2, 3, 1).clamp(0, 1).numpy(), pred.detach().float().cpu(),
-        batch.targets[target].cpu(), m_s.float().cpu(), m_t.float().cpu())
+        batch.image.permute(0, 2, 3, 1).clamp(0, 1).numpy(), preds[source].float().cpu(),
+        batch.targets[target].cpu(), m_s.float().cpu(), m_t.float().cpu(), titles)
 
 
 def _fmt(value: float) -> str:
@@ -198,7 +195,7 @@ def joint_space_titles(data: JointSpace) -> list[list[str]]:
     s, t = data.source, data.target
     return [
         [f"{data.split} #{idx}", f"{s}\nprediction", f"{t}\nground truth",
-         f"m {s}->({s},{t})\nPCA (shared)", f"m {t}->({s},{t})\nPCA (shared)",
+         f"{data.titles[0]}\nPCA (shared)", f"{data.titles[1]}\nPCA (shared)",
          f"cosine per position\nmean {_fmt(mean)}"]
         for idx, mean in zip(data.indices, data.mean_cosine, strict=True)
     ]

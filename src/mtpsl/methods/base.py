@@ -24,6 +24,8 @@ from ..registry import Registry
 from ..tasks import Task
 
 METHODS: Registry[type[Method]] = Registry("method")
+JointMaps = tuple[Tensor, Tensor, tuple[str, str]]
+"""Two joint-space maps ``[N, C, h, w]`` compared by a method, and a title for each."""
 
 
 class NoOptions(BaseModel):
@@ -84,10 +86,11 @@ class Method(nn.Module):
         """Refuse cross-dataset data of ``n_sources`` sources the method is not set up for
         (a ConfigError naming the option)."""
 
-    def joint_space_mapper(self) -> nn.Module | None:
-        """The network that maps task maps into a joint task space, called as
-        ``mapper(task_name, encoded_map, pair_ids)`` (``mtpsl figures joint_space`` draws it);
-        None for methods without one."""
+    def joint_space(self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor],
+                    source: str, target: str) -> JointMaps | None:
+        """The two maps the method's joint task space compares for the pair (source,
+        target), deterministically (``mtpsl figures joint-space`` draws them), with their
+        titles; None for methods without a joint space."""
         return None
 
 

@@ -63,7 +63,7 @@ from ..data.batch import Batch
 from ..models import HeadSpec, ModelOutput
 from ..models.segnet import SegNet
 from ..tasks import Task
-from .base import METHODS, Losses, Method, frozen, supervised_losses
+from .base import METHODS, JointMaps, Losses, Method, frozen, supervised_losses
 from .joint_space import SampleNorm
 
 Sampler = Callable[[Task, Tensor], Tensor]
@@ -240,6 +240,19 @@ class JointTaskRegularisation(Method):
     def __init__(self, tasks: Mapping[str, Task], options: JTROptions) -> None:
         super().__init__(tasks, options)
         self.loss_fn = JTRLoss(self.tasks, options)
+
+    def joint_space(self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor],
+                    source: str, target: str) -> JointMaps:
+        """The latents of every task's stacked predictions and of the stacked labels (all
+        labelled: an evaluation image), segmentation as the one-hot of its argmax; the pair
+        only picks the two maps shown beside them."""
+        n = len(next(iter(preds.values())))
+        labelled = torch.ones(n, len(self.tasks), dtype=torch.bool,
+                              device=next(iter(preds.values())).device)
+        y, y_hat, _ = self.loss_fn.stacks(preds, targets, labelled, "hard",
+                                          lambda task, p: task.encode_pred_eval(p))
+        latent = self.loss_fn.ae.encode(torch.cat([y_hat, y]).to(self.loss_fn._dtype()))[0]
+        return latent[:n], latent[n:], ("E(predictions)", "E(labels)")
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
         b = len(batch)

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..models import ModelOutput, require_encoder_info
 from ..models.segnet import scaled_filters
 from ..tasks import Task
-from .base import METHODS, Losses, Method, OptimGroup, supervised_losses
+from .base import METHODS, JointMaps, Losses, Method, OptimGroup, supervised_losses
 from .joint_space import JointSpaceMapper, Mapper, pair_index
 from .joint_space_resnet import mapper_for_model
 
@@ -260,8 +260,19 @@ class CrossTaskConsistency(Method):
         self.loss_fn = XTCLoss(self.tasks, mapper, self.regulariser_weight())
         self.loss_fn.to(next(model.parameters()).device)
 
-    def joint_space_mapper(self) -> nn.Module | None:
-        return None if self.loss_fn is None else self.loss_fn.mapper
+    def joint_space(self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor],
+                    source: str, target: str) -> JointMaps:
+        """``m^{s->st}(y_hat^s)`` and ``m^{t->st}(y^t)``, the prediction encoded without
+        sampling noise (a segmentation as the one-hot of its argmax)."""
+        names = list(self.tasks)
+        pid = pair_index(names.index(source), names.index(target), len(names))
+        pred = preds[source]
+        pairs = torch.full((len(pred),), pid, dtype=torch.long, device=pred.device)
+        mapper = self.built.mapper
+        m_s = mapper(source, self.tasks[source].encode_pred_eval(pred), pairs)
+        m_t = mapper(target, self.tasks[target].encode_target(targets[target]), pairs)
+        s, t = source, target
+        return m_s, m_t, (f"m {s}->({s},{t})", f"m {t}->({s},{t})")
 
     @property
     def built(self) -> XTCLoss:
