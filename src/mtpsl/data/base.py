@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
 from ..tasks import Task
 
@@ -53,3 +54,14 @@ class TaskDataset(torch.utils.data.Dataset, ABC):
     def missing_counts(self) -> dict[str, int]:
         """Number of images without a label, per task (partially annotated data)."""
         return {n: int((~self.available[:, t]).sum()) for t, n in enumerate(self.task_names)}
+
+
+def source_of(dataset: Dataset) -> TaskDataset:
+    """The :class:`TaskDataset` under any ``Subset`` (the split's rows are its images); a
+    TypeError for a dataset that does not keep the contract."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, TaskDataset):
+        raise TypeError(f"{type(dataset).__name__} does not keep the dataset contract "
+                        f"(subclass mtpsl.data.base.TaskDataset)")
+    return dataset

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from ..tasks import Task
-from .base import TaskDataset
+from .base import TaskDataset, source_of
 from .transforms import META_KEYS
 
 Transform = Callable[[dict[str, Tensor], Mapping[str, Task], torch.Generator], dict[str, Tensor]]
@@ -101,15 +101,6 @@ class Batch:
         )
 
 
-def _unwrap(dataset: Dataset) -> TaskDataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    if not isinstance(dataset, TaskDataset):
-        raise TypeError(f"{type(dataset).__name__} does not keep the dataset contract "
-                        f"(subclass mtpsl.data.base.TaskDataset)")
-    return dataset
-
-
 class PartialLabelSet(Dataset):
     """A dataset seen through a label split, an augmentation and a number of views.
 
@@ -137,7 +128,7 @@ class PartialLabelSet(Dataset):
         if labelled is not None and len(labelled) != len(dataset):
             raise ValueError(f"split has {len(labelled)} rows but the dataset {len(dataset)}")
         self.dataset = dataset
-        self.source = _unwrap(dataset)
+        self.source = source_of(dataset)
         """The :class:`TaskDataset` under any ``Subset`` (its size, tasks, sources)."""
         self.tasks = dict(tasks)
         self.labelled = None if labelled is None else torch.as_tensor(labelled, dtype=torch.bool)

@@ -11,25 +11,15 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from .base import TaskDataset
-
-
-def unwrap(dataset: Dataset) -> Dataset:
-    """The dataset under any ``Subset`` (the split's rows are its images)."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
+from .base import source_of
 
 
 def fingerprint(dataset: Dataset) -> str:
     """SHA-256 of what identifies a dataset's content without reading it: its type, split,
     size, tasks, which labels exist and every file's name and size."""
-    base = unwrap(dataset)
-    if not isinstance(base, TaskDataset):
-        raise TypeError(f"{type(base).__name__} does not keep the dataset contract "
-                        f"(subclass mtpsl.data.base.TaskDataset)")
+    base = source_of(dataset)
     hasher = hashlib.sha256()
     head = (type(base).__name__, base.split, len(base), tuple(base.task_names),
             (base.height, base.width))
