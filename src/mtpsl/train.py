@@ -93,7 +93,11 @@ def build_optimisation(exp: Experiment, defaults: dict | None = None) -> Optimis
     groups = exp.method.optimizer_groups(exp.model)
     own = exp.weighting.optimizer_groups()
     owned = {id(p) for g in own for p in g.params}
-    groups[0].params.extend(p for p in exp.weighting.parameters() if id(p) not in owned)
+    main = next((g for g in groups if g.name == "main"), None)
+    if main is None:
+        raise ConfigError(f"method {exp.config.method.name}: optimizer_groups() names no "
+                          f"'main' group (the weighting's parameters join it)")
+    main.params.extend(p for p in exp.weighting.parameters() if id(p) not in owned)
     cfg = exp.config
     return Optimisation.build([*groups, *own], cfg.optim, cfg.train.epochs, defaults)
 
