@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 NAMED_BY_REGISTRY = {"dataset.name": "datasets", "model.name": "models",
-                     "method.name": "methods", "method.weighting": "weightings",
-                     "labels.regime": "regimes"}
+                     "model.backbone.name": "encoders", "method.name": "methods",
+                     "method.weighting": "weightings", "labels.regime": "regimes"}
 """Keys whose value names a registry entry (see ``mtpsl list``)."""
 COMMENT_AT = 34
 
