@@ -25,14 +25,22 @@ from .experiment import open_dataset
 from .figures import plot_seeds
 from .rundir import holds_run
 from .train import resume, saved_config_difference, train
+from .weighting import WEIGHTINGS
 
 ARROWS = report.ARROWS
 
 
 def grid_cells(config: Config) -> list[tuple[str, str]]:
-    """(regime, method) cells: the grid, then the extra cells, without repeats."""
+    """(regime, method) cells: the grid (each method crossed with ``compare.weightings``
+    when given), then the extra cells, without repeats."""
     grid = config.compare
-    cells = [(regime, method) for regime in grid.regimes for method in grid.methods]
+    for name in grid.weightings:
+        if name not in WEIGHTINGS:
+            raise ConfigError(f"compare.weightings: unknown weighting {name!r}; known: "
+                              f"{', '.join(WEIGHTINGS.names())}")
+    methods = [m if not grid.weightings or m == grid.baseline else f"{m}+{w}"
+               for m in grid.methods for w in (grid.weightings or [""])]
+    cells = [(regime, method) for regime in grid.regimes for method in dict.fromkeys(methods)]
     for extra in grid.extra_cells:
         method, sep, regime = extra.partition("@")
         if not sep or not method or not regime:
@@ -89,6 +97,7 @@ def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Conf
     data = config.model_dump()
     data["name"] = f"{_slug(regime)}-{method}-seed{seed}"
     data["label"] = method
+    method, _, weighting = method.partition("+")  # a compare.weightings cell: method+weighting
     data["seed"] = seed
     name, _, ratios = regime.partition(":")
     data["labels"]["regime"] = name
@@ -105,7 +114,10 @@ def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Conf
     elif method != config.method.name:
         data["method"]["name"] = method
         data["method"]["options"] = {}  # the base options belong to the base method
-    return build_config(data, f"compare cell {regime} / {method}")
+    if weighting:
+        data["method"]["weighting"] = weighting
+        data["method"]["weighting_options"] = {}
+    return build_config(data, f"compare cell {regime} / {data['label']}")
 
 
 def _apply_variant_weighting(method: dict, variant: MethodVariant) -> None:
