@@ -1,0 +1,55 @@
+"""``gls``: the geometric loss strategy (Chennupati, Sistu, Yogamani & Rawashdeh, CVPR
+Workshops 2019, "MultiNet++"), LibMTL's ``GLS``: the objective is the geometric mean of the
+task losses, ``(prod_k L_k)^(1/K)``, so each task's gradient is weighted by ``GLS / (K L_k)``
+(a task whose loss is small relative to the others weighs more)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from .base import WEIGHTINGS, Weighting, backward_total
+
+
+class GLSOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    eps: float = Field(default=1e-12, gt=0.0)
+    """Losses are clamped to at least this before the logarithm (a zero loss would give an
+    infinite weight)."""
+
+
+@WEIGHTINGS.register("gls")
+class GLS(Weighting):
+    """Geometric loss strategy (Chennupati et al. 2019): the geometric mean of the present
+    tasks' losses, computed as ``exp(mean_k log L_k)``.
+
+    An absent task (its loss an exact 0) is left out of the mean rather than making the
+    product 0, so the result is GLS over the present tasks alone. Not linear in the losses
+    (refused under fp16 and with ``train.accumulate``).
+    """
+
+    Options = GLSOptions
+    options: GLSOptions
+
+    def objective(self, task_losses: Mapping[str, Tensor], indices: Sequence[int]) -> Tensor:
+        if not indices:
+            return next(iter(task_losses.values())).detach() * 0.0
+        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
+        return losses.clamp(min=self.options.eps).log().mean().exp()
+
+    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        return self.objective(task_losses, range(len(self.task_names)))
+
+    def backward(
+        self,
+        task_losses: Mapping[str, Tensor],
+        extra: Tensor,
+        shared: Sequence[nn.Parameter],
+        present: Tensor,
+    ) -> Tensor:
+        indices = self._present_indices(present)
+        return backward_total(self.objective(task_losses, indices) + extra)
