@@ -16,7 +16,8 @@ from scipy.stats import norm
 
 from mtpsl.checkpoint import load_checkpoint
 from mtpsl.methods import build_method
-from mtpsl.methods.jtr import JTRLoss, JTROptions, latent_distance
+from mtpsl.methods.jtr import JTRLoss, JTROptions
+from mtpsl.methods.terms import map_cosine_distance as latent_distance
 from mtpsl.splits import make_split
 from mtpsl.tasks import build_task
 

@@ -744,14 +744,14 @@ def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = T
     task_losses = {k: v.float() for k, v in losses.tasks.items()}
     extra = sum((v.float() for v in losses.extra.values()), torch.zeros((), device=run.device))
     present = batch.labelled.any(0)
+    if divisor == 1 and run.scaler is None:
+        total = exp.weighting.backward(task_losses, extra, shared, present)
+        return {"total": total, **losses.detached()}
     scale = torch.ones((), device=run.device) / divisor
     if run.scaler is not None:
         scale = run.scaler.scale(scale)  # no host sync
-    if divisor == 1 and run.scaler is None:
-        total = exp.weighting.backward(task_losses, extra, shared, present)
-    else:
-        scaled = {k: v * scale for k, v in task_losses.items()}
-        total = exp.weighting.backward(scaled, extra * scale, shared, present) / scale
+    scaled = {k: v * scale for k, v in task_losses.items()}
+    total = exp.weighting.backward(scaled, extra * scale, shared, present) / scale
     return {"total": total, **losses.detached()}
 
 

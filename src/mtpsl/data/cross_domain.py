@@ -191,9 +191,6 @@ class CrossDomainDataset(TaskDataset):
         self.available = np.concatenate([p.available for p in self.parts])
         self.domain_ids = np.concatenate([p.domain_ids for p in self.parts])
 
-    def __len__(self) -> int:
-        return len(self.available)
-
     def source_eval_sets(self) -> dict[str, TaskDataset]:
         root, domains, split, cache = self.opened_with
         return dict(domain_eval_sets(root, domains, split, self.tasks, cache))

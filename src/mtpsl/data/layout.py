@@ -194,9 +194,6 @@ class LayoutDataset(TaskDataset):
                 raise DataError(f"{path}: image dtype must be float in [0,1] or uint8, got {dtype}")
 
     # -- public helpers ---------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.available.shape[0]
-
     def file_listing(self) -> list[tuple[str, int]]:
         """(path relative to the root, size in bytes) of every file read (fingerprints)."""
         return [(p.relative_to(self.root).as_posix(), p.stat().st_size)

@@ -55,7 +55,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -65,6 +64,7 @@ from ..models.segnet import SegNet
 from ..tasks import Task
 from .base import METHODS, JointMaps, Losses, Method, frozen, supervised_losses
 from .joint_space import SampleNorm
+from .terms import map_cosine_distance as latent_distance
 
 Sampler = Callable[[Task, Tensor], Tensor]
 """A hard sample of a prediction in a task's input space (default: ``task.encode_pred``)."""
@@ -100,11 +100,6 @@ def per_sample_autoencoder(in_channels: int, width: float) -> SegNet:
             if isinstance(child, nn.BatchNorm2d):
                 setattr(module, name, SampleNorm(child.num_features, child.eps))
     return ae
-
-
-def latent_distance(a: Tensor, b: Tensor) -> Tensor:
-    """``1 - mean`` over positions of the cosine over channels, per image ``[N]``."""
-    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8).flatten(1).mean(dim=1)
 
 
 class JTRLoss(nn.Module):

@@ -27,6 +27,12 @@ Normalize = Literal["sum", "mean"]
 Distance = Literal["task", "cosine"]
 
 
+def map_cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - cosine over channels, averaged over positions: ``[N, C, h, w]`` x2 -> ``[N]`` (the
+    distance between two joint-space maps: XTC's pair term, JTR's latent distance)."""
+    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8).flatten(1).mean(1)
+
+
 def _cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-8)
 

@@ -80,6 +80,7 @@ from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models import ModelOutput
 from ..tasks import Task, task_kind
+from ..tasks.base import masked_pixel_mean
 from .base import METHODS, Losses, Method, labelled_sum
 
 TRANSFER_WIDTHS: tuple[int, int, int] = (64, 128, 256)
@@ -136,13 +137,6 @@ def depth_pixel_loss(kind: str, pred: Tensor, target: Tensor) -> Tensor:
     return per.sum(dim=1)
 
 
-def masked_image_mean(per_pixel: Tensor, mask: Tensor) -> Tensor:
-    """``[B, H, W]`` -> ``[B]``: mean over each image's masked pixels (0 where none)."""
-    mask = mask.to(per_pixel.dtype)
-    count = mask.flatten(1).sum(1)
-    return (per_pixel * mask).flatten(1).sum(1) / count.clamp(min=1)
-
-
 def ssim_loss_map(pred: Tensor, target: Tensor) -> Tensor:
     """Per-window ``clamp((1 - SSIM) / 2, 0, 1)`` over 3x3 windows (no padding): ``[B, C,
     H-2, W-2]``."""
@@ -160,7 +154,7 @@ def masked_ssim_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Per-image masked SSIM loss ``[B]``: masked maps, windows centred on valid pixels."""
     m = mask.unsqueeze(1).to(pred.dtype)
     loss = ssim_loss_map(pred * m, target * m).mean(dim=1)
-    return masked_image_mean(loss, mask[:, 1:-1, 1:-1])
+    return masked_pixel_mean(loss, mask[:, 1:-1, 1:-1])
 
 
 def smoothed_targets(labels: Tensor, num_classes: int, eps: float) -> Tensor:
@@ -321,7 +315,7 @@ class TaskTransfer(Method):
         per_pixel = depth_pixel_loss(self.options.depth_loss, preds[d], targets[d])
         # The task's fixed loss factor, as Task.loss applies it to the seg term.
         weight = depth_task.loss_weight
-        per_image[d] = masked_image_mean(per_pixel, depth_task.valid(targets[d])) * weight
+        per_image[d] = masked_pixel_mean(per_pixel, depth_task.valid(targets[d])) * weight
         return {f"direct/{t}": labelled_sum(loss, batch, t) for t, loss in per_image.items()}
 
     def transferred_terms(self, preds: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
@@ -338,7 +332,7 @@ class TaskTransfer(Method):
         if self.options.trans_depth_loss == "ssim":
             t_depth = masked_ssim_loss(from_seg, depth_target, mask)
         else:
-            t_depth = masked_image_mean((from_seg - depth_target).abs().sum(1), mask)
+            t_depth = masked_pixel_mean((from_seg - depth_target).abs().sum(1), mask)
         labels = seg_pred.detach().argmax(dim=1)
         o = self.options
         weight = None

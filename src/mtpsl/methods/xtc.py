@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -39,6 +38,7 @@ from ..tasks import Task
 from .base import METHODS, JointMaps, Losses, Method, OptimGroup, supervised_losses
 from .joint_space import JointSpaceMapper, Mapper, pair_index
 from .joint_space_resnet import mapper_for_model
+from .terms import map_cosine_distance as _cos_distance
 
 
 class JointSpaceOptions(BaseModel):
@@ -101,11 +101,6 @@ def consistency_pairs(labelled: Tensor) -> PairRows:
     pair = source * (n_tasks - 1) + torch.where(target < source, target, target - 1)
     device = labelled.device
     return PairRows(image.to(device), source.to(device), target.to(device), pair.to(device))
-
-
-def _cos_distance(a: Tensor, b: Tensor) -> Tensor:
-    """1 - cosine over channels, averaged over positions: [N, C, h, w] -> [N]."""
-    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8).flatten(1).mean(1)
 
 
 def pair_loss(m_s: Tensor, m_t: Tensor, feature: Tensor, reg_weight: float) -> Tensor:
