@@ -196,3 +196,55 @@ def test_weighting_contract(name):
     assert heads[1].grad is None or not heads[1].grad.any()  # the absent task moves nothing
     weighting.end_epoch({"a": 1.0, "b": 1.0, "c": 1.0})
     assert isinstance(type(weighting).linear_in_losses, bool)
+
+
+class _ToyProblem:
+    """Losses ``s_k ||theta - c_k||^2 / 2 + h_k^2 + 0.1`` (positive, conflicting), stepped
+    by plain SGD with whatever gradient the strategy applies."""
+
+    def __init__(self, name: str, targets: torch.Tensor, scales: list[float],
+                 names: tuple[str, ...]) -> None:
+        self.names = names
+        self.targets = targets
+        self.scales = scales
+        self.theta = torch.nn.Parameter(torch.zeros(4, 1, 1, 1, dtype=torch.float64))
+        self.heads = torch.nn.Parameter(torch.ones(len(names), dtype=torch.float64))
+        self.weighting = build_weighting(name, names).double()
+        self.losses: dict[str, float] = {}
+
+    def step(self, present: list[bool]) -> float:
+        self.theta.grad = self.heads.grad = None
+        losses = {}
+        for k, (task, target) in enumerate(zip(self.names, self.targets, strict=True)):
+            distance = 0.5 * ((self.theta - target) ** 2).sum()
+            value = self.scales[k] * distance + self.heads[k] ** 2 + 0.1
+            losses[task] = value if present[k] else value * 0.0
+        self.losses = {t: float(v) for t, v, p in zip(self.names, losses.values(), present,
+                                                       strict=True) if p}
+        total = self.weighting.backward(losses, torch.zeros((), dtype=torch.float64),
+                                        [self.theta], torch.tensor(present))
+        with torch.no_grad():
+            for p in (self.theta, self.heads):
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+        return float(total)
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_an_absent_task_is_as_if_it_did_not_exist(name):
+    """With task b never labelled, the strategy built for (a, b, c) follows the path of the one
+    built for (a, c) alone: the same totals and parameters, step after step, epoch ends
+    included (stateful strategies are thereby checked not to let b disturb their state)."""
+    if WEIGHTINGS.get(name).draws_per_step:
+        pytest.skip("draws a weight for every task each step: tested in its own file")
+    targets = torch.tensor(np.random.default_rng(0).normal(size=(3, 4, 1, 1, 1)))
+    three = _ToyProblem(name, targets, [1.0, 2.0, 3.0], ("a", "b", "c"))
+    two = _ToyProblem(name, targets[[0, 2]], [1.0, 3.0], ("a", "c"))
+    for _ in range(6):
+        t3, t2 = three.step([True, False, True]), two.step([True, True])
+        assert t3 == pytest.approx(t2, rel=1e-9, abs=1e-12)
+        torch.testing.assert_close(three.theta, two.theta, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(three.heads[[0, 2]], two.heads, rtol=1e-9, atol=1e-12)
+        assert three.heads.grad is not None and three.heads.grad[1].item() == 0.0
+        three.weighting.end_epoch(three.losses)
+        two.weighting.end_epoch(two.losses)

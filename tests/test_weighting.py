@@ -375,13 +375,18 @@ def test_dwa_weights_follow_the_formula():
     expected = 3 * np.exp(r / 2) / np.exp(r / 2).sum()
     np.testing.assert_allclose(strategy.lambdas.numpy(), expected, rtol=1e-6)
     losses = {"a": torch.tensor(1.0), "b": torch.tensor(2.0), "c": torch.tensor(3.0)}
-    assert strategy.combine(losses).item() == pytest.approx(expected @ [1, 2, 3], rel=1e-6)
+    total = strategy.backward(losses, torch.zeros(()), [], torch.ones(3, dtype=torch.bool))
+    assert total.item() == pytest.approx(expected @ [1, 2, 3], rel=1e-6)
+    # b absent from the batch: the softmax runs over a and c, scaled by 2
+    w = strategy.step_weights(torch.tensor([True, False, True])).numpy()
+    r = np.array([0.5, 0.5])
+    np.testing.assert_allclose(w[[0, 2]], 2 * np.exp(r / 2) / np.exp(r / 2).sum(), rtol=1e-6)
 
 
-def test_dwa_counts_an_unusable_ratio_as_one():
-    w = dwa_weights(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 2.0]), 2.0)
+def test_dwa_gives_an_unusable_ratio_weight_one_outside_the_softmax():
+    w = dwa_weights(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.0, 2.0, 1.0]), 2.0)
     np.testing.assert_allclose(
-        w.numpy(), 2 * np.exp([0.5, 1.0]) / np.exp([0.5, 1.0]).sum(), rtol=1e-6
+        w.numpy(), [1.0, *(2 * np.exp([1.0, 0.5]) / np.exp([1.0, 0.5]).sum())], rtol=1e-6
     )
     strategy = build_weighting("dwa", ["a", "b"])
     strategy.end_epoch({"a": 1.0})

@@ -30,16 +30,24 @@ from .weighting import WEIGHTINGS
 ARROWS = report.ARROWS
 
 
+def sweep_weightings(names: list[str]) -> list[str]:
+    """``compare.weightings`` checked, with ``all`` standing for every registered one."""
+    if "all" in names:
+        names = [n for n in names if n != "all"] + WEIGHTINGS.names()
+    for name in names:
+        if name not in WEIGHTINGS:
+            raise ConfigError(f"compare.weightings: unknown weighting {name!r}; known: all, "
+                              f"{', '.join(WEIGHTINGS.names())}")
+    return list(dict.fromkeys(names))
+
+
 def grid_cells(config: Config) -> list[tuple[str, str]]:
     """(regime, method) cells: the grid (each method crossed with ``compare.weightings``
     when given), then the extra cells, without repeats."""
     grid = config.compare
-    for name in grid.weightings:
-        if name not in WEIGHTINGS:
-            raise ConfigError(f"compare.weightings: unknown weighting {name!r}; known: "
-                              f"{', '.join(WEIGHTINGS.names())}")
-    methods = [m if not grid.weightings or m == grid.baseline else f"{m}+{w}"
-               for m in grid.methods for w in (grid.weightings or [""])]
+    weightings = sweep_weightings(grid.weightings)
+    methods = [m if not weightings or m == grid.baseline else f"{m}+{w}"
+               for m in grid.methods for w in (weightings or [""])]
     cells = [(regime, method) for regime in grid.regimes for method in dict.fromkeys(methods)]
     for extra in grid.extra_cells:
         method, sep, regime = extra.partition("@")

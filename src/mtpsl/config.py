@@ -229,8 +229,8 @@ class CompareConfig(Section):
     names): e.g. ``[xtc:sl]`` adds a verdict on XTC's Delta_m against SL, seed by seed."""
     weightings: list[str] = []
     """Loss weightings to sweep: every method of the grid but the baseline runs once per
-    weighting, in a cell named ``method+weighting`` (e.g. ``sl+pcgrad``); empty = each
-    method's own."""
+    weighting, in a cell named ``method+weighting`` (e.g. ``sl+pcgrad``); ``all`` = every
+    registered one; empty = each method's own."""
 
     @field_validator("contrasts")
     @classmethod

@@ -743,7 +743,7 @@ def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = T
         run.optim.zero_grad()
     task_losses = {k: v.float() for k, v in losses.tasks.items()}
     extra = sum((v.float() for v in losses.extra.values()), torch.zeros((), device=run.device))
-    present = batch.labelled.any(0)
+    present = ddp.any_over_ranks(batch.labelled.any(0))  # the same on every process
     if divisor == 1 and run.scaler is None:
         total = exp.weighting.backward(task_losses, extra, shared, present)
         return {"total": total, **losses.detached()}

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from .base import scaled
 
@@ -92,6 +91,8 @@ class ASPPHead(nn.Sequential):
         refine: bool = False,
     ) -> None:
         mid = scaled(256, width)
+        from torchvision.models.segmentation.deeplabv3 import ASPP  # lazy: see encoders/resnet
+
         layers: list[nn.Module] = [ASPP(in_channels, list(rates), mid)]
         if refine:
             layers.append(conv_bn_relu(mid, mid))

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from ..distributed import mean_over_ranks
 from ..errors import ConfigError
 from ..optim import OptimGroup
 from ..registry import Registry
@@ -76,6 +77,27 @@ def backward_total(total: Tensor) -> Tensor:
     if total.requires_grad:
         total.backward()
     return total.detach()
+
+
+def backward_linearised(objective: Callable[[Tensor], Tensor], losses: Tensor,
+                        extra: Tensor) -> Tensor:
+    """Backpropagate ``objective(losses) + extra`` for an objective nonlinear in the losses
+    ``[K]``, with its coefficients taken at the processes' mean losses.
+
+    ``c = d objective / d L`` at ``L = mean_over_ranks(losses)``, then the backward pass of
+    ``sum_k c_k L_k + extra``: in one process this is the gradient of the objective itself
+    (the chain rule); under torchrun the averaged gradient is the objective's gradient at the
+    global batch's losses, whatever the number of processes. Returns the objective's value
+    (at the mean losses) plus ``extra``, detached.
+    """
+    values = mean_over_ranks(losses.detach()).detach().requires_grad_(True)
+    with torch.enable_grad():
+        total = objective(values)
+    (coefficients,) = torch.autograd.grad(total, values, allow_unused=True)
+    if coefficients is None:  # the objective does not depend on the losses
+        coefficients = torch.zeros_like(values)
+    backward_total((coefficients * losses).sum() + extra)
+    return total.detach() + extra.detach()
 
 
 def plain_sum(task_losses: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -34,7 +35,8 @@ class CAGrad(GradientWeighting):
     Options = CAGradOptions
     options: CAGradOptions
 
-    def coefficients(self, gram: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray,
+                     tasks: Sequence[int] | None = None) -> np.ndarray:
         return cagrad_coefficients(gram, self.options.c, self.options.rescale)
 
 

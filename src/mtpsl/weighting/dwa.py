@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
-from .base import WEIGHTINGS, Weighting, weighted_sum
+from .base import WEIGHTINGS, Weighting, backward_total, weighted_sum
 
 
 class DWAOptions(BaseModel):
@@ -23,28 +23,45 @@ class DWAOptions(BaseModel):
 class DWA(Weighting):
     """Dynamic Weight Average (Liu et al. 2019, MTAN): per-epoch weights from loss ratios.
 
-    ``w_k = T_tasks * softmax_k(r_k / temperature)`` with ``r_k = L_k(e-1) / L_k(e-2)`` the
-    ratio of the last two epochs' mean training losses; weight 1 for the first two epochs. A
-    ratio that cannot be formed (a task with no loss in one of those epochs) counts as 1.
+    ``w_k = K * softmax_k(r_k / temperature)`` with ``r_k = L_k(e-1) / L_k(e-2)`` the ratio
+    of the last two epochs' mean training losses; weight 1 for the first two epochs. Partial
+    labels: the softmax runs, each step, over the present tasks whose ratio can be formed (K is
+    their number), so a task absent from the batch takes no share of the others' weight; a
+    present task without a ratio (no loss in one of those epochs) gets weight 1.
     """
 
-    linear_in_losses = True  # the weights are fixed within an epoch
+    linear_in_losses = True  # the weights are fixed within a step
 
     Options = DWAOptions
     options: DWAOptions
     history: Tensor
     epochs_seen: Tensor
-    lambdas: Tensor
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
         n = len(self.task_names)
         self.register_buffer("history", torch.full((2, n), float("nan")))
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer("lambdas", torch.ones(n))
 
-    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
-        return weighted_sum(self.lambdas, task_losses, self.task_names)
+    @property
+    def lambdas(self) -> Tensor:
+        """The weights when every task is present."""
+        return self.step_weights(torch.ones(len(self.task_names), dtype=torch.bool))
+
+    def step_weights(self, present: Tensor) -> Tensor:
+        """This step's weights ``[T]`` (on the device, no host sync)."""
+        return dwa_weights(self.history[0], self.history[1], self.options.temperature,
+                           present.to(self.history.device))
+
+    def backward(
+        self,
+        task_losses: Mapping[str, Tensor],
+        extra: Tensor,
+        shared: Sequence[nn.Parameter],
+        present: Tensor,
+    ) -> Tensor:
+        weights = self.step_weights(present)
+        return backward_total(weighted_sum(weights, task_losses, self.task_names) + extra)
 
     @torch.no_grad()
     def end_epoch(self, task_means: Mapping[str, float]) -> None:
@@ -52,14 +69,16 @@ class DWA(Weighting):
         self.history[0] = self.history[1].clone()
         self.history[1] = torch.tensor(row, device=self.history.device)
         self.epochs_seen += 1
-        if int(self.epochs_seen) >= 2:
-            self.lambdas.copy_(
-                dwa_weights(self.history[0], self.history[1], self.options.temperature)
-            )
 
 
-def dwa_weights(before: Tensor, last: Tensor, temperature: float) -> Tensor:
-    """DWA's weights from two epochs' mean losses (invalid ratios count as 1)."""
+def dwa_weights(before: Tensor, last: Tensor, temperature: float,
+                present: Tensor | None = None) -> Tensor:
+    """DWA's weights from two epochs' mean losses over the ``present`` tasks (all if None)
+    whose ratio is valid; the other tasks get 1."""
     ratio = last / before
-    ratio = torch.where(torch.isfinite(ratio) & (before > 0), ratio, torch.ones_like(ratio))
-    return (len(ratio) * torch.softmax(ratio / temperature, dim=0)).float()
+    valid = torch.isfinite(ratio) & (before > 0)
+    if present is not None:
+        valid = valid & present
+    logits = torch.where(valid, ratio / temperature, -math.inf)
+    shares = valid.sum() * torch.softmax(logits, dim=0)
+    return torch.where(valid, shares, 1.0).float()

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from .base import WEIGHTINGS, Weighting, backward_total
+from .base import WEIGHTINGS, Weighting, backward_linearised, backward_total
 
 
 class GLSOptions(BaseModel):
@@ -35,14 +35,12 @@ class GLS(Weighting):
     Options = GLSOptions
     options: GLSOptions
 
-    def objective(self, task_losses: Mapping[str, Tensor], indices: Sequence[int]) -> Tensor:
-        if not indices:
-            return next(iter(task_losses.values())).detach() * 0.0
-        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
+    def objective(self, losses: Tensor) -> Tensor:
+        """The geometric mean of ``losses`` (the present tasks' values)."""
         return losses.clamp(min=self.options.eps).log().mean().exp()
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
-        return self.objective(task_losses, range(len(self.task_names)))
+        return self.objective(torch.stack([task_losses[t] for t in self.task_names]))
 
     def backward(
         self,
@@ -52,4 +50,7 @@ class GLS(Weighting):
         present: Tensor,
     ) -> Tensor:
         indices = self._present_indices(present)
-        return backward_total(self.objective(task_losses, indices) + extra)
+        if not indices:
+            return backward_total(extra)
+        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
+        return backward_linearised(self.objective, losses, extra)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..distributed import mean_over_ranks
 from .base import Weighting, backward_total, plain_sum
 
 
@@ -27,8 +28,23 @@ class GradientWeighting(Weighting):
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
         return plain_sum(task_losses, self.task_names)
 
-    def coefficients(self, gram: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray,
+                     tasks: Sequence[int] | None = None) -> np.ndarray:
+        """One coefficient per present task from their Gram matrix and loss values; ``tasks``
+        are the present tasks' indices in ``task_names`` (for per-task state; None: all)."""
         raise NotImplementedError
+
+    def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
+               ) -> tuple[Tensor, Tensor | None]:
+        """``(h, correction)`` for the present tasks' gradients ``grads`` ``[K, P]``: the
+        backward pass runs on ``sum_k h_k L_k``, then ``correction`` (None: nothing) is added to
+        the shared parameters' gradient. Here: ``alpha`` from :meth:`coefficients`."""
+        gram = (grads @ grads.T).double().cpu().numpy()
+        values = losses.detach().double().cpu().numpy()
+        alpha = torch.as_tensor(self.coefficients(gram, values, tasks), dtype=grads.dtype,
+                                device=grads.device)
+        heads = alpha if self.heads_follow else torch.ones_like(alpha)
+        return heads, None if torch.equal(alpha, heads) else (alpha - heads) @ grads
 
     def backward(
         self,
@@ -41,19 +57,28 @@ class GradientWeighting(Weighting):
         indices = self._present_indices(present)
         if not params or not indices:
             return backward_total(self.combine(task_losses) + extra)
-        losses = [task_losses[self.task_names[i]] for i in indices]
+        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
         grads = torch.stack([flat_grad(loss, params) for loss in losses])
-        gram = (grads @ grads.T).double().cpu().numpy()
-        values = torch.stack(losses).detach().double().cpu().numpy()
-        alpha = torch.as_tensor(
-            self.coefficients(gram, values), dtype=grads.dtype, device=grads.device
-        )
-        heads = alpha if self.heads_follow else torch.ones_like(alpha)
-        total = (heads * torch.stack(losses)).sum() + extra
+        # under torchrun: the weights come from the global batch's gradients and losses
+        heads, correction = self.update(mean_over_ranks(grads), mean_over_ranks(losses), indices)
+        total = (heads * losses).sum() + extra  # each process: its share, averaged afterwards
         total.backward()
-        if not torch.equal(alpha, heads):
-            add_to_grads(params, (alpha - heads) @ grads)
+        if correction is not None:
+            add_to_grads(params, correction)
         return total.detach()
+
+
+class JacobianWeighting(GradientWeighting):
+    """Base of rules whose shared update is not a combination of the task gradients
+    (GradDrop's sign masks, ConFIG's pseudo-inverse): :meth:`aggregate` maps the present
+    tasks' gradients ``[K, P]`` to the update ``[P]``; the heads get the plain sum."""
+
+    def aggregate(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
+               ) -> tuple[Tensor, Tensor | None]:
+        return torch.ones_like(losses), self.aggregate(grads, losses, tasks) - grads.sum(0)
 
 
 def flat_grad(loss: Tensor, params: Sequence[nn.Parameter]) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from ..distributed import mean_over_ranks
 from ..optim import OptimGroup
 from .base import WEIGHTINGS, Weighting, backward_total, weighted_sum
 
@@ -93,8 +94,9 @@ class GradNorm(Weighting):
         indices = self._present_indices(present)
         if layer is None or not indices:
             return backward_total(total)
-        self._observe(losses.detach(), present)
-        grads = self._weight_gradients(losses, layer, indices)
+        values = mean_over_ranks(losses.detach())  # under torchrun: the global batch's
+        self._observe(values, present)
+        grads = self._weight_gradients(losses, values, layer, indices)
         result = backward_total(total)
         for i, g in zip(indices, grads, strict=True):
             self.weights[i].grad = g
@@ -107,19 +109,17 @@ class GradNorm(Weighting):
         self.initial_losses.copy_(torch.where(first, losses, self.initial_losses))
         self.observed |= first
 
-    def _weight_gradients(self, losses: Tensor, layer: Tensor, indices: list[int]) -> tuple:
-        norms = torch.stack(
-            [
-                _norm_or_zero(
-                    torch.autograd.grad(losses[i], layer, retain_graph=True, allow_unused=True)[0],
-                    layer,
-                )
-                for i in indices
-            ]
-        )
+    def _weight_gradients(self, losses: Tensor, values: Tensor, layer: Tensor,
+                          indices: list[int]) -> tuple:
+        norms = torch.stack([
+            mean_over_ranks(_grad_or_zero(
+                torch.autograd.grad(losses[i], layer, retain_graph=True, allow_unused=True)[0],
+                layer)).norm()
+            for i in indices
+        ])
         params = [self.weights[i] for i in indices]
         g_norms = torch.stack(params).abs() * norms
-        relative = losses.detach()[indices] / self.initial_losses[indices].clamp_min(1e-12)
+        relative = values[indices] / self.initial_losses[indices].clamp_min(1e-12)
         ratios = relative / relative.mean().clamp_min(1e-12)
         target = (g_norms.mean() * ratios.pow(self.options.alpha)).detach()
         return torch.autograd.grad((g_norms - target).abs().sum(), params)
@@ -130,5 +130,5 @@ def _last_conv_weight(shared: Sequence[nn.Parameter]) -> nn.Parameter | None:
     return convs[-1] if convs else None
 
 
-def _norm_or_zero(grad: Tensor | None, like: Tensor) -> Tensor:
-    return grad.detach().norm() if grad is not None else like.new_zeros(())
+def _grad_or_zero(grad: Tensor | None, like: Tensor) -> Tensor:
+    return grad.detach() if grad is not None else torch.zeros_like(like)

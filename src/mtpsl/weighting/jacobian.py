@@ -45,7 +45,8 @@ class TorchJDWeighting(GradientWeighting):
         """The torchjd weighting (a module called on a Gramian tensor), from ``self.options``."""
         raise NotImplementedError
 
-    def coefficients(self, gram: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray,
+                     tasks: Sequence[int] | None = None) -> np.ndarray:
         weights = self.torchjd(torch.from_numpy(gram))
         return weights.detach().double().numpy()
 

@@ -4,6 +4,7 @@ NeurIPS 2018; MGDA-UB's Frank-Wolfe solver on the Gram matrix)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -37,7 +38,8 @@ class MGDA(GradientWeighting):
     options: MGDAOptions
     heads_follow = True
 
-    def coefficients(self, gram: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray,
+                     tasks: Sequence[int] | None = None) -> np.ndarray:
         norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
         scale = {
             "none": np.ones_like(losses),

@@ -44,7 +44,8 @@ class PCGrad(GradientWeighting):
     def set_extra_state(self, state: Tensor) -> None:
         self.generator.set_state(state.cpu())
 
-    def coefficients(self, gram: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray,
+                     tasks: Sequence[int] | None = None) -> np.ndarray:
         k = len(gram)
         orders = [torch.randperm(k, generator=self.generator).tolist() for _ in range(k)]
         return pcgrad_coefficients(gram, orders)

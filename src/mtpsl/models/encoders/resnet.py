@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet
 
 from ...errors import ConfigError
 from .base import ENCODERS, Encoder, EncoderSpec
 
-DEPTHS = {
-    18: resnet.resnet18,
-    34: resnet.resnet34,
-    50: resnet.resnet50,
-    101: resnet.resnet101,
-    152: resnet.resnet152,
-}
+if TYPE_CHECKING:
+    from torchvision.models import resnet
+
+# torchvision is imported where a ResNet is built: importing it pulls in torch._dynamo (about
+# 2 s of every CLI start), which models without a ResNet do not need.
+DEPTHS = (18, 34, 50, 101, 152)
 
 
 class ResNetTrunk(Encoder):
@@ -36,6 +35,8 @@ class ResNetTrunk(Encoder):
         super().__init__()
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        from torchvision.models import resnet
+
         expansion = 4 if isinstance(net.layer1[0], resnet.Bottleneck) else 1
         self.channels = (64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
         self.reductions = (4, 8, min(16, output_stride), output_stride)
@@ -74,8 +75,10 @@ def resnet_trunk(
         raise ConfigError(f"model.backbone.output_stride: {output_stride}; allowed: 8, 16, 32")
     dilate = [output_stride <= 8, output_stride <= 16]
     bottleneck = depth >= 50
-    net = DEPTHS[depth](weights=None, replace_stride_with_dilation=[False, *dilate] if
-                        bottleneck else None)
+    from torchvision.models import resnet
+
+    build = getattr(resnet, f"resnet{depth}")
+    net = build(weights=None, replace_stride_with_dilation=[False, *dilate] if bottleneck else None)
     if weights is not None:
         load_local_weights(net, weights)
     if not bottleneck:  # same rates as torchvision's flag gives Bottleneck stages
@@ -90,6 +93,8 @@ def resnet_trunk(
 def _dilate_basic_stage(stage: nn.Sequential, previous: int, rate: int) -> None:
     """Stride 1 instead of 2; the first conv keeps the previous dilation, the rest use rate."""
     for i, block in enumerate(stage):
+        from torchvision.models import resnet
+
         assert isinstance(block, resnet.BasicBlock)
         block.conv1.stride = (1, 1)
         if isinstance(block.downsample, nn.Sequential):

@@ -1,0 +1,102 @@
+"""Every loss weighting under 2 gloo processes equals one process with the same global batch.
+
+The weightings see per-process losses; under torchrun the trainer ORs the tasks' presence over
+processes, the nonlinear strategies take their weights from the processes' mean gradients and
+losses (:func:`mtpsl.distributed.mean_over_ranks`), and the trainer averages every gradient
+(:func:`mtpsl.distributed.allreduce_gradients`). The result must not depend on the number of
+processes. The toy problem has four images, two per process, and partial labels: task b is
+labelled on one image of process 0 only (absent from process 1's batch), task c on one image
+of process 1 only. Losses are means over each process's images, as the trainer's are, so the
+mean over processes is the global batch's loss. float64, a few SGD steps with epoch ends
+between them: the trajectories must agree to 1e-9.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mtpsl.distributed import DistEnv, allreduce_gradients, any_over_ranks
+from mtpsl.weighting import WEIGHTINGS, build_weighting
+
+NAMES = ("a", "b", "c")
+STEPS = 5
+LABELLED = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 1]], dtype=torch.bool)
+"""Which task is labelled on which of the four images (rows)."""
+
+
+def _trajectory(name: str, images: list[int], env: DistEnv) -> list[list[float]]:
+    """theta, heads and the strategy's parameters after each step, on this process's images."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    targets = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64)
+    theta = torch.nn.Parameter(torch.zeros(2, 3, 1, 1, dtype=torch.float64))  # 4-d: GradNorm
+    heads = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    strategy = build_weighting(name, NAMES).double()
+    params = [theta, heads, *strategy.parameters()]
+    path = []
+    for _ in range(STEPS):
+        for p in params:
+            p.grad = None
+        mask = LABELLED[images]
+        out = inputs[images] @ theta.view(2, 3).T  # [n, 2]
+        losses = {}
+        for k, task in enumerate(NAMES):
+            per_image = ((out - targets[images, k]) ** 2).sum(1) * (k + 1) + heads[k] ** 2 + 0.5
+            losses[task] = (per_image * mask[:, k]).sum() / len(images)
+        present = any_over_ranks(mask.any(0))
+        strategy.backward(losses, torch.zeros((), dtype=torch.float64), [theta], present)
+        allreduce_gradients(params, env)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p -= 0.02 * p.grad
+        means = torch.stack([v.detach() for v in losses.values()])
+        if env.enabled:
+            dist.all_reduce(means)
+            means /= env.world
+        strategy.end_epoch({t: float(m) for t, m, p in zip(NAMES, means, present, strict=True)
+                            if p})
+        path.append(torch.cat([p.detach().reshape(-1) for p in params]).tolist())
+    return path
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    env = DistEnv(rank, 2, rank)
+    images = [0, 1] if rank == 0 else [2, 3]
+    paths = {name: _trajectory(name, images, env) for name in WEIGHTINGS.names()}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(paths, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_paths(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_weightings") / "paths.json"
+    os.environ.pop("MTPSL_FAULT", None)
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_two_processes_equal_one_with_the_same_global_batch(name, two_process_paths):
+    one = torch.tensor(_trajectory(name, [0, 1, 2, 3], DistEnv()))
+    two = torch.tensor(two_process_paths[name])
+    assert not torch.equal(one[0], one[-1])  # the problem moves
+    torch.testing.assert_close(two, one, rtol=1e-9, atol=1e-12)
