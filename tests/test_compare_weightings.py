@@ -87,3 +87,28 @@ def test_every_weighting_takes_a_training_step_of_the_preset(batch_of, method, w
     assert any(not torch.equal(a, p) for a, p in zip(before, shared, strict=True))
     strategy.end_epoch({t: float(v.detach()) for t, v in losses.tasks.items()})
     assert sweep_weightings(config.compare.weightings) == WEIGHTINGS.names()
+
+
+def test_the_pass_after_the_step_changes_no_statistics(batch_of):
+    """FAMO's second look at the batch (train._losses_after_step) runs the method in training
+    mode but leaves every BatchNorm statistic of the model and the method as it was."""
+    from types import SimpleNamespace
+
+    from mtpsl.train import _losses_after_step
+
+    _, exp, batch = batch_of["xtc"]
+    exp.model.train()
+    exp.method.train()
+
+    def state() -> dict:
+        return {**{f"model.{k}": v.clone() for k, v in exp.model.state_dict().items()},
+                **{f"method.{k}": v.clone() for k, v in exp.method.state_dict().items()}}
+
+    before = state()
+    losses, present = _losses_after_step(exp, batch, SimpleNamespace(device=torch.device("cpu")))
+    assert set(losses) == set(exp.tasks) and all(torch.isfinite(v) for v in losses.values())
+    assert torch.equal(present, batch.labelled.any(0))
+    after = state()
+    assert any("running_mean" in k for k in before)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key

@@ -39,17 +39,22 @@ def _trajectory(name: str, images: list[int], env: DistEnv) -> list[list[float]]
     theta = torch.nn.Parameter(torch.zeros(2, 3, 1, 1, dtype=torch.float64))  # 4-d: GradNorm
     heads = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     strategy = build_weighting(name, NAMES).double()
-    params = [theta, heads, *strategy.parameters()]
+    params = [theta, heads, *strategy.trained_parameters()]
+    mask = LABELLED[images]
+
+    def task_losses() -> dict[str, torch.Tensor]:
+        out = inputs[images] @ theta.view(2, 3).T  # [n, 2]
+        losses = {}
+        for k, task in enumerate(NAMES):
+            per_image = ((out - targets[images, k]) ** 2).sum(1) * (k + 1) + heads[k] ** 2
+            losses[task] = ((per_image + 0.5) * mask[:, k]).sum() / len(images)
+        return losses
+
     path = []
     for _ in range(STEPS):
         for p in params:
             p.grad = None
-        mask = LABELLED[images]
-        out = inputs[images] @ theta.view(2, 3).T  # [n, 2]
-        losses = {}
-        for k, task in enumerate(NAMES):
-            per_image = ((out - targets[images, k]) ** 2).sum(1) * (k + 1) + heads[k] ** 2 + 0.5
-            losses[task] = (per_image * mask[:, k]).sum() / len(images)
+        losses = task_losses()
         present = any_over_ranks(mask.any(0))
         strategy.backward(losses, torch.zeros((), dtype=torch.float64), [theta], present)
         allreduce_gradients(params, env)
@@ -57,13 +62,16 @@ def _trajectory(name: str, images: list[int], env: DistEnv) -> list[list[float]]
             for p in params:
                 if p.grad is not None:
                     p -= 0.02 * p.grad
+            if strategy.wants_losses_after_step:
+                strategy.after_step(task_losses(), present)
         means = torch.stack([v.detach() for v in losses.values()])
         if env.enabled:
             dist.all_reduce(means)
             means /= env.world
         strategy.end_epoch({t: float(m) for t, m, p in zip(NAMES, means, present, strict=True)
                             if p})
-        path.append(torch.cat([p.detach().reshape(-1) for p in params]).tolist())
+        state = [p.detach().reshape(-1) for p in (*params, *strategy.parameters())]
+        path.append(torch.cat(state).tolist())
     return path
 
 

@@ -212,21 +212,29 @@ class _ToyProblem:
         self.weighting = build_weighting(name, names).double()
         self.losses: dict[str, float] = {}
 
-    def step(self, present: list[bool]) -> float:
-        self.theta.grad = self.heads.grad = None
+    def task_losses(self, present: list[bool]) -> dict[str, torch.Tensor]:
         losses = {}
         for k, (task, target) in enumerate(zip(self.names, self.targets, strict=True)):
             distance = 0.5 * ((self.theta - target) ** 2).sum()
             value = self.scales[k] * distance + self.heads[k] ** 2 + 0.1
             losses[task] = value if present[k] else value * 0.0
+        return losses
+
+    def step(self, present: list[bool]) -> float:
+        self.theta.grad = self.heads.grad = None
+        losses = self.task_losses(present)
         self.losses = {t: float(v) for t, v, p in zip(self.names, losses.values(), present,
                                                        strict=True) if p}
+        flags = torch.tensor(present)
         total = self.weighting.backward(losses, torch.zeros((), dtype=torch.float64),
-                                        [self.theta], torch.tensor(present))
+                                        [self.theta], flags)
         with torch.no_grad():
             for p in (self.theta, self.heads):
                 if p.grad is not None:
                     p -= 0.05 * p.grad
+        if self.weighting.wants_losses_after_step:
+            with torch.no_grad():
+                self.weighting.after_step(self.task_losses(present), flags)
         return float(total)
 
 

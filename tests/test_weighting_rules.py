@@ -298,3 +298,88 @@ def test_excess_mtl_state_survives_a_checkpoint():
     first = _applied("excess_mtl", losses, theta, strategy=a)
     theta, losses = _linear_losses(_jacobian(1))
     torch.testing.assert_close(_applied("excess_mtl", losses, theta, strategy=b), first)
+
+
+def test_the_weighting_benchmark_measures_against_uniform():
+    """benchmarks/bench_weightings.py's measurement (one step, tiny) and its table."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_weightings.py"
+    spec = importlib.util.spec_from_file_location("bench_weightings", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = SimpleNamespace(device="cpu", height=32, width=48, batch_size=2, width_mult=0.0625,
+                           steps=1, warmup=0)
+    rows = [{"weighting": n, **bench.measure_one(n, args)} for n in ("uniform", "nash_mtl")]
+    for row in rows:
+        row["time_vs_uniform"] = row["s_per_step"] / rows[0]["s_per_step"]
+        row["memory_vs_uniform"] = row["peak_gib"] / rows[0]["peak_gib"]
+    assert rows[0]["linear_in_losses"] and not rows[1]["linear_in_losses"]
+    assert "| nash_mtl |" in bench.table(rows) and rows[1]["shared_parameters"] > 0
+
+
+# --- famo -------------------------------------------------------------------------------------
+
+
+def test_famo_weights_log_losses_and_learns_from_the_decrease():
+    """One step by hand: z = softmax(w) = (1/2, 1/2); the losses get the gradient of
+    sum_k z_k log L_k / c, c = sum_k z_k / L_k; after the step, w takes Adam's first step along
+    (diag(z) - z z') (log L_before - log L_after)."""
+    strategy = build_weighting("famo", NAMES[:2], {"lr": 0.1, "weight_decay": 0.0})
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    losses = {"a": x[0] ** 2, "b": x[1] ** 2}
+    on = torch.ones(2, dtype=torch.bool)
+    strategy.backward(losses, torch.zeros(()), [], on)
+    before = np.array([1.0, 4.0])
+    c = (0.5 / before).sum()
+    np.testing.assert_allclose(x.grad.numpy(), 0.5 / (c * before) * 2 * x.detach().numpy(),
+                               rtol=1e-6)
+    after = np.array([0.25, 3.5])
+    strategy.after_step({"a": torch.tensor(after[0]), "b": torch.tensor(after[1])}, on)
+    z = np.array([0.5, 0.5])
+    d = (np.diag(z) - np.outer(z, z)) @ (np.log(before + 1e-8) - np.log(after + 1e-8))
+    logits = torch.zeros(2, requires_grad=True)
+    reference = torch.optim.Adam([logits], lr=0.1)
+    logits.grad = torch.tensor(d, dtype=torch.float32)
+    reference.step()
+    got = torch.stack([p.detach() for p in strategy.logits])
+    torch.testing.assert_close(got, logits.detach())
+    assert got[1] > got[0]  # b's loss fell less: it weighs more next time
+
+
+def test_famo_logits_are_its_own_and_survive_a_checkpoint():
+    a = build_weighting("famo", NAMES)
+    assert a.trained_parameters() == []
+    on = torch.ones(3, dtype=torch.bool)
+    for _ in range(2):
+        a.backward({t: torch.tensor(2.0) for t in NAMES}, torch.zeros(()), [], on)
+        a.after_step({t: torch.tensor(v) for t, v in zip(NAMES, [1.0, 1.5, 1.9], strict=True)}, on)
+    b = build_weighting("famo", NAMES)
+    b.load_state_dict(a.state_dict())
+    for s in (a, b):
+        s.backward({t: torch.tensor(2.0) for t in NAMES}, torch.zeros(()), [], on)
+        s.after_step({t: torch.tensor(v) for t, v in zip(NAMES, [1.0, 1.2, 1.9], strict=True)}, on)
+    torch.testing.assert_close(torch.stack(list(a.logits)), torch.stack(list(b.logits)))
+
+
+# --- moco -------------------------------------------------------------------------------------
+
+
+def test_moco_tracks_the_rescaled_gradients_and_steps_its_weights():
+    """Two steps by hand in numpy: y <- y - beta_t (y - L g / |g|), lambda <- softmax(lambda -
+    gamma_t (Y Y' + rho I) lambda), update Y' lambda."""
+    options = {"beta": 0.6, "beta_sigma": 0.5, "gamma": 0.2, "gamma_sigma": 0.5, "rho": 0.1}
+    strategy = build_weighting("moco", NAMES, options).double()
+    y, lam = np.zeros((3, 7)), np.full(3, 1 / 3)
+    for t in (1, 2):
+        jac = _jacobian(t)
+        theta, losses = _linear_losses(jac, offset=1.0 + t)
+        applied = _applied("moco", losses, theta, strategy=strategy).numpy()
+        g = jac.numpy()
+        scaled = g / (np.linalg.norm(g, axis=1, keepdims=True) + 1e-8) * (1.0 + t)
+        y = y - 0.6 / t ** 0.5 * (y - scaled)
+        logits = lam - 0.2 / t ** 0.5 * ((y @ y.T + 0.1 * np.eye(3)) @ lam)
+        lam = np.exp(logits) / np.exp(logits).sum()
+        np.testing.assert_allclose(applied, lam @ y, rtol=1e-9, atol=1e-12)

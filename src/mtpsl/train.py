@@ -97,7 +97,7 @@ def build_optimisation(exp: Experiment, defaults: dict | None = None) -> Optimis
     if main is None:
         raise ConfigError(f"method {exp.config.method.name}: optimizer_groups() names no "
                           f"'main' group (the weighting's parameters join it)")
-    main.params.extend(p for p in exp.weighting.parameters() if id(p) not in owned)
+    main.params.extend(p for p in exp.weighting.trained_parameters() if id(p) not in owned)
     cfg = exp.config
     return Optimisation.build([*groups, *own], cfg.optim, cfg.train.epochs, defaults)
 
@@ -711,6 +711,8 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
             run.optim.step(run.scaler)
             exp.method.after_step(exp.model)
+            if exp.weighting.wants_losses_after_step:
+                exp.weighting.after_step(*_losses_after_step(exp, batch, run))
         for key, value in terms.items():
             sums[key] = sums.get(key, 0) + value
         bar.update()
@@ -753,6 +755,21 @@ def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = T
     scaled = {k: v * scale for k, v in task_losses.items()}
     total = exp.weighting.backward(scaled, extra * scale, shared, present) / scale
     return {"total": total, **losses.detached()}
+
+
+def _losses_after_step(exp: Experiment, batch, run: _Step) -> tuple[dict, torch.Tensor]:
+    """The batch's task losses with the updated weights, and which tasks are present (for
+    strategies that learn from the step's effect): no gradient, and the model's and the
+    method's buffers (BatchNorm statistics) restored, so the extra pass changes nothing else."""
+    buffers = [*exp.model.buffers(), *exp.method.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    with torch.no_grad(), autocast(exp.config.train.amp, run.device):
+        losses, _ = exp.method.compute(exp.model, batch)
+    with torch.no_grad():
+        for buffer, value in zip(buffers, saved, strict=True):
+            buffer.copy_(value)
+    present = ddp.any_over_ranks(batch.labelled.any(0))
+    return {k: v.float() for k, v in losses.tasks.items()}, present
 
 
 GRADIENTS = "gradients"

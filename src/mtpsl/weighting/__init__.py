@@ -8,17 +8,17 @@ group) and must cope with a task absent from a batch: its loss is then an exact 
 not depend on the parameters, and the strategy must neither divide by it nor let it disturb
 its state.
 
-Strategies: ``uniform`` (plain sum), ``uncertainty`` (Kendall et al. 2018), ``gradnorm``
-(Chen et al. 2018), ``dwa`` (Liu et al. 2019), ``mgda`` (Sener & Koltun 2018), ``pcgrad``
-(Yu et al. 2020), ``cagrad`` (Liu et al. 2021).
-
-Gradient strategies (mgda, pcgrad, cagrad) take one gradient per present task with respect to
-the model's shared parameters, reduce them to their T x T Gram matrix, and turn it into one
-coefficient per task, so the applied shared gradient is ``sum_k alpha_k g_k`` (PCGrad's
-projections and CAGrad's update are linear in the task gradients too). The remaining
-parameters (task heads) and the method's ``extra`` terms get an ordinary backward pass. With no
-shared parameters (single-task learning's separate networks) there is nothing to reconcile and
-these strategies, like GradNorm, fall back to the plain sum.
+Strategies: each has its own file in this package (``mtpsl list weightings``; the README's
+"Loss weighting" table cites each paper). Loss-level ones weight the losses (``uniform``,
+``constant``, ``uncertainty``, ``dwa``, ``rlw``, ``gls``, ``stch``, ``famo``); gradient ones
+(:class:`~mtpsl.weighting.gradient.GradientWeighting`: ``mgda``, ``pcgrad``, ``cagrad``,
+``nash_mtl``, ``gradvac``, torchjd's...) take one gradient per present task with respect to
+the model's shared parameters and turn them (usually their T x T Gram matrix) into the shared
+update; the remaining parameters (task heads) and the method's ``extra`` terms get an
+ordinary backward pass. With no shared parameters (single-task learning's separate networks)
+there is nothing to reconcile and these strategies fall back to the plain sum. Under torchrun
+they work from the processes' mean gradients and losses, so the result does not depend on
+the number of processes.
 
 Strategies that need to know which tasks are present read ``present`` on the host (one device
 sync per step): an absent task's parameters are then left out of the graph, so their gradient

@@ -34,6 +34,10 @@ class Weighting(nn.Module):
     draws_per_step: ClassVar[bool] = False
     """True when every step draws new random weights (RLW): summed micro-batches
     (``train.accumulate``) would average several draws, not take one larger step."""
+    wants_losses_after_step: ClassVar[bool] = False
+    """True when the strategy learns from how the step changed the batch's losses (FAMO): the
+    loop then evaluates them again after the optimiser step (no gradient, BatchNorm
+    statistics kept) and calls :meth:`after_step`."""
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__()
@@ -66,6 +70,14 @@ class Weighting(nn.Module):
     def optimizer_groups(self) -> list[OptimGroup]:
         """Groups with their own optimiser; parameters in none of them join the main group."""
         return []
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The parameters the loop's optimisers train (default: all); a strategy that updates
+        some itself (FAMO's logits) leaves them out."""
+        return list(self.parameters())
+
+    def after_step(self, task_losses: Mapping[str, Tensor], present: Tensor) -> None:
+        """With ``wants_losses_after_step``: the batch's task losses after the step."""
 
     def _present_indices(self, present: Tensor) -> list[int]:
         """Indices of the present tasks (reads ``present`` on the host: one sync)."""

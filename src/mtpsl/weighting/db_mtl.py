@@ -45,12 +45,12 @@ class DBMTL(GradientWeighting):
 
     Options = DBMTLOptions
     options: DBMTLOptions
-    averages: Tensor
     steps: Tensor
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
-        self.register_buffer("averages", torch.zeros(len(self.task_names), 0))
+        self.averages = torch.zeros(len(self.task_names), 0)
+        """Sized by the first step, so kept as extra state (a buffer's shape is checked)."""
         self.register_buffer("steps", torch.zeros(len(self.task_names), dtype=torch.long))
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
@@ -59,16 +59,17 @@ class DBMTL(GradientWeighting):
         losses = torch.stack([task_losses[t] for t in self.task_names])
         return torch.where(losses == 0, 0.0, torch.log(losses + LOG_EPS)).sum()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        key = prefix + "averages"
-        if key in state_dict:  # sized on the first step: take the saved size
-            self.averages = torch.empty_like(state_dict[key], device=self.averages.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return {"averages": self.averages}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.averages = state["averages"].clone()
 
     def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
                ) -> tuple[Tensor, Tensor | None]:
         if self.averages.shape[1] != grads.shape[1]:
             self.averages = grads.new_zeros(len(self.task_names), grads.shape[1])
+        self.averages = self.averages.to(grads)
         heads = 1.0 / (losses.detach() + LOG_EPS)
         index = torch.tensor(list(tasks), device=self.steps.device)
         self.steps[index] += 1

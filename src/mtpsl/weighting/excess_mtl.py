@@ -45,32 +45,35 @@ class ExcessMTL(GradientWeighting):
 
     Options = ExcessMTLOptions
     options: ExcessMTLOptions
-    squares: Tensor
     weights: Tensor
     steps: Tensor
     warmup_sums: Tensor
     scales: Tensor
+    scaled: Tensor
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
         k = len(self.task_names)
-        self.register_buffer("squares", torch.zeros(k, 0))
+        self.squares = torch.zeros(k, 0)
+        """Sized by the first step, so kept as extra state (a buffer's shape is checked)."""
         self.register_buffer("weights", torch.full((k,), 1.0 / k, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros(k, dtype=torch.long))
         self.register_buffer("warmup_sums", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("scales", torch.full((k,), torch.nan, dtype=torch.float64))
-        """NaN until set."""
+        self.register_buffer("scales", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("scaled", torch.zeros(k, dtype=torch.bool))
+        """Whether the task's scale is set."""
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        key = prefix + "squares"
-        if key in state_dict:  # sized on the first step: take the saved size
-            self.squares = torch.empty_like(state_dict[key], device=self.squares.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return {"squares": self.squares}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.squares = state["squares"].clone()
 
     def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
                ) -> tuple[Tensor, Tensor | None]:
         if self.squares.shape[1] != grads.shape[1]:
             self.squares = grads.new_zeros(len(self.task_names), grads.shape[1])
+        self.squares = self.squares.to(grads)
         index = torch.tensor(list(tasks), device=self.squares.device)
         squared = grads.detach() ** 2
         self.squares[index] += squared
@@ -84,14 +87,15 @@ class ExcessMTL(GradientWeighting):
         lam, mass = read_simplex(self.weights, tasks)
         steps = self.steps.cpu().numpy()[tasks]
         scales = self.scales.cpu().numpy()[tasks]
+        scaled = self.scaled.cpu().numpy()[tasks]
         warm = steps < self.options.warmup_steps
         sums = self.warmup_sums.cpu().numpy()[tasks] + np.where(warm, excess, 0.0)
-        fresh = ~warm & np.isnan(scales)  # the first step after warm-up sets the scale
+        fresh = ~warm & ~scaled  # the first step after warm-up sets the scale
         with_warmup = self.options.warmup_steps > 0
         scales = np.where(fresh, sums / max(self.options.warmup_steps, 1) if with_warmup
                           else excess, scales)
-        scaled = np.where(fresh & ~with_warmup, excess, excess / (scales + 1e-7))
-        logits = np.log(lam) + np.where(warm, 0.0, scaled * self.options.step_size)
+        relative = np.where(fresh & ~with_warmup, excess, excess / (scales + 1e-7))
+        logits = np.log(lam) + np.where(warm, 0.0, relative * self.options.step_size)
         if not warm.all():
             lam = np.exp(logits - logits.max())
             lam /= lam.sum()
@@ -99,5 +103,6 @@ class ExcessMTL(GradientWeighting):
         self.steps[index] += 1
         self.warmup_sums[index] = torch.from_numpy(sums).to(self.warmup_sums)
         self.scales[index] = torch.from_numpy(scales).to(self.scales)
+        self.scaled[index] = torch.from_numpy(~warm | scaled).to(self.scaled.device)
         write_simplex(self.weights, tasks, lam, mass)
         return lam

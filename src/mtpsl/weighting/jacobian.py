@@ -8,10 +8,15 @@ present tasks' gradients of the shared parameters and their Gram matrix and appl
 ``sum_k w_k g_k``. That keeps mtpsl's part the same for every such strategy: absent tasks
 (partial labels) are left out of the Gram matrix, so the result equals the strategy on the
 present tasks alone; the task heads get the plain sum; the weights are computed in float64 on
-the host. Not wrapped: torchjd's stateful weightings (GradVac, MoDo, SDMGrad, CR-MOGM,
-ExcessMTL keep per-task state that a task absent from a batch would corrupt) and its
-aggregators that need the Jacobian itself (GradDrop, ConFIG, TrimmedMean); loss-level methods
-are mtpsl's own (``uncertainty``, ``dwa``, ``rlw``).
+the host. Wrapped: IMTL-G, Aligned-MTL, UPGrad, DualProj, FairGrad (here) and ConFIG (a
+Jacobian aggregator, ``conflict_free.py``). Written in mtpsl instead, each tested against
+torchjd's object: the stateful ones (GradVac, MoDo, SDMGrad, CR-MOGM, ExcessMTL keep K-sized
+state that torchjd resets whenever K changes, i.e. whenever the tasks present in a batch do)
+and GradDrop (torchjd draws from the global generator, which would shift the run's other
+random streams and break exact resumption). Loss-level methods are mtpsl's own
+(``uncertainty``, ``dwa``, ``rlw``, ``gls``, ``stch``, ``famo``...). Left out: Krum and
+TrimmedMean (Byzantine-robust aggregation, not multi-task methods), Mean/Sum (``uniform``),
+Random (``rlw``).
 
 Solvers: UPGrad and DualProj project onto a dual cone with quadprog, an optional dependency
 (``pip install "mtpsl[solvers]"``); without it they fail at construction with that command.

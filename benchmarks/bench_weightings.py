@@ -1,0 +1,139 @@
+"""What each loss weighting costs: seconds per training step and peak memory of every
+registered strategy relative to ``uniform`` measured in the same run.
+
+Each strategy runs the real training step of ``mtpsl.train`` (SL on NYUv2-like tasks:
+13-class segmentation, depth, normals; every label present, so the gradient strategies take
+all three task gradients) on a fixed random batch in its own process, so each peak resident
+memory is its own. The gradient strategies pay one backward pass per task through the shared
+parameters (and hold the K x P matrix of those gradients); the loss-level ones cost what
+uniform does.
+
+    python benchmarks/bench_weightings.py                      # CPU, 64x96, batch 4
+    python benchmarks/bench_weightings.py --device cuda --height 288 --width 384 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_task_scaling import batch_for, tasks_of
+from bench_train import build_run, device_name, peak_memory, sync, train_step
+
+from mtpsl.config import load_config
+from mtpsl.models import shared_parameters
+from mtpsl.weighting import WEIGHTINGS
+
+RESULTS = Path(__file__).parent / "results"
+TASKS = "3 (NYUv2-like)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--width-mult", type=float, default=0.25, help="SegNet width")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--only", help="comma-separated strategies (default: every registered one)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # one strategy, in its own process
+    p.add_argument("--out", help="JSON path (default results/weightings_<device>.json)")
+    return p.parse_args(argv)
+
+
+def measure_one(weighting: str, args) -> dict:
+    device = torch.device(args.device)
+    config = load_config(None, [f"method.weighting={weighting}", f"model.width={args.width_mult}",
+                                f"train.batch_size={args.batch_size}", f"train.device={device}",
+                                "train.deterministic=false"])
+    tasks = tasks_of(TASKS)
+    exp, run = build_run(config, tasks, device)
+    batch = batch_for(tasks, exp.method.n_views, args, "full").to(device)
+    shared = shared_parameters(exp.model)
+    exp.model.train()
+    for _ in range(args.warmup):
+        train_step(exp, run, batch, shared)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = train_step(exp, run, batch, shared)
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    assert torch.isfinite(loss), f"{weighting} diverged"
+    memory = peak_memory(device, args.batch_size)
+    peak = memory["peak_gpu_gib"] if device.type == "cuda" else memory["peak_rss_gib_process"]
+    cls = WEIGHTINGS.get(weighting)
+    return {"s_per_step": seconds, "peak_gib": peak, "linear_in_losses": cls.linear_in_losses,
+            "shared_parameters": sum(p.numel() for p in shared)}
+
+
+def measure_all(args) -> list[dict]:
+    names = args.only.split(",") if args.only else WEIGHTINGS.names()
+    names = ["uniform", *[n for n in names if n != "uniform"]]  # the baseline first
+    rows = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--one", name, *_forwarded(args)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append({"weighting": name, **json.loads(out.stdout)})
+        print(f"  {name:12s} {rows[-1]['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+    base = rows[0]
+    for row in rows:
+        row["time_vs_uniform"] = row["s_per_step"] / base["s_per_step"]
+        row["memory_vs_uniform"] = row["peak_gib"] / base["peak_gib"]
+    return rows
+
+
+def _forwarded(args) -> list[str]:
+    return [f"--device={args.device}", f"--height={args.height}", f"--width={args.width}",
+            f"--batch-size={args.batch_size}", f"--width-mult={args.width_mult}",
+            f"--steps={args.steps}", f"--warmup={args.warmup}"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| weighting | s / step | x uniform time | peak memory (GiB) | x uniform memory | "
+             "fp16 allowed |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["time_vs_uniform"], r["weighting"])):
+        lines.append(f"| {r['weighting']} | {r['s_per_step']:.3f} | {r['time_vs_uniform']:.2f} | "
+                     f"{r['peak_gib']:.2f} | {r['memory_vs_uniform']:.2f} | "
+                     f"{'yes' if r['linear_in_losses'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(measure_one(args.one, args)))
+        return
+    rows = measure_all(args)
+    device = torch.device(args.device)
+    record = {
+        "benchmark": "weightings",
+        "command": "python benchmarks/bench_weightings.py " + shlex.join(_forwarded(args)),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "setup": {"height": args.height, "width": args.width, "batch_size": args.batch_size,
+                  "model": f"segnet width {args.width_mult}", "method": "sl",
+                  "tasks": TASKS, "labels": "full"},
+        "rows": rows,
+        "table": table(rows),
+    }
+    out = Path(args.out or RESULTS / f"weightings_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(record["table"])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
