@@ -1,12 +1,15 @@
-"""Write the README's demo table from the committed demo record, or check that it matches.
+"""Write the README's demo table and weighting-cost table from the committed records, or
+check that they match.
 
-    python benchmarks/readme_table.py           # rewrite the block in README.md
-    python benchmarks/readme_table.py --check   # exit 1 if README.md differs from the record
+    python benchmarks/readme_table.py           # rewrite the blocks in README.md
+    python benchmarks/readme_table.py --check   # exit 1 if README.md differs from the records
 
 The block between ``<!-- demo-table -->`` and ``<!-- /demo-table -->`` is the table that
 ``mtpsl compare`` prints for the runs in ``benchmarks/results/synthetic_demo_cpu.json``
 (rendered by the same code, :func:`mtpsl.report.tables_markdown`), followed by the measured
-training time. The record is written by ``python benchmarks/grid_run.py --device cpu``.
+training time. The record is written by ``python benchmarks/grid_run.py --device cpu``. The
+block between ``<!-- weightings-table -->`` and ``<!-- /weightings-table -->`` is the table of
+``benchmarks/results/weightings_cpu.json`` (``python benchmarks/bench_weightings.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "results" / "synthetic_demo_cpu.json"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- demo-table -->", "<!-- /demo-table -->"
+WEIGHTINGS_RECORD = ROOT / "benchmarks" / "results" / "weightings_cpu.json"
+W_BEGIN, W_END = "<!-- weightings-table -->", "<!-- /weightings-table -->"
 
 
 def demo_config(record: dict):
@@ -49,28 +54,42 @@ def block(record: dict) -> str:
     return f"{BEGIN}\n{text}\n\n{timing}\n{END}"
 
 
-def current_block(readme: str) -> str:
-    start, end = readme.find(BEGIN), readme.find(END)
+def weightings_block(record: dict) -> str:
+    """The README block of the weighting benchmark: its table and what it was measured on."""
+    setup = record["setup"]
+    measured = (f"Measured on {record['device']}, torch {record['torch']}, {record['date']}: "
+                f"{setup['method']} on {setup['tasks']} tasks, {setup['model']}, "
+                f"{setup['height']}x{setup['width']}, batch {setup['batch_size']} "
+                f"(`{record['command']}`).")
+    return f"{W_BEGIN}\n{record['table']}\n\n{measured}\n{W_END}"
+
+
+def current_block(readme: str, begin: str = BEGIN, end_mark: str = END) -> str:
+    start, end = readme.find(begin), readme.find(end_mark)
     if start < 0 or end < start:
-        raise SystemExit(f"{README}: no {BEGIN} ... {END} block")
-    return readme[start:end + len(END)]
+        raise SystemExit(f"{README}: no {begin} ... {end_mark} block")
+    return readme[start:end + len(end_mark)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     args = parser.parse_args()
-    record = json.loads(RECORD.read_text())
     readme = README.read_text()
-    want, have = block(record), current_block(readme)
+    blocks = [(RECORD, block(json.loads(RECORD.read_text())), current_block(readme)),
+              (WEIGHTINGS_RECORD, weightings_block(json.loads(WEIGHTINGS_RECORD.read_text())),
+               current_block(readme, W_BEGIN, W_END))]
     if args.check:
-        if want != have:
-            print(f"{README} differs from {RECORD}: run python benchmarks/readme_table.py",
-                  file=sys.stderr)
+        stale = [path.name for path, want, have in blocks if want != have]
+        if stale:
+            print(f"{README} differs from {', '.join(stale)}: run python "
+                  f"benchmarks/readme_table.py", file=sys.stderr)
             return 1
         return 0
-    README.write_text(readme.replace(have, want))
-    print(f"wrote the demo table of {RECORD.name} into {README}")
+    for path, want, have in blocks:
+        readme = readme.replace(have, want)
+        print(f"wrote the table of {path.name} into {README}")
+    README.write_text(readme)
     return 0
 
 

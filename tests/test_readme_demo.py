@@ -33,6 +33,14 @@ def test_readme_demo_table_is_generated_from_the_committed_record():
         "README.md is stale: run python benchmarks/readme_table.py"
 
 
+def test_readme_weighting_table_is_generated_from_the_committed_record():
+    script = _script()
+    record = json.loads(script.WEIGHTINGS_RECORD.read_text())
+    have = script.current_block(script.README.read_text(), script.W_BEGIN, script.W_END)
+    assert have == script.weightings_block(record), \
+        "README.md is stale: run python benchmarks/readme_table.py"
+
+
 def test_the_record_is_of_the_demo_as_defined_today():
     script = _script()
     record = json.loads(script.RECORD.read_text())

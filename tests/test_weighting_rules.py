@@ -383,3 +383,25 @@ def test_moco_tracks_the_rescaled_gradients_and_steps_its_weights():
         logits = lam - 0.2 / t ** 0.5 * ((y @ y.T + 0.1 * np.eye(3)) @ lam)
         lam = np.exp(logits) / np.exp(logits).sum()
         np.testing.assert_allclose(applied, lam @ y, rtol=1e-9, atol=1e-12)
+
+
+# --- our own MGDA and PCGrad against torchjd's ------------------------------------------------
+
+
+def test_pcgrad_is_torchjds_on_the_same_orders():
+    gram = (_jacobian(5) @ _jacobian(5).T)
+    strategy = build_weighting("pcgrad", NAMES, {"seed": 3})
+    torch.manual_seed(3)
+    np.testing.assert_allclose(strategy.coefficients(gram.numpy(), np.ones(3)),
+                               tja.PCGradWeighting()(gram).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mgda_is_torchjds_min_norm_point_or_a_better_one(seed):
+    jac = _jacobian(seed)
+    gram = jac @ jac.T
+    ours = build_weighting("mgda", NAMES).coefficients(gram.numpy(), np.ones(3))
+    theirs = tja.MGDAWeighting(epsilon=1e-12, max_iters=10000)(gram).numpy()
+    norm = lambda w: float(w @ gram.numpy() @ w)  # noqa: E731
+    assert norm(ours) <= norm(theirs) + 1e-12  # torchjd's Frank-Wolfe may stop short
+    np.testing.assert_allclose(ours @ jac.numpy(), theirs @ jac.numpy(), atol=1e-3)

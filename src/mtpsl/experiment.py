@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,10 +72,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     # Autotuned convolution algorithms: fastest for fixed input sizes, but not reproducible.
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def deterministic_algorithms(mode: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=True)``, without importing
+    torch._inductor unless something already has: recent torch imports it there to set
+    inductor's flag too, which costs 3 to 7 s of every run's start. A compiled model sets it
+    again before compiling (:func:`mtpsl.speed.prepare_model`)."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=True)
+    else:
+        setter(mode, warn_only=True)
 
 
 def open_dataset(config: Config, split_name: str) -> TaskDataset:

@@ -105,7 +105,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
         model.register_forward_hook(_outputs_to_fp32)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.compile:
+    if cfg.compile:  # inductor's own determinism flag, left unset at start (see experiment)
+        torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                           warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
         model.compile(backend=COMPILE_BACKEND)
 
 

@@ -14,7 +14,11 @@ torchjd's object: the stateful ones (GradVac, MoDo, SDMGrad, CR-MOGM, ExcessMTL 
 state that torchjd resets whenever K changes, i.e. whenever the tasks present in a batch do)
 and GradDrop (torchjd draws from the global generator, which would shift the run's other
 random streams and break exact resumption). Loss-level methods are mtpsl's own
-(``uncertainty``, ``dwa``, ``rlw``, ``gls``, ``stch``, ``famo``...). Left out: Krum and
+(``uncertainty``, ``dwa``, ``rlw``, ``gls``, ``stch``, ``famo``...). Kept as mtpsl's own, with
+torchjd as their test oracle: MGDA (exact for two tasks, Frank-Wolfe to 1e-10 beyond, where
+torchjd's stops at its tolerance; and the normalisations of Sener & Koltun's code), PCGrad
+(the same arithmetic, but orders from a generator saved with the run) and CAGrad (torchjd's
+needs cvxpy and clarabel; ours solves the dual on the Gram matrix). Left out: Krum and
 TrimmedMean (Byzantine-robust aggregation, not multi-task methods), Mean/Sum (``uniform``),
 Random (``rlw``).
 
