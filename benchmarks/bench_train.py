@@ -33,7 +33,13 @@ from mtpsl.methods import build_method
 from mtpsl.models import shared_parameters
 from mtpsl.speed import grad_scaler, optimizer_extra, to_channels_last
 from mtpsl.tasks import build_task
-from mtpsl.train import _forward_backward, _setup_modules, _Step, build_optimisation
+from mtpsl.train import (
+    _forward_backward,
+    _setup_modules,
+    _Step,
+    after_optimiser_step,
+    build_optimisation,
+)
 from mtpsl.weighting import build_weighting
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,6 +145,7 @@ def train_step(exp: Experiment, run: _Step, batch: Batch, shared) -> torch.Tenso
     terms = _forward_backward(exp, batch, run, shared)
     run.optim.unscale(run.scaler)
     run.optim.step(run.scaler)
+    after_optimiser_step(exp, batch, run)
     return terms["total"]
 
 

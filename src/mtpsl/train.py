@@ -710,9 +710,7 @@ def _train_epoch(exp: Experiment, loader, run: _Step, epoch: int, first: int = 0
             if cfg.clip_norm is not None:  # on the unscaled, averaged gradients of every group
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
             run.optim.step(run.scaler)
-            exp.method.after_step(exp.model)
-            if exp.weighting.wants_losses_after_step:
-                exp.weighting.after_step(*_losses_after_step(exp, batch, run))
+            after_optimiser_step(exp, batch, run)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0) + value
         bar.update()
@@ -755,6 +753,13 @@ def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = T
     scaled = {k: v * scale for k, v in task_losses.items()}
     total = exp.weighting.backward(scaled, extra * scale, shared, present) / scale
     return {"total": total, **losses.detached()}
+
+
+def after_optimiser_step(exp: Experiment, batch, run: _Step) -> None:
+    """The method's and the weighting's hooks after an optimiser step (EMA teachers, FAMO)."""
+    exp.method.after_step(exp.model)
+    if exp.weighting.wants_losses_after_step:
+        exp.weighting.after_step(*_losses_after_step(exp, batch, run))
 
 
 def _losses_after_step(exp: Experiment, batch, run: _Step) -> tuple[dict, torch.Tensor]:
