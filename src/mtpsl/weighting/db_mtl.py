@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .base import WEIGHTINGS
-from .gradient import GradientWeighting
+from .gradient import GradientRowsWeighting
 
 LOG_EPS = 1e-8
 
@@ -40,7 +40,7 @@ class DBMTLOptions(BaseModel):
 
 
 @WEIGHTINGS.register("db_mtl")
-class DBMTL(GradientWeighting):
+class DBMTL(GradientRowsWeighting):
     """DB-MTL (Lin et al. 2023): log losses; averaged task gradients scaled to the largest."""
 
     Options = DBMTLOptions
@@ -49,8 +49,6 @@ class DBMTL(GradientWeighting):
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
-        self.averages = torch.zeros(len(self.task_names), 0)
-        """Sized by the first step, so kept as extra state (a buffer's shape is checked)."""
         self.register_buffer("steps", torch.zeros(len(self.task_names), dtype=torch.long))
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
@@ -59,24 +57,16 @@ class DBMTL(GradientWeighting):
         losses = torch.stack([task_losses[t] for t in self.task_names])
         return torch.where(losses == 0, 0.0, torch.log(losses + LOG_EPS)).sum()
 
-    def get_extra_state(self) -> dict[str, Tensor]:
-        return {"averages": self.averages}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        self.averages = state["averages"].clone()
-
     def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
                ) -> tuple[Tensor, Tensor | None]:
-        if self.averages.shape[1] != grads.shape[1]:
-            self.averages = grads.new_zeros(len(self.task_names), grads.shape[1])
-        self.averages = self.averages.to(grads)
+        averages = self.rows_like(grads)
         heads = 1.0 / (losses.detach() + LOG_EPS)
         index = torch.tensor(list(tasks), device=self.steps.device)
         self.steps[index] += 1
         keep = self.options.beta / self.steps[index].to(grads.dtype) ** self.options.sigma
         log_grads = heads[:, None] * grads
-        mean = log_grads + keep.to(grads.device)[:, None] * (self.averages[index] - log_grads)
-        self.averages[index] = mean
+        mean = log_grads + keep.to(grads.device)[:, None] * (averages[index] - log_grads)
+        averages[index] = mean
         norms = torch.linalg.vector_norm(mean, dim=1)
         scale = norms.max() / (norms + LOG_EPS)
         return heads, scale @ mean - heads @ grads

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .base import WEIGHTINGS
-from .gradient import GradientWeighting
+from .gradient import GradientRowsWeighting
 from .simplex_state import read_simplex, write_simplex
 
 
@@ -40,7 +40,7 @@ class ExcessMTLOptions(BaseModel):
 
 
 @WEIGHTINGS.register("excess_mtl")
-class ExcessMTL(GradientWeighting):
+class ExcessMTL(GradientRowsWeighting):
     """ExcessMTL (He et al., ICML 2024): weights follow the tasks' estimated excess risks."""
 
     Options = ExcessMTLOptions
@@ -54,8 +54,6 @@ class ExcessMTL(GradientWeighting):
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
         k = len(self.task_names)
-        self.squares = torch.zeros(k, 0)
-        """Sized by the first step, so kept as extra state (a buffer's shape is checked)."""
         self.register_buffer("weights", torch.full((k,), 1.0 / k, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros(k, dtype=torch.long))
         self.register_buffer("warmup_sums", torch.zeros(k, dtype=torch.float64))
@@ -63,21 +61,13 @@ class ExcessMTL(GradientWeighting):
         self.register_buffer("scaled", torch.zeros(k, dtype=torch.bool))
         """Whether the task's scale is set."""
 
-    def get_extra_state(self) -> dict[str, Tensor]:
-        return {"squares": self.squares}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        self.squares = state["squares"].clone()
-
     def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
                ) -> tuple[Tensor, Tensor | None]:
-        if self.squares.shape[1] != grads.shape[1]:
-            self.squares = grads.new_zeros(len(self.task_names), grads.shape[1])
-        self.squares = self.squares.to(grads)
-        index = torch.tensor(list(tasks), device=self.squares.device)
+        squares = self.rows_like(grads)
+        index = torch.tensor(list(tasks), device=squares.device)
         squared = grads.detach() ** 2
-        self.squares[index] += squared
-        excess = (squared / torch.sqrt(self.squares[index] + 1e-7)).sum(1)
+        squares[index] += squared
+        excess = (squared / torch.sqrt(squares[index] + 1e-7)).sum(1)
         alpha = torch.as_tensor(self._step(excess.double().cpu().numpy(), list(tasks)),
                                 dtype=grads.dtype, device=grads.device)
         return torch.ones_like(alpha), alpha @ grads - grads.sum(0)

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import Tensor, nn
 
 from ..distributed import mean_over_ranks
@@ -79,6 +80,29 @@ class JacobianWeighting(GradientWeighting):
     def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
                ) -> tuple[Tensor, Tensor | None]:
         return torch.ones_like(losses), self.aggregate(grads, losses, tasks) - grads.sum(0)
+
+
+class GradientRowsWeighting(GradientWeighting):
+    """Base of rules that keep one shared-gradient-sized row per task (DB-MTL's, ExcessMTL's
+    and MoCo's running sums): ``rows`` ``[T, P]``, sized by the first step and saved as extra
+    state (a buffer would be shape-checked against the unsized one when a run resumes)."""
+
+    def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
+        super().__init__(task_names, options)
+        self.rows = torch.zeros(len(self.task_names), 0)
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return {"rows": self.rows}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.rows = state["rows"].clone()
+
+    def rows_like(self, grads: Tensor) -> Tensor:
+        """``rows`` on the gradients' device and dtype (zeros before the first step)."""
+        if self.rows.shape[1] != grads.shape[1]:
+            self.rows = grads.new_zeros(len(self.task_names), grads.shape[1])
+        self.rows = self.rows.to(grads)
+        return self.rows
 
 
 def flat_grad(loss: Tensor, params: Sequence[nn.Parameter]) -> Tensor:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .base import WEIGHTINGS
-from .gradient import GradientWeighting
+from .gradient import GradientRowsWeighting
 from .simplex_state import read_simplex, write_simplex
 
 
@@ -47,7 +47,7 @@ class MoCoOptions(BaseModel):
 
 
 @WEIGHTINGS.register("moco")
-class MoCo(GradientWeighting):
+class MoCo(GradientRowsWeighting):
     """MoCo (Fernando et al., ICLR 2023): tracked task gradients, weights stepped per batch."""
 
     Options = MoCoOptions
@@ -59,34 +59,24 @@ class MoCo(GradientWeighting):
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
         k = len(self.task_names)
-        self.tracked = torch.zeros(k, 0)
-        """Sized by the first step, so kept as extra state (a buffer's shape is checked)."""
         self.register_buffer("weights", torch.full((k,), 1.0 / k, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros(k, dtype=torch.long))
         """Per task: the tracked gradient's count."""
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         """The weights' count."""
 
-    def get_extra_state(self) -> dict[str, Tensor]:
-        return {"tracked": self.tracked}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        self.tracked = state["tracked"].clone()
-
     def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
                ) -> tuple[Tensor, Tensor | None]:
-        if self.tracked.shape[1] != grads.shape[1]:
-            self.tracked = grads.new_zeros(len(self.task_names), grads.shape[1])
-        self.tracked = self.tracked.to(grads)
+        rows = self.rows_like(grads)
         o = self.options
         index = torch.tensor(list(tasks), device=self.steps.device)
         self.steps[index] += 1
         self.step += 1
         t = self.steps[index].to(grads)
         scaled = grads / (grads.norm(dim=1, keepdim=True) + 1e-8) * losses.detach()[:, None]
-        tracked = self.tracked[index]
+        tracked = rows[index]
         tracked = tracked - (o.beta / t ** o.beta_sigma)[:, None] * (tracked - scaled)
-        self.tracked[index] = tracked
+        rows[index] = tracked
         lam_np, mass = read_simplex(self.weights, tasks)
         lam = torch.from_numpy(lam_np).to(grads)
         gram = tracked @ tracked.T + o.rho * torch.eye(len(tasks), dtype=grads.dtype,
