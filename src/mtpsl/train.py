@@ -502,7 +502,13 @@ def _fit(
         final = final_metrics(exp, history, time.perf_counter() - started, device, identity)
         path = run_dir / "final_metrics.json"
         write_text(path, json.dumps(final, indent=2))
-    return _from_rank0(final, env)
+    final = _from_rank0(final, env)
+    # A broadcast completes on its sender before the others have read it; tearing the group
+    # down right then is the likely cause of one gloo abort seen in CI ("terminate called
+    # without an active exception" in rank 0 at exit). After a barrier every process has
+    # received everything.
+    ddp.barrier(env)
+    return final
 
 
 def _load_training_state(exp: Experiment, step: _Step, state: dict, path: Path) -> None:
