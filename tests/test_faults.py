@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -112,25 +113,54 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fault, status", list(CASES.values()), ids=list(CASES))
-def test_fault_then_resume_equals_an_uninterrupted_run(fault, status, data, reference,
-                                                       tmp_path):
-    run = tmp_path / "run"
+def _case(fault: str, data: Path, run: Path) -> dict:
+    """One case: the faulted run, what it left behind, then ``--resume`` (and the fresh start
+    that resume asks for when the run was killed before it began)."""
     hit = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS, fault=fault)
+    checkpoint = run / "checkpoint.pt"
+    left = {"final": (run / "final_metrics.json").exists(),
+            "epoch": load_checkpoint(checkpoint)["epoch"] if checkpoint.exists() else None}
+    resumed = _mtpsl("train", "--resume", str(run))
+    restarted = (_mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS)
+                 if "config.yaml" in fault else None)
+    return {"hit": hit, "left": left, "resumed": resumed, "restarted": restarted}
+
+
+@pytest.fixture(scope="module")
+def fault_runs(data, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Every case of CASES, two at a time: each process uses one thread and the runs are
+    independent (faults fire at counted events, not at times), so the machine's two cores
+    halve the wall time of the module."""
+    base = tmp_path_factory.mktemp("cases")
+
+    def run_case(index_and_name: tuple[int, str]) -> tuple[Path, dict]:
+        index, name = index_and_name
+        run = base / f"case{index}" / "run"
+        return run, _case(CASES[name][0], data, run)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(run_case, enumerate(CASES)), strict=True))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fault_then_resume_equals_an_uninterrupted_run(name, fault_runs, reference):
+    fault, status = CASES[name]
+    run, case = fault_runs[name]
+    hit, left = case["hit"], case["left"]
     assert hit.returncode == status, hit.stderr
-    assert not (run / "final_metrics.json").exists() or "final_metrics" in fault
+    assert not left["final"] or "final_metrics" in fault
     if status > 0:
         last = hit.stderr.strip().splitlines()[-1]  # after the per-epoch progress lines
         assert "Traceback" not in hit.stderr and last.startswith("error: "), hit.stderr
     if status == EXIT_PREEMPTED:
-        assert "--resume" in hit.stderr and load_checkpoint(run / "checkpoint.pt")
+        assert "--resume" in hit.stderr and left["epoch"] is not None
     if "ENOSPC" in fault:
         assert "No space left on device" in hit.stderr
-        assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2  # the old one survived
-    resumed = _mtpsl("train", "--resume", str(run))
+        assert left["epoch"] == 2  # the old checkpoint survived
+    resumed = case["resumed"]
     if "config.yaml" in fault:  # killed before the run began: resume says to start it again
         assert resumed.returncode == EXIT_ERROR and "start it again" in resumed.stderr
-        resumed = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS)
+        resumed = case["restarted"]
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(run, reference)
 

@@ -85,7 +85,8 @@ class ExcessMTL(GradientRowsWeighting):
         scales = np.where(fresh, sums / max(self.options.warmup_steps, 1) if with_warmup
                           else excess, scales)
         relative = np.where(fresh & ~with_warmup, excess, excess / (scales + 1e-7))
-        logits = np.log(lam) + np.where(warm, 0.0, relative * self.options.step_size)
+        with np.errstate(divide="ignore"):  # a weight that underflowed to 0 stays 0
+            logits = np.log(lam) + np.where(warm, 0.0, relative * self.options.step_size)
         if not warm.all():
             lam = np.exp(logits - logits.max())
             lam /= lam.sum()

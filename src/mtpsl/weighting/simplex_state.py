@@ -20,6 +20,8 @@ def read_simplex(weights: Tensor, tasks: Sequence[int]) -> tuple[np.ndarray, flo
     """The present tasks' entries renormalised to the simplex, and the mass they hold."""
     held = weights.detach().cpu().double()[torch.tensor(list(tasks))].numpy()
     mass = float(held.sum())
+    if mass <= 0:  # the others hold all the mass: these start again from uniform
+        return np.full(len(held), 1.0 / len(held)), 0.0
     return held / mass, mass
 
 
