@@ -83,6 +83,10 @@ class Weighting(nn.Module):
         """Indices of the present tasks (reads ``present`` on the host: one sync)."""
         return [i for i, flag in enumerate(present.tolist()) if flag]
 
+    def _stacked(self, task_losses: Mapping[str, Tensor], indices: Sequence[int]) -> Tensor:
+        """The losses of the tasks at ``indices``, as one ``[K]`` tensor."""
+        return torch.stack([task_losses[self.task_names[i]] for i in indices])
+
 
 def backward_total(total: Tensor) -> Tensor:
     """Backward ``total`` when anything requires a gradient; return it detached."""

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import WEIGHTINGS, build_weighting
-from .gradient import GradientWeighting
+from .gradient import GradientWeighting, task_indices
 
 
 class CRMOGMOptions(BaseModel):
@@ -61,7 +61,7 @@ class CRMOGM(GradientWeighting):
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray,
                      tasks: Sequence[int] | None = None) -> np.ndarray:
-        tasks = list(range(len(gram))) if tasks is None else list(tasks)
+        tasks = task_indices(tasks, len(gram))
         fresh = torch.from_numpy(self.base.coefficients(gram, losses, tasks))
         index = torch.tensor(tasks)
         past, started = self.weights.cpu()[index], self.started.cpu()[index]

@@ -94,7 +94,7 @@ class FAMO(Weighting):
         indices = self._present_indices(present)
         if not indices:
             return backward_total(extra)
-        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
+        losses = self._stacked(task_losses, indices)
         z = self.weights(indices).detach().to(losses)
         index = torch.tensor(indices, device=self.before.device)
         self.before[index] = mean_over_ranks(losses.detach()).to(self.before)
@@ -109,8 +109,7 @@ class FAMO(Weighting):
         indices = self._present_indices(present)
         if not indices:
             return
-        after = mean_over_ranks(torch.stack([task_losses[self.task_names[i]].detach()
-                                             for i in indices]))
+        after = mean_over_ranks(self._stacked(task_losses, indices).detach())
         index = torch.tensor(indices, device=self.before.device)
         decrease = (self.before[index] + OFFSET).log() - (after.to(self.before) + OFFSET).log()
         self.optimiser.zero_grad(set_to_none=True)

@@ -52,5 +52,5 @@ class GLS(Weighting):
         indices = self._present_indices(present)
         if not indices:
             return backward_total(extra)
-        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
+        losses = self._stacked(task_losses, indices)
         return backward_linearised(self.objective, losses, extra)

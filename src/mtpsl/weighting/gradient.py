@@ -58,7 +58,7 @@ class GradientWeighting(Weighting):
         indices = self._present_indices(present)
         if not params or not indices:
             return backward_total(self.combine(task_losses) + extra)
-        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
+        losses = self._stacked(task_losses, indices)
         grads = torch.stack([flat_grad(loss, params) for loss in losses])
         # under torchrun: the weights come from the global batch's gradients and losses
         heads, correction = self.update(mean_over_ranks(grads), mean_over_ranks(losses), indices)
@@ -67,6 +67,11 @@ class GradientWeighting(Weighting):
         if correction is not None:
             add_to_grads(params, correction)
         return total.detach()
+
+
+def task_indices(tasks: Sequence[int] | None, count: int) -> list[int]:
+    """``coefficients``' ``tasks`` as a list (None: all ``count`` tasks, in order)."""
+    return list(range(count)) if tasks is None else list(tasks)
 
 
 class JacobianWeighting(GradientWeighting):

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .base import WEIGHTINGS
-from .gradient import GradientWeighting
+from .gradient import GradientWeighting, task_indices
 
 
 class GradVacOptions(BaseModel):
@@ -63,7 +63,7 @@ class GradVac(GradientWeighting):
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray,
                      tasks: Sequence[int] | None = None) -> np.ndarray:
-        tasks = list(range(len(gram))) if tasks is None else list(tasks)
+        tasks = task_indices(tasks, len(gram))
         index = torch.tensor(tasks)
         targets = self.targets.cpu()[index][:, index].numpy()
         coef = gradvac_coefficients(gram, targets, self.options.beta, self.options.eps,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .base import WEIGHTINGS
 from .cagrad import project_simplex
-from .gradient import GradientWeighting
+from .gradient import GradientWeighting, task_indices
 from .simplex_state import read_simplex, write_simplex
 
 
@@ -53,7 +53,7 @@ class MoDo(GradientWeighting):
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray,
                      tasks: Sequence[int] | None = None) -> np.ndarray:
-        tasks = list(range(len(gram))) if tasks is None else list(tasks)
+        tasks = task_indices(tasks, len(gram))
         lam, mass = read_simplex(self.weights, tasks)
         lam = project_simplex(lam - self.options.gamma * (gram @ lam + self.options.rho * lam))
         write_simplex(self.weights, tasks, lam, mass)

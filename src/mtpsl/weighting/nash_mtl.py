@@ -57,10 +57,11 @@ class NashMTL(GradientWeighting):
         """The weights scale the losses; the shared update alone is clipped, as the
         reference's ``clip_grad_norm_`` on the shared parameters after the backward pass."""
         heads, _ = super().update(grads, losses, tasks)
-        norm = float(torch.linalg.vector_norm(heads @ grads))
+        update = heads @ grads
+        norm = float(torch.linalg.vector_norm(update))
         if self.options.max_norm <= 0 or norm <= self.options.max_norm:
             return heads, None
-        return heads, (self.options.max_norm / norm - 1.0) * (heads @ grads)
+        return heads, (self.options.max_norm / norm - 1.0) * update
 
 
 def nash_weights(gram: np.ndarray, tol: float = 1e-12, max_iter: int = 100) -> np.ndarray:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .base import WEIGHTINGS
 from .cagrad import project_simplex
-from .gradient import GradientWeighting
+from .gradient import GradientWeighting, task_indices
 from .simplex_state import read_simplex, write_simplex
 
 
@@ -58,7 +58,7 @@ class SDMGrad(GradientWeighting):
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray,
                      tasks: Sequence[int] | None = None) -> np.ndarray:
-        tasks = list(range(len(gram))) if tasks is None else list(tasks)
+        tasks = task_indices(tasks, len(gram))
         w, mass = read_simplex(self.weights, tasks)
         o = self.options
         preferred = np.full(len(gram), 1.0 / len(gram))

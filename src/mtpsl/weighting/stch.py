@@ -70,7 +70,7 @@ class STCH(Weighting):
         indices = self._present_indices(present)
         if not indices:
             return backward_total(extra)
-        losses = torch.stack([task_losses[self.task_names[i]] for i in indices])
+        losses = self._stacked(task_losses, indices)
         index = torch.tensor(indices, device=self.nadir.device)
         nadir = self.nadir[index]
         if int(self.epoch) >= self.options.warmup_epochs - 1:  # record the nadir

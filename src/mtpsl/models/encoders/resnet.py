@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from torchvision.models import resnet
 
 # torchvision is imported where a ResNet is built: importing it pulls in torch._dynamo (about
-# 2 s of every CLI start), which models without a ResNet do not need.
+# 2 s), which the commands that build no ResNet and no optimiser (list, config show, eval of
+# a SegNet...) need not pay; training pays it anyway when torch.optim first runs.
 DEPTHS = (18, 34, 50, 101, 152)
 
 
