@@ -98,6 +98,15 @@ def measure_one(method: str, task_set: str, regime: str, args) -> dict:
     tasks = tasks_of(task_set)
     exp, run = build_run(config, tasks, device)
     batch = batch_for(tasks, exp.method.n_views, args, regime).to(device)
+    seconds, peak = timed_steps(exp, run, batch, args, f"{method} on {task_set}")
+    method_params = sum(p.numel() for p in exp.method.parameters())
+    return {"s_per_step": seconds, "peak_gib": peak, "method_parameters": method_params}
+
+
+def timed_steps(exp, run, batch: Batch, args, what: str) -> tuple[float, float]:
+    """Seconds per training step after ``args.warmup`` steps, over ``args.steps``, and the peak
+    memory in GiB (GPU allocations on CUDA, the process's resident set on CPU)."""
+    device = run.device
     shared = shared_parameters(exp.model)
     exp.model.train()
     exp.method.train()
@@ -109,11 +118,10 @@ def measure_one(method: str, task_set: str, regime: str, args) -> dict:
         loss = train_step(exp, run, batch, shared)
     sync(device)
     seconds = (time.perf_counter() - start) / args.steps
-    assert torch.isfinite(loss), f"{method} on {task_set} diverged"
+    assert torch.isfinite(loss), f"{what} diverged"
     memory = peak_memory(device, args.batch_size)
     peak = memory["peak_gpu_gib"] if device.type == "cuda" else memory["peak_rss_gib_process"]
-    method_params = sum(p.numel() for p in exp.method.parameters())
-    return {"s_per_step": seconds, "peak_gib": peak, "method_parameters": method_params}
+    return seconds, peak
 
 
 def measure_all(args) -> list[dict]:

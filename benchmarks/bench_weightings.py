@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_task_scaling import batch_for, tasks_of
-from bench_train import build_run, device_name, peak_memory, sync, train_step
+from bench_task_scaling import batch_for, tasks_of, timed_steps
+from bench_train import build_run, device_name
 
 from mtpsl.config import load_config
 from mtpsl.models import shared_parameters
@@ -59,22 +59,10 @@ def measure_one(weighting: str, args) -> dict:
     tasks = tasks_of(TASKS)
     exp, run = build_run(config, tasks, device)
     batch = batch_for(tasks, exp.method.n_views, args, "full").to(device)
-    shared = shared_parameters(exp.model)
-    exp.model.train()
-    for _ in range(args.warmup):
-        train_step(exp, run, batch, shared)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = train_step(exp, run, batch, shared)
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
-    assert torch.isfinite(loss), f"{weighting} diverged"
-    memory = peak_memory(device, args.batch_size)
-    peak = memory["peak_gpu_gib"] if device.type == "cuda" else memory["peak_rss_gib_process"]
-    cls = WEIGHTINGS.get(weighting)
-    return {"s_per_step": seconds, "peak_gib": peak, "linear_in_losses": cls.linear_in_losses,
-            "shared_parameters": sum(p.numel() for p in shared)}
+    seconds, peak = timed_steps(exp, run, batch, args, weighting)
+    return {"s_per_step": seconds, "peak_gib": peak,
+            "linear_in_losses": WEIGHTINGS.get(weighting).linear_in_losses,
+            "shared_parameters": sum(p.numel() for p in shared_parameters(exp.model))}
 
 
 def measure_all(args) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,18 @@ FAMILIES = {
     "nyuv2": {"label": ("label", 13), "depth": ("depth", 0), "normal": ("normal", 0)},
     "cityscapes": {"label_7": ("label", 7), "label_19": ("label", 19), "depth": ("depth", 0)},
 }
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_layout(

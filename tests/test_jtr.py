@@ -21,7 +21,7 @@ from mtpsl.methods.terms import map_cosine_distance as latent_distance
 from mtpsl.splits import make_split
 from mtpsl.tasks import build_task
 
-from conftest import assert_same_state, make_layout
+from conftest import assert_same_state, load_benchmark, make_layout
 
 H, W = 64, 96
 TASK_SETS = {
@@ -173,14 +173,9 @@ def test_options_are_validated():
 
 def test_the_task_scaling_benchmark_runs_every_method_on_five_tasks():
     """benchmarks/bench_task_scaling.py's measurement (one step, tiny) for the largest set."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_task_scaling.py"
-    spec = importlib.util.spec_from_file_location("bench_task_scaling", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_task_scaling")
     args = SimpleNamespace(device="cpu", height=64, width=96, batch_size=2, width_mult=0.0625,
                            steps=1, warmup=0)
     for method in bench.METHODS:

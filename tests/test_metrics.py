@@ -6,7 +6,6 @@ independently written reference proves they are not per-batch averages in disgui
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ from mtpsl.metrics import (
     build_metric,
     delta_m,
 )
+
+from conftest import load_benchmark
 
 RTOL = 1e-6
 SPLITS = (1, 3, 2, 1)  # uneven batch sizes, 7 images in all
@@ -452,11 +453,7 @@ def test_delta_m_errors_name_the_key() -> None:
 def test_bench_eval_streaming_agrees_with_naive_host_path(dataset: str, tmp_path: Path) -> None:
     """benchmarks/bench_eval.py runs both paths on the same batches; their metrics agree
     (the streaming normal median is a 1e-3 degree bin, so within 5e-4 of numpy's)."""
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_eval.py"
-    spec = importlib.util.spec_from_file_location("bench_eval", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_eval")
     out = tmp_path / "r.json"
     argv = ["--device", "cpu", "--dataset", dataset, "--height", "40", "--width", "56",
             "--batch-size", "2", "--batches", "2", "--repeats", "1", "--out", str(out)]

@@ -4,7 +4,6 @@ define it today (a changed preset, method list, seed list or data size needs a n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -13,17 +12,15 @@ from mtpsl.compare import cell_config_for, grid_cells
 from mtpsl.config import Config
 from mtpsl.signature import flatten, setup_from_config
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS = 8 * 60
 """The demo's training budget on this project's 2-core machine (issue 12)."""
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("readme_table",
-                                                  ROOT / "benchmarks" / "readme_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("readme_table")
 
 
 def test_readme_demo_table_is_generated_from_the_committed_record():

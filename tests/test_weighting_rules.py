@@ -14,6 +14,8 @@ from mtpsl.errors import ConfigError
 from mtpsl.weighting import build_weighting
 from mtpsl.weighting.nash_mtl import nash_weights
 
+from conftest import load_benchmark
+
 tja = pytest.importorskip("torchjd.aggregation")
 NAMES = ("a", "b", "c")
 
@@ -302,14 +304,9 @@ def test_excess_mtl_state_survives_a_checkpoint():
 
 def test_the_weighting_benchmark_measures_against_uniform():
     """benchmarks/bench_weightings.py's measurement (one step, tiny) and its table."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_weightings.py"
-    spec = importlib.util.spec_from_file_location("bench_weightings", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_weightings")
     args = SimpleNamespace(device="cpu", height=32, width=48, batch_size=2, width_mult=0.0625,
                            steps=1, warmup=0)
     rows = [{"weighting": n, **bench.measure_one(n, args)} for n in ("uniform", "nash_mtl")]
