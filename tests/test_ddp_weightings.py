@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -75,9 +74,9 @@ def _trajectory(name: str, images: list[int], env: DistEnv) -> list[list[float]]
     return path
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=2)
     env = DistEnv(rank, 2, rank)
     images = [0, 1] if rank == 0 else [2, 3]
@@ -88,17 +87,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_paths(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_weightings") / "paths.json"
     os.environ.pop("MTPSL_FAULT", None)
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
+    store = out.parent / "store"  # a file rendezvous: no port to race for
+    mp.start_processes(_worker, args=(str(store), str(out)), nprocs=2, start_method="spawn")
     return json.loads(out.read_text())
 
 
