@@ -1,5 +1,6 @@
-"""PASCAL-Context metrics and losses (edges odsF, saliency maxF/mIoU, parts mIoU, binary BCE)
-against brute-force numpy implementations of the same definitions and known-answer cases."""
+"""PASCAL-Context metrics and losses (the fast dilation odsF, pooled saliency maxF/mIoU, parts
+mIoU, binary BCE) against brute-force numpy implementations of the same definitions and
+known-answer cases. The benchmark's own measures: ``test_benchmark_measures.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtpsl.metrics import EdgeMetric, SaliencyMetric, SegmentationMetric, _disc_max, disc_offsets
+from mtpsl.metrics import (
+    DilationEdgeMetric,
+    PooledSaliencyMetric,
+    SegmentationMetric,
+    _disc_max,
+    disc_offsets,
+)
 from mtpsl.tasks import build_task
 
 BINS = 10
@@ -96,7 +103,7 @@ def _random_edge_images(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
 @pytest.mark.parametrize("max_dist", [0.0, 0.05, 0.09])
 def test_odsf_matches_brute_force(seed, max_dist):
     images = _random_edge_images(seed)
-    got = _feed(EdgeMetric(max_dist=max_dist, num_bins=BINS), images)["odsf"]
+    got = _feed(DilationEdgeMetric(max_dist=max_dist, num_bins=BINS), images)["odsf_dilation"]
     assert got == pytest.approx(brute_odsf(images, max_dist), abs=1e-12)
 
 
@@ -121,36 +128,36 @@ def test_known_answers(pred_row, cols, expected):
     h, w = 60, 80  # diagonal 100 px: with max_dist 0.03 the radius is 3 px
     gt = _line(h, w, 20)
     pred = _line(h, w, pred_row, cols)
-    metric = EdgeMetric(max_dist=0.03)
-    assert _feed(metric, [(pred, gt)])["odsf"] == pytest.approx(expected)
+    metric = DilationEdgeMetric(max_dist=0.03)
+    assert _feed(metric, [(pred, gt)])["odsf_dilation"] == pytest.approx(expected)
 
 
 def test_default_tolerance_is_0_0075_of_the_diagonal():
     h, w = 300, 400  # diagonal 500 px -> radius 3.75 px
     gt = _line(h, w, 100)
-    assert _feed(EdgeMetric(), [(_line(h, w, 103), gt)])["odsf"] == 1.0
-    assert _feed(EdgeMetric(), [(_line(h, w, 104), gt)])["odsf"] == 0.0
+    assert _feed(DilationEdgeMetric(), [(_line(h, w, 103), gt)])["odsf_dilation"] == 1.0
+    assert _feed(DilationEdgeMetric(), [(_line(h, w, 104), gt)])["odsf_dilation"] == 0.0
 
 
 def test_thick_prediction_is_not_thinned_documented_difference():
-    """BSDS would thin the 3-px band (and match one to one): precision 1/3 there; here every
-    band pixel lies within the radius of the edge, so F = 1 (the documented upper bound)."""
+    """Every pixel of a 3-px band lies within the radius of the edge, so F = 1 (BSDS thins
+    the band first, see test_benchmark_measures.py)."""
     h, w = 60, 80
     gt = _line(h, w, 20)
     pred = _line(h, w, 19) + _line(h, w, 20) + _line(h, w, 21)
-    metric = EdgeMetric(max_dist=0.03)
-    assert _feed(metric, [(pred, gt)])["odsf"] == 1.0
+    metric = DilationEdgeMetric(max_dist=0.03)
+    assert _feed(metric, [(pred, gt)])["odsf_dilation"] == 1.0
     assert metric.best["precision"] == 1.0
 
 
 def test_best_threshold_and_no_prediction():
     gt = _line(30, 40, 10)
     pred = gt * 0.55 + (1 - gt) * 0.45  # separable only above 0.45
-    metric = EdgeMetric(max_dist=0.0)
-    assert _feed(metric, [(pred.astype(np.float32), gt)])["odsf"] == 1.0
+    metric = DilationEdgeMetric(max_dist=0.0)
+    assert _feed(metric, [(pred.astype(np.float32), gt)])["odsf_dilation"] == 1.0
     assert 0.45 <= metric.best["threshold"] <= 0.55  # any cut between the two values
-    empty = EdgeMetric()
-    assert math.isnan(empty.compute()["odsf"])
+    empty = DilationEdgeMetric()
+    assert math.isnan(empty.compute()["odsf_dilation"])
 
 
 def test_disc_offsets():
@@ -190,18 +197,19 @@ def test_saliency_matches_brute_force(seed):
         gt[rng.random((h, w)) < 0.1] = -1
         pred = np.clip(0.4 * gt + 0.7 * rng.random((h, w)), 0, 1).astype(np.float32)
         images.append((pred, gt))
-    got = _feed(SaliencyMetric(num_bins=BINS), images)
+    got = _feed(PooledSaliencyMetric(num_bins=BINS), images)
     maxf, miou = brute_saliency(images)
-    assert got["maxf"] == pytest.approx(maxf, abs=1e-12)
-    assert got["miou"] == pytest.approx(miou, abs=1e-12)
+    assert got["maxf_pooled"] == pytest.approx(maxf, abs=1e-12)
+    assert got["miou_pooled"] == pytest.approx(miou, abs=1e-12)
 
 
 def test_saliency_perfect_and_inverted():
     gt = np.zeros((10, 10), np.float32)
     gt[2:6, 3:8] = 1
-    assert _feed(SaliencyMetric(), [(gt * 0.9 + 0.05, gt)]) == {"maxf": 1.0, "miou": 1.0}
-    inverted = _feed(SaliencyMetric(), [(1 - gt, gt)])
-    assert inverted["maxf"] == 0.0
+    perfect = _feed(PooledSaliencyMetric(), [(gt * 0.9 + 0.05, gt)])
+    assert perfect == {"maxf_pooled": 1.0, "miou_pooled": 1.0}
+    inverted = _feed(PooledSaliencyMetric(), [(1 - gt, gt)])
+    assert inverted["maxf_pooled"] == 0.0
 
 
 # ----------------------------------------------------------------------------- parts mIoU

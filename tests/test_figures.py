@@ -17,6 +17,7 @@ from mtpsl import figures
 from mtpsl.checkpoint import load_checkpoint, save_checkpoint
 from mtpsl.cli import main
 from mtpsl.inference import load_run
+from mtpsl.metrics import EdgeMetric
 
 from conftest import make_layout
 
@@ -193,32 +194,26 @@ def test_figures_registry_is_the_commands_extension_point():
 
 
 
-def _saliency_miou(prob, label, bins=100):
-    """Threshold-max mean of foreground/background IoU over thresholds k/bins (numpy)."""
-    valid = (label == 0) | (label == 1)
-    fg = label == 1
-    best = -1.0
-    for k in range(1, bins):
-        pos = np.floor(prob.astype(np.float64) * bins) >= k
-        ious = []
-        for p, g in ((pos, fg), (~pos, ~fg)):
-            union = ((p | g) & valid).sum()
-            ious.append(((p & g) & valid).sum() / union if union else 1.0)
-        best = max(best, float(np.mean(ious)))
-    return best
+def _saliency_miou(prob, label):
+    """The benchmark's saliency mIoU of one image (its own pixels; the padding cropped)."""
+    import benchmark_reference as ref
+
+    rows, cols = np.nonzero((label == 0) | (label == 1))
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    return ref.eval_sal([(prob[box], label[box])])["miou"]
 
 
 def _edge_f(binary, label, max_dist=0.0075):
-    """F-measure of a 0/1 edge map with the metric's distance tolerance (scipy EDT)."""
-    from scipy.ndimage import distance_transform_edt
+    """BSDS F of a thinned 0/1 edge map at the image's own size (padding cropped), by a
+    brute-force maximum matching."""
+    import benchmark_reference as ref
 
-    valid = (label == 0) | (label == 1)
-    pred, gt = (binary > 0) & valid, (label == 1) & valid
-    radius = max_dist * np.hypot(*label.shape)
-    near_gt = distance_transform_edt(~gt) <= radius if gt.any() else np.zeros_like(gt)
-    near_pred = distance_transform_edt(~pred) <= radius if pred.any() else np.zeros_like(pred)
-    precision = (pred & near_gt).sum() / pred.sum() if pred.sum() else 0.0
-    recall = (gt & near_pred).sum() / gt.sum() if gt.sum() else 0.0
+    rows, cols = np.nonzero((label == 0) | (label == 1))
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    pred, gt = binary[box] > 0, label[box] == 1
+    matched = ref.max_matching(pred, gt, max_dist * np.hypot(*gt.shape))
+    precision = matched / pred.sum() if pred.sum() else 0.0
+    recall = matched / gt.sum() if gt.sum() else 0.0
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
@@ -245,12 +240,15 @@ def test_five_task_qualitative_cells_match_their_scores(pascal_run, tmp_path, ca
         np.testing.assert_array_equal(pred_cell, prob)
         assert data.scores["SL"]["saliency"][k] == pytest.approx(
             _saliency_miou(prob, sal_gt), abs=1e-9)
-        # edges: the binary map shown scores exactly the titled per-image odsF
+        # edges: the thinned map shown scores the image's best sampled threshold (its oisF);
+        # the titled odsF interpolates between thresholds, so it is at least that
         edge_gt = data.targets["edges"][k].numpy()[0]
         edge_bin = cells["edges"][1][0]
         assert set(np.unique(edge_bin)) <= {0.0, 1.0}
-        assert data.scores["SL"]["edges"][k] == pytest.approx(
-            _edge_f(edge_bin, edge_gt), abs=1e-9)
+        metric = EdgeMetric()
+        metric.update(data.preds[0]["edges"][k][None], data.targets["edges"][k][None])
+        assert _edge_f(edge_bin, edge_gt) == pytest.approx(metric.compute()["oisf"], abs=1e-9)
+        assert data.scores["SL"]["edges"][k] >= _edge_f(edge_bin, edge_gt) - 1e-12
     assert main(["figures", "qualitative", "--runs", str(pascal_run), "--indices", "0", "1",
                  "--device", "cpu", "--out", str(tmp_path)]) == 0
     w, h = _size(tmp_path / "qualitative.png")
@@ -271,8 +269,8 @@ def test_edge_map_picks_the_threshold_that_recovers_the_edge():
     shown = figures.edge_map(task, prob, label)
     expected = np.zeros((20, 30), np.float32)
     expected[10, 3:27] = 1
-    expected[:, 28:] = shown[:, 28:]  # unlabelled pixels do not decide the threshold
-    np.testing.assert_array_equal(shown, expected)
+    np.testing.assert_array_equal(shown[:, :28], expected[:, :28])  # a 1-px line stays as is
+    assert not shown[:, 28:].any()  # unlabelled pixels are no prediction either
     assert _edge_f(shown, label[0].numpy()) == 1.0
 
 
@@ -281,6 +279,11 @@ def test_edge_map_without_an_edge_to_find_thresholds_at_one_half():
 
     task = build_task("edge", "edges")
     prob = torch.linspace(0, 1, 24).reshape(1, 4, 6)
-    for fill in (0.0, -1.0):  # no edge pixel / no labelled pixel: every threshold ties
-        shown = figures.edge_map(task, prob, torch.full((1, 4, 6), fill))
-        np.testing.assert_array_equal(shown, (np.floor(prob[0].double().numpy() * 100) >= 50))
+    from mtpsl.metrics.bsds import thin
+
+    # no edge pixel: every threshold ties, the thinned map at 0.5 (in the PNG's 8 bits)
+    shown = figures.edge_map(task, prob, torch.zeros((1, 4, 6)))
+    levels = np.floor(prob[0].numpy() * 255) / 255
+    np.testing.assert_array_equal(shown, thin((levels >= 0.5)[None])[0])
+    # no labelled pixel: nothing to score, nothing shown
+    assert not figures.edge_map(task, prob, torch.full((1, 4, 6), -1.0)).any()

@@ -138,6 +138,36 @@ def test_items_decode_and_pad(layout):
     assert a["index"] == 0
 
 
+def test_normal_validity_from_the_file_or_from_the_label_map(layout):
+    """A pre-masked file: (0, 0, 0) is no label. A raw file (a vector at every pixel, as the
+    benchmark's): every pixel valid by default; with ``normal_classes`` only where the LabelMap
+    class is listed (class 2 is the lower half of every image, class 1 the upper half)."""
+    h, w = SIZES["a"]
+    masked = _open(layout, size=None)[0]["normal"]
+    assert (masked[:, 0] == 0).all() and (masked[:, 1:].norm(dim=0) > 0.99).all()
+    raw = np.zeros((h, w, 3), np.uint8)
+    raw[..., 2] = 255
+    Image.fromarray(raw).save(layout / "normals_distill" / "a.png")
+    from_file = _open(layout, size=None)[0]["normal"]
+    assert (from_file.norm(dim=0) > 0.99).all()
+    by_class = _open(layout, size=None, normal_classes=[2])[0]["normal"]
+    lower = np.arange(h) >= h // 2
+    assert (by_class[:, ~lower] == 0).all()
+    torch.testing.assert_close(by_class[:, lower], from_file[:, lower])
+    assert (_open(layout, size=None, normal_classes=[1, 2])[0]["normal"] == from_file).all()
+
+
+def test_edge_measure_option_picks_the_metric(layout):
+    from mtpsl.evaluate import build_metrics, primary_keys
+
+    ds = _open(layout, edge_measure="dilation")
+    assert type(build_metrics(ds.tasks)["edges"]).__name__ == "DilationEdgeMetric"
+    assert "edges/odsf_dilation" in primary_keys(ds.tasks)
+    assert "edges/odsf" in primary_keys(_open(layout).tasks)
+    with pytest.raises(ValueError, match="edge_measure"):
+        _open(layout, edge_measure="canny")
+
+
 def test_native_size_and_shrinking(layout):
     ds = _open(layout, size=None)
     assert ds[1]["image"].shape == (3, *SIZES["b"])

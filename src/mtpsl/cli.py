@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="evaluate on another dataset root of the same layout")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--edge-measure", choices=("bsds", "dilation"),
+                   help="score edge tasks with this measure (default: the run's)")
+    p.add_argument("--edge-workers", type=int, metavar="N",
+                   help="score edges (BSDS measure) in N processes (default: the run's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="train a grid of methods x regimes x seeds; print a table")
@@ -117,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         lock = lock_if_run_folder(args.out)  # eval --out into a run folder: one writer
     try:
         metrics = evaluate_checkpoint(args.run, args.checkpoint, args.split, args.root,
-                                      args.device)
+                                      args.device, args.edge_measure, args.edge_workers)
         text = json.dumps(metrics, indent=2)
         if args.out:
             from .files import write_text

@@ -16,7 +16,7 @@ from .tasks import Task
 
 
 def build_metrics(tasks: Mapping[str, Task]) -> dict[str, Metric]:
-    return {name: METRICS.get(t.metric)(**t.metric_kwargs()) for name, t in tasks.items()}
+    return {name: METRICS.get(t.metric_name())(**t.metric_kwargs()) for name, t in tasks.items()}
 
 
 def higher_is_better(tasks: Mapping[str, Task]) -> dict[str, bool]:
@@ -30,7 +30,7 @@ def higher_is_better(tasks: Mapping[str, Task]) -> dict[str, bool]:
 
 def primary_keys(tasks: Mapping[str, Task]) -> list[str]:
     """The one metric per task that Delta_m and the summary tables use."""
-    return [f"{name}/{t.primary_metric}" for name, t in tasks.items()]
+    return [f"{name}/{t.primary_key()}" for name, t in tasks.items()]
 
 
 def accumulate(
@@ -85,8 +85,12 @@ def evaluate_checkpoint(
     split: str | None = None,
     root: str | None = None,
     device: str = "auto",
+    edge_measure: str | None = None,
+    edge_workers: int | None = None,
 ) -> dict:
-    """``mtpsl eval``: rebuild a run's model from its checkpoint and evaluate it."""
+    """``mtpsl eval``: rebuild a run's model from its checkpoint and evaluate it;
+    ``edge_measure`` re-scores edge tasks with another measure (e.g. the published ``bsds``
+    for a run monitored with ``dilation``), ``edge_workers`` in that many processes."""
     from .data.batch import PartialLabelSet
     from .experiment import eval_loader, open_dataset, resolve_device
     from .inference import load_run
@@ -96,7 +100,10 @@ def evaluate_checkpoint(
     config = loaded.config
     split_name = split or config.dataset.eval_split
     dataset = open_dataset(config, split_name)
-    loader = eval_loader(PartialLabelSet(dataset, loaded.tasks), config, dev)
-    metrics = evaluate(loaded.model, loader, loaded.tasks, dev, config.train.progress, split_name)
+    tasks = loaded.tasks
+    if edge_measure is not None or edge_workers is not None:
+        tasks = {n: t.with_scoring(edge_measure, edge_workers) for n, t in tasks.items()}
+    loader = eval_loader(PartialLabelSet(dataset, tasks), config, dev)
+    metrics = evaluate(loaded.model, loader, tasks, dev, config.train.progress, split_name)
     return {"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "split": split_name,
             "root": config.dataset.root, "metrics": metrics}

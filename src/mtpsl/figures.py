@@ -244,7 +244,7 @@ def image_score(task: Task, pred: torch.Tensor, target: torch.Tensor) -> float:
 
     metric = build_metrics({task.name: task})[task.name]
     metric.update(pred, target)
-    return float(metric.compute()[task.primary_metric])
+    return float(metric.compute()[task.primary_key()])
 
 
 def collect_qualitative(
@@ -306,7 +306,7 @@ def collect_qualitative(
 def score_table(data: Qualitative) -> list[dict]:
     """The per-image scores the figure is titled with, one row per (image, task, run)."""
     return [
-        {"index": idx, "task": name, "metric": task.primary_metric, "run": label,
+        {"index": idx, "task": name, "metric": task.primary_key(), "run": label,
          "score": data.scores[label][name][k]}
         for k, idx in enumerate(data.indices)
         for name, task in data.tasks.items()
@@ -326,10 +326,10 @@ def cell_titles(data: Qualitative) -> list[list[str]]:
     for k, idx in enumerate(data.indices):
         row = [f"{data.split} #{idx}"]
         for name, task in data.tasks.items():
-            arrow = ARROWS[metric_directions([f"{name}/{task.primary_metric}"])
-                           [f"{name}/{task.primary_metric}"]]
+            arrow = ARROWS[metric_directions([f"{name}/{task.primary_key()}"])
+                           [f"{name}/{task.primary_key()}"]]
             row.append(f"{name}\nground truth")
-            row += [f"{label}\n{task.primary_metric} {arrow} {_fmt(data.scores[label][name][k])}"
+            row += [f"{label}\n{task.primary_key()} {arrow} {_fmt(data.scores[label][name][k])}"
                     for label in data.labels]
         titles.append(row)
     return titles

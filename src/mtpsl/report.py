@@ -85,6 +85,8 @@ def infer_primary_keys(keys: Iterable[str]) -> list[str]:
     for kind in TASKS.names():
         task_cls = TASKS.get(kind)
         primaries.setdefault(task_cls.metric, task_cls.primary_metric)
+        for name, key in task_cls.alternative_metrics.items():
+            primaries.setdefault(name, key)
     out = []
     for task, shorts in by_task.items():
         matches = {primaries[m] for m in primaries if m in METRICS.names()

@@ -18,12 +18,21 @@ such images all-ignore). A missing file of another task makes that label unavail
 
 Every item is brought to ``size`` (default 512 x 512) by :func:`fit_to_size`: bottom/right
 padding whose labels are blank, so batches stack and padded pixels are never scored; evaluation
-therefore runs on the padded tensors (metrics skip the padding, but the edge tolerance is
-relative to the padded diagonal). ``size=None`` keeps native sizes (batch size 1 only).
+therefore runs on the padded tensors (metrics skip the padding, and the edge measure crops each
+image to its labelled pixels, so its tolerance is relative to the image's own diagonal).
+``size=None`` keeps native sizes (batch size 1 only).
 (The benchmark's code instead warps every image to 512 x 512 with a fixed resize and scores
 predictions resized back; padding keeps the aspect ratio and scores every label pixel at its
 own resolution.) Training augmentation is the usual ``dataset.augment`` zoom (1, 1.2, 1.5,
 crop of 1/s resized back) and flip, applied to the padded item.
+
+Which normal pixels are valid: the benchmark's loader keeps the distilled normal only where the
+``LabelMap`` class is one it lists as having a normal (the context classes shared with NYUv2,
+from its ``json/`` files, plus ``tvmonitor``); its PNGs hold a vector at every pixel. mtpsl
+reads validity from the file, a pixel being valid when its stored RGB is not (0, 0, 0) and its
+vector is non-zero, which is right for files written pre-masked (as ``mtpsl synth`` writes
+them); for the benchmark's raw files pass the class ids of its list as the dataset option
+``normal_classes`` and validity becomes "stored vector non-zero and LabelMap in the list".
 
 Construction checks the layout from file headers only (JPEG/PNG sizes and modes, ``.mat``
 variable shapes), so a broken download fails at once with a :class:`DataError` naming the file.
@@ -226,8 +235,11 @@ class PascalContextDataset(TaskDataset):
         *,
         size: tuple[int, int] | None = (512, 512),
         cache: bool = False,
+        normal_classes: Iterable[int] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.normal_classes = None if normal_classes is None else sorted(
+            {int(c) for c in normal_classes})
         self.split = split
         self.tasks = dict(tasks)
         self.task_names = tuple(self.tasks)
@@ -337,6 +349,9 @@ class PascalContextDataset(TaskDataset):
             vec = 2.0 * raw / 255.0 - 1.0
             norm = np.linalg.norm(vec, axis=-1, keepdims=True)
             valid = (raw != 0).any(axis=-1, keepdims=True) & (norm > 0)
+            if self.normal_classes is not None:
+                labels = np.asarray(_loadmat(self.path("edges", image_id))["LabelMap"])
+                valid &= np.isin(labels, self.normal_classes)[..., None]
             return np.where(valid, vec / np.maximum(norm, 1e-12), 0.0).transpose(2, 0, 1)
         if name == "saliency":
             return (self._read_png(name, image_id) > 127).astype(np.float32)[None]
@@ -388,9 +403,15 @@ class PascalContextDataset(TaskDataset):
 
 
 def pascal_tasks(
-    names: Iterable[str], loss_weights: Mapping[str, float] | None = None
+    names: Iterable[str], loss_weights: Mapping[str, float] | None = None,
+    edge_measure: str = "bsds", edge_workers: int = 0,
 ) -> dict[str, Task]:
-    """The benchmark's task instances (losses and reference loss weights) for ``names``."""
+    """The benchmark's task instances (losses and reference loss weights) for ``names``;
+    ``edge_measure`` and ``edge_workers`` as :class:`~mtpsl.tasks.binary.EdgeTask`'s
+    ``measure`` and ``workers``."""
+    if edge_measure not in ("bsds", "dilation"):
+        raise ValueError(f"edge_measure must be 'bsds' (the published odsF) or 'dilation' "
+                         f"(fast, for monitoring), got {edge_measure!r}")
     weights = dict(REFERENCE_LOSS_WEIGHTS)
     unknown = sorted(set(loss_weights or {}) - set(PASCAL_TASKS))
     if unknown:
@@ -401,7 +422,8 @@ def pascal_tasks(
         "parts": lambda w: build_task("segmentation", "parts", num_classes=7, loss_weight=w),
         "normal": lambda w: build_task("normal", "normal", loss_kind="l1", loss_weight=w),
         "saliency": lambda w: build_task("saliency", "saliency", loss_weight=w),
-        "edges": lambda w: build_task("edge", "edges", loss_weight=w),
+        "edges": lambda w: build_task("edge", "edges", loss_weight=w, measure=edge_measure,
+                                      workers=edge_workers),
     }
     return {n: make[n](weights[n]) for n in names}
 
@@ -415,9 +437,15 @@ def pascal_context(
     size: tuple[int, int] | list[int] | None = (512, 512),
     loss_weights: Mapping[str, float] | None = None,
     cache: bool = False,
+    edge_measure: str = "bsds",
+    edge_workers: int = 0,
+    normal_classes: list[int] | None = None,
 ) -> PascalContextDataset:
     """PASCAL-Context, five tasks (see the module docstring); ``loss_weights`` overrides the
-    reference weights per task (e.g. all 1.0 for an unweighted sum)."""
+    reference weights per task (e.g. all 1.0 for an unweighted sum); ``edge_measure``
+    ``"dilation"`` scores edges with the fast approximation (monitoring, not comparable with
+    published odsF); ``edge_workers`` scores edges in that many processes during evaluation;
+    ``normal_classes`` makes normal validity follow the label map."""
     names = _select(tasks, list(PASCAL_TASKS), "pascal_context")
     if size is not None and (
         len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
@@ -428,7 +456,8 @@ def pascal_context(
     return PascalContextDataset(
         root,
         split,
-        pascal_tasks(names, loss_weights),
+        pascal_tasks(names, loss_weights, edge_measure, edge_workers),
         size=None if size is None else (int(size[0]), int(size[1])),
         cache=cache,
+        normal_classes=normal_classes,
     )

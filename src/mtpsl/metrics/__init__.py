@@ -8,7 +8,9 @@ float32 on devices without float64, such as MPS) on the device that holds the pr
 its input's max back to the host). Per-pixel maths runs in float32 (float64 if the inputs
 are), sums accumulate in float64, counts in int64. ``compute`` is the one place values reach
 the host, and ``state_tensors`` exposes the accumulators so a DDP trainer can
-``all_reduce(SUM)`` them first.
+``all_reduce(SUM)`` them first. One exception: the BSDS edge measure (``edge``) thins and
+matches on the host (numpy/scipy) per image, as the published protocol requires; its counts
+still live on the device and reduce the same way.
 
 Departures from the papers and reference code, with the options and tests that pin them:
 ``docs/fidelity.md``, section "Metrics".
@@ -19,9 +21,9 @@ Adding a metric is adding a file to this package (see ``docs/extending.md``).
 from ..registry import discover
 from .base import METRICS, Metric, _float_dtype, argmax_classes, build_metric, delta_m
 from .depth import DepthMetric
-from .edge import EdgeMetric, _disc_max, disc_offsets
+from .edge import DilationEdgeMetric, EdgeMetric, _disc_max, disc_offsets
 from .normal import NORMAL_THRESHOLDS_DEG, NormalMetric
-from .saliency import SaliencyMetric
+from .saliency import PooledSaliencyMetric, SaliencyMetric
 from .segmentation import SegmentationMetric
 
 discover(__name__, __path__)
@@ -30,9 +32,11 @@ __all__ = [
     "METRICS",
     "NORMAL_THRESHOLDS_DEG",
     "DepthMetric",
+    "DilationEdgeMetric",
     "EdgeMetric",
     "Metric",
     "NormalMetric",
+    "PooledSaliencyMetric",
     "SaliencyMetric",
     "SegmentationMetric",
     "_disc_max",

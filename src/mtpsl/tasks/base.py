@@ -61,6 +61,25 @@ class Task:
     def out_channels(self) -> int:
         return self.channels
 
+    alternative_metrics: ClassVar[dict[str, str]] = {}
+    """Other registered metrics an instance may be scored with (:meth:`metric_name`), each
+    with its primary key; reports recognise their keys too."""
+
+    def metric_name(self) -> str:
+        """The registered metric this instance is scored with: ``metric`` unless the task
+        offers an alternative measure and the instance chose it."""
+        return self.metric
+
+    def with_scoring(self, measure: str | None = None, workers: int | None = None) -> Task:
+        """This task scored with another of its measures (edges: ``"bsds"``, ``"dilation"``)
+        or evaluation processes; a task with a single in-process measure returns itself."""
+        return self
+
+    def primary_key(self) -> str:
+        """The key of this instance's metric that stands for the task in Delta_m."""
+        name = self.metric_name()
+        return self.primary_metric if name == self.metric else self.alternative_metrics[name]
+
     def metric_kwargs(self) -> dict:
         return {}
 
