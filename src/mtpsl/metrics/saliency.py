@@ -95,10 +95,10 @@ class SaliencyMetric(Metric):
 
 @METRICS.register("saliency_pooled")
 class PooledSaliencyMetric(Metric):
-    """Saliency over set-pooled counts (the form of e.g. InvPT's ``SaliencyMeter``): max
+    """Saliency over set-pooled counts (the form some later multi-task codebases use): max
     F-measure (``maxf_pooled``) and threshold-max two-class mIoU (``miou_pooled``). Not the
     PASCAL-Context benchmark's definition (that is :class:`SaliencyMetric`); on the same
-    predictions the two differ by tens of points.
+    predictions the two can differ by tens of points.
 
     ``pred`` is a probability map ``[B,1,H,W]``; ``target`` is 0/1, other values ignored.
     Thresholds are ``k / num_bins`` for ``k = 1..num_bins-1`` (0.01..0.99 by default). For
