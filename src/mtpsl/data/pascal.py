@@ -30,7 +30,7 @@ Which normal pixels are valid: the benchmark's loader keeps the distilled normal
 ``LabelMap`` class is one it lists as having a normal (the context classes shared with NYUv2,
 from its ``json/`` files, plus ``tvmonitor``); its PNGs hold a vector at every pixel. mtpsl
 reads validity from the file, a pixel being valid when its stored RGB is not (0, 0, 0) and its
-vector is non-zero, which is right for files written pre-masked (as ``mtpsl synth`` writes
+vector is non-zero, which is right for files written pre-masked (as ``mtpsl data synth`` writes
 them); for the benchmark's raw files pass the class ids of its list as the dataset option
 ``normal_classes`` and validity becomes "stored vector non-zero and LabelMap in the list".
 
