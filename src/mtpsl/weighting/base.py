@@ -88,6 +88,24 @@ class Weighting(nn.Module):
         return torch.stack([task_losses[self.task_names[i]] for i in indices])
 
 
+class SeededDraws:
+    """Mixin of a strategy that draws random numbers (PCGrad's orders, RLW's weights, GradDrop's
+    masks, GradVac's orders) from its own generator, seeded by ``options.seed``, so the draws do
+    not depend on the global RNG. Its state is the module's extra state (``state_dict``), so a
+    resumed run draws the same numbers."""
+
+    generator: torch.Generator
+
+    def seed_generator(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.generator.set_state(state.cpu())
+
+
 def backward_total(total: Tensor) -> Tensor:
     """Backward ``total`` when anything requires a gradient; return it detached."""
     if total.requires_grad:

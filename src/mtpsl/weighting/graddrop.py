@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS
+from .base import WEIGHTINGS, SeededDraws
 from .gradient import JacobianWeighting
 
 
@@ -41,7 +41,7 @@ class GradDropOptions(BaseModel):
 
 
 @WEIGHTINGS.register("graddrop")
-class GradDrop(JacobianWeighting):
+class GradDrop(SeededDraws, JacobianWeighting):
     """GradDrop (Chen et al. 2020): per coordinate keep only the gradients of one sign, the
     sign drawn with the probability of its share of the total magnitude."""
 
@@ -50,13 +50,7 @@ class GradDrop(JacobianWeighting):
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
-        self.generator = torch.Generator().manual_seed(self.options.seed)
-
-    def get_extra_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.generator.set_state(state.cpu())
+        self.seed_generator(self.options.seed)
 
     def aggregate(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]) -> Tensor:
         magnitude = grads.abs().sum(0)

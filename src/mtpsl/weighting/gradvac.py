@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS
+from .base import WEIGHTINGS, SeededDraws
 from .gradient import GradientWeighting, task_indices
 
 
@@ -42,7 +42,7 @@ class GradVacOptions(BaseModel):
 
 
 @WEIGHTINGS.register("gradvac")
-class GradVac(GradientWeighting):
+class GradVac(SeededDraws, GradientWeighting):
     """GradVac (Wang et al., ICLR 2021): raise every pair's cosine to its moving target."""
 
     Options = GradVacOptions
@@ -53,13 +53,7 @@ class GradVac(GradientWeighting):
         super().__init__(task_names, options)
         k = len(self.task_names)
         self.register_buffer("targets", torch.zeros(k, k, dtype=torch.float64))
-        self.generator = torch.Generator().manual_seed(self.options.seed)
-
-    def get_extra_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.generator.set_state(state.cpu())
+        self.seed_generator(self.options.seed)
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray,
                      tasks: Sequence[int] | None = None) -> np.ndarray:

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor
 
-from .base import WEIGHTINGS
+from .base import WEIGHTINGS, SeededDraws
 from .gradient import GradientWeighting
 
 
@@ -21,7 +20,7 @@ class PCGradOptions(BaseModel):
 
 
 @WEIGHTINGS.register("pcgrad")
-class PCGrad(GradientWeighting):
+class PCGrad(SeededDraws, GradientWeighting):
     """PCGrad (Yu et al. 2020): project away conflicting components, then sum.
 
     For each present task, its gradient is projected onto the normal plane of every other
@@ -36,13 +35,7 @@ class PCGrad(GradientWeighting):
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
-        self.generator = torch.Generator().manual_seed(self.options.seed)
-
-    def get_extra_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.generator.set_state(state.cpu())
+        self.seed_generator(self.options.seed)
 
     def coefficients(self, gram: np.ndarray, losses: np.ndarray,
                      tasks: Sequence[int] | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from .base import WEIGHTINGS, Weighting, backward_total
+from .base import WEIGHTINGS, SeededDraws, Weighting, backward_total
 
 
 class RLWOptions(BaseModel):
@@ -27,7 +27,7 @@ class RLWOptions(BaseModel):
 
 
 @WEIGHTINGS.register("rlw")
-class RLW(Weighting):
+class RLW(SeededDraws, Weighting):
     """Random loss weighting (Lin et al., TMLR 2022): softmax of fresh normal draws per step."""
 
     Options = RLWOptions
@@ -37,15 +37,9 @@ class RLW(Weighting):
 
     def __init__(self, task_names: Sequence[str], options: BaseModel | None = None) -> None:
         super().__init__(task_names, options)
-        self.generator = torch.Generator().manual_seed(self.options.seed)
+        self.seed_generator(self.options.seed)
         self.last_weights = torch.zeros(len(self.task_names))
         """The weights of the last step (0 for absent tasks), for logging and tests."""
-
-    def get_extra_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.generator.set_state(state.cpu())
 
     def draw(self, present: Tensor) -> Tensor:
         """This step's weights ``[T]``: softmax over the present tasks' draws, 0 elsewhere."""
