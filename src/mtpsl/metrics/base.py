@@ -170,6 +170,12 @@ def _check_dense_pair(name: str, pred: Tensor, target: Tensor, channels: int) ->
             raise ValueError(f"{name} {role} must be a floating tensor, got {t.dtype}")
 
 
+def _binary_valid(target: Tensor) -> Tensor:
+    """Where a binary label (0/1) is labelled: ``t == 0`` or ``t == 1``, written without
+    slow bool-output comparisons; padding (-1, 255), NaN and anything else are not."""
+    return ~(target * (1 - target)).bool()
+
+
 def _binary_bins(pred: Tensor, target: Tensor, num_bins: int, name: str) -> tuple[Tensor, Tensor]:
     """Check a binary pred/target pair; return (threshold bin ``[B,H,W]``, valid mask).
 
@@ -177,8 +183,7 @@ def _binary_bins(pred: Tensor, target: Tensor, num_bins: int, name: str) -> tupl
     prediction is positive at threshold ``k / num_bins`` when its bin is >= k.
     """
     _check_dense_pair(name, pred, target, 1)
-    t = target[:, 0]
-    valid = ~(t * (1 - t)).bool()  # t == 0 or t == 1, without slow bool-output comparisons
+    valid = _binary_valid(target[:, 0])
     bins = torch.floor(pred.detach()[:, 0].to(torch.float64 if pred.device.type != "mps"
                                               else torch.float32) * num_bins)
     return bins.clamp(0, num_bins - 1).long(), valid

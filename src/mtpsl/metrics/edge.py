@@ -19,6 +19,7 @@ from .base import (
     METRICS,
     Metric,
     _binary_bins,
+    _binary_valid,
     _check_dense_pair,
     _count_into,
     _f_measure,
@@ -299,8 +300,8 @@ class EdgeMetric(Metric):
         _check_dense_pair("edge", pred, target, 1)
         probs = pred.detach()[:, 0].to(torch.float64).cpu().numpy()
         labels = target[:, 0].detach().to(torch.float64).cpu().numpy()
-        for prob, label in zip(probs, labels, strict=True):
-            valid = (label == 0) | (label == 1)
+        valids = _binary_valid(target[:, 0].detach()).cpu().numpy()
+        for prob, label, valid in zip(probs, labels, valids, strict=True):
             rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))
             if rows.size == 0:
                 continue
@@ -362,7 +363,7 @@ class EdgeMetric(Metric):
         return out
 
     def reset(self) -> None:
-        for future in getattr(self, "_pending", ()):
+        for future in self._pending:
             future.cancel()
         self._pending = deque()
         super().reset()

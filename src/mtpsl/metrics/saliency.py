@@ -14,6 +14,7 @@ from .base import (
     METRICS,
     Metric,
     _binary_bins,
+    _binary_valid,
     _check_dense_pair,
     _count_into,
     _f_measure,
@@ -65,7 +66,7 @@ class SaliencyMetric(Metric):
         _check_dense_pair("saliency", pred, target, 1)
         self._follow(pred, target)
         t = target[:, 0]
-        valid = (t == 0) | (t == 1)
+        valid = _binary_valid(t)
         salient = (t == 1).flatten(1)
         prob = pred.detach()[:, 0].to(torch.float32)
         if self.levels is not None:
