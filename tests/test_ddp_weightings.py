@@ -84,6 +84,10 @@ def _worker(rank: int, store: str, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(paths, f)
+    # both ranks leave together: a rank that tears gloo down while its peer is still inside
+    # the last collective aborts ("terminate called without an active exception"), as the
+    # trainer's end-of-run barrier avoids too
+    dist.barrier()
     dist.destroy_process_group()
 
 
