@@ -15,11 +15,13 @@ files.atomic_write (a kill or ENOSPC mid-write keeps the old file).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,27 +128,70 @@ def _case(fault: str, data: Path, run: Path) -> dict:
     return {"hit": hit, "left": left, "resumed": resumed, "restarted": restarted}
 
 
+def _position(run: Path) -> tuple[int, int]:
+    state = load_checkpoint(run / "checkpoint.pt")
+    return state["epoch"], state["step"]
+
+
+def _preempted_twice(data: Path, base: Path) -> dict:
+    run = base / "run"
+    first = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS,
+                   fault="TERM@step#2")
+    after_first = _position(run) if first.returncode == EXIT_PREEMPTED else None
+    second = _mtpsl("train", "--resume", str(run), fault="TERM@step#7")
+    after_second = _position(run) if second.returncode == EXIT_PREEMPTED else None
+    last = _mtpsl("train", "--resume", str(run))
+    return {"run": run, "hits": [first, second], "positions": [after_first, after_second],
+            "resumed": last}
+
+
+def _preempted_with_own_reference(extra: list[str], fault: str, data: Path, base: Path) -> dict:
+    """A reference run of ``ARGS + extra``, the same run preempted by ``fault``, resumed."""
+    args = [f"dataset.root={data}", *ARGS, *extra]
+    reference, run = base / "reference", base / "run"
+    ref = _mtpsl("train", "--run-dir", str(reference), *args)
+    hit = _mtpsl("train", "--run-dir", str(run), *args, fault=fault)
+    position = _position(run) if hit.returncode == EXIT_PREEMPTED else None
+    resumed = _mtpsl("train", "--resume", str(run))
+    return {"reference": reference, "run": run, "ref": ref, "hit": hit, "position": position,
+            "resumed": resumed}
+
+
+SCENARIOS: dict[str, Callable[[Path, Path], dict]] = {
+    "preempted twice": _preempted_twice,
+    "direct_map draws random numbers": functools.partial(
+        _preempted_with_own_reference,
+        ["method.name=direct_map", "method.options={mapping_width: 0.0625}"], "TERM@step#9"),
+    "inside an accumulation group": functools.partial(
+        _preempted_with_own_reference, ["train.accumulate=3"], "TERM@step#2"),
+}
+"""Chains of three runs each, started first in the pool below (they take longest)."""
+
+
 @pytest.fixture(scope="module")
-def fault_runs(data, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """Every case of CASES, two at a time: each process uses one thread and the runs are
-    independent (faults fire at counted events, not at times), so the machine's two cores
-    halve the wall time of the module."""
+def fault_runs(data, tmp_path_factory) -> dict[str, dict]:
+    """Every scenario of SCENARIOS and case of CASES, two at a time: each process uses one
+    thread and the runs are independent (faults fire at counted events, not at times), so the
+    machine's two cores halve the wall time of the module."""
     base = tmp_path_factory.mktemp("cases")
 
-    def run_case(index_and_name: tuple[int, str]) -> tuple[Path, dict]:
+    def run_job(index_and_name: tuple[int, str]) -> dict:
         index, name = index_and_name
+        if name in SCENARIOS:
+            return SCENARIOS[name](data, base / f"scenario{index}")
         run = base / f"case{index}" / "run"
-        return run, _case(CASES[name][0], data, run)
+        return {"run": run, **_case(CASES[name][0], data, run)}
 
+    names = [*SCENARIOS, *CASES]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(CASES, pool.map(run_case, enumerate(CASES)), strict=True))
+        return dict(zip(names, pool.map(run_job, enumerate(names)), strict=True))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_fault_then_resume_equals_an_uninterrupted_run(name, fault_runs, reference):
     fault, status = CASES[name]
-    run, case = fault_runs[name]
-    hit, left = case["hit"], case["left"]
+    case = fault_runs[name]
+    run, hit, left = case["run"], case["hit"], case["left"]
     assert hit.returncode == status, hit.stderr
     assert not left["final"] or "final_metrics" in fault
     if status > 0:
@@ -165,19 +210,15 @@ def test_fault_then_resume_equals_an_uninterrupted_run(name, fault_runs, referen
     _assert_same_run(run, reference)
 
 
-def test_preempted_twice_then_resumed_equals_an_uninterrupted_run(data, reference, tmp_path):
-    run = tmp_path / "run"
-    first = _mtpsl("train", "--run-dir", str(run), f"dataset.root={data}", *ARGS,
-                   fault="TERM@step#2")
+def test_preempted_twice_then_resumed_equals_an_uninterrupted_run(fault_runs, reference):
+    chain = fault_runs["preempted twice"]
+    first, second = chain["hits"]
     assert first.returncode == EXIT_PREEMPTED, first.stderr
-    state = load_checkpoint(run / "checkpoint.pt")
-    assert (state["epoch"], state["step"]) == (0, 2)  # mid-epoch, sampler position 2
-    second = _mtpsl("train", "--resume", str(run), fault="TERM@step#7")
+    assert chain["positions"][0] == (0, 2)  # mid-epoch, sampler position 2
     assert second.returncode == EXIT_PREEMPTED, second.stderr
-    state = load_checkpoint(run / "checkpoint.pt")
-    assert (state["epoch"], state["step"]) == (1, 3)
-    assert _mtpsl("train", "--resume", str(run)).returncode == 0
-    _assert_same_run(run, reference)
+    assert chain["positions"][1] == (1, 3)
+    assert chain["resumed"].returncode == 0
+    _assert_same_run(chain["run"], reference)
 
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(data, tmp_path):
@@ -189,30 +230,25 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(data, tmp_path):
     assert f"{run / 'checkpoint.pt'} (epoch 2)" in hit.stderr and "--resume" in hit.stderr
 
 
-def test_preempting_a_method_that_draws_random_numbers_keeps_its_stream(data, tmp_path):
+def _check_preempted_with_own_reference(chain: dict) -> None:
+    assert chain["ref"].returncode == 0
+    assert chain["hit"].returncode == EXIT_PREEMPTED, chain["hit"].stderr
+    assert chain["resumed"].returncode == 0
+    _assert_same_run(chain["run"], chain["reference"])
+
+
+def test_preempting_a_method_that_draws_random_numbers_keeps_its_stream(fault_runs):
     """direct_map draws Gumbel samples from the global RNG every step: the resumed stream
     must continue where the preempted one stopped (guards the mid-epoch RNG state and
     train_loader's own generator, which keeps iterator start-up off the global RNG)."""
-    args = [f"dataset.root={data}", *ARGS, "method.name=direct_map",
-            "method.options={mapping_width: 0.0625}"]
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    assert _mtpsl("train", "--run-dir", str(reference), *args).returncode == 0
-    hit = _mtpsl("train", "--run-dir", str(run), *args, fault="TERM@step#9")
-    assert hit.returncode == EXIT_PREEMPTED, hit.stderr
-    assert _mtpsl("train", "--resume", str(run)).returncode == 0
-    _assert_same_run(run, reference)
+    _check_preempted_with_own_reference(fault_runs["direct_map draws random numbers"])
 
 
-def test_preempted_inside_an_accumulation_group_stops_after_its_optimiser_step(data, tmp_path):
+def test_preempted_inside_an_accumulation_group_stops_after_its_optimiser_step(fault_runs):
     """With train.accumulate=3 a stop requested after micro-batch 1 is honoured after
     micro-batch 2, the group's last (the summed gradient is never lost), and resuming from
     there equals the uninterrupted run."""
-    args = [f"dataset.root={data}", *ARGS, "train.accumulate=3"]
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    assert _mtpsl("train", "--run-dir", str(reference), *args).returncode == 0
-    hit = _mtpsl("train", "--run-dir", str(run), *args, fault="TERM@step#2")
-    assert hit.returncode == EXIT_PREEMPTED, hit.stderr
-    state = load_checkpoint(run / "checkpoint.pt")
-    assert (state["epoch"], state["step"]) == (0, 3)
-    assert _mtpsl("train", "--resume", str(run)).returncode == 0
-    _assert_same_run(run, reference)
+    chain = fault_runs["inside an accumulation group"]
+    assert chain["hit"].returncode == EXIT_PREEMPTED, chain["hit"].stderr
+    assert chain["position"] == (0, 3)
+    _check_preempted_with_own_reference(chain)
