@@ -30,8 +30,6 @@ import math
 from functools import cache
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 # Neighbours x1..x8 of Lam, Lee & Suen: east, then counter-clockwise (row offset, col offset).
 _NEIGHBOURS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
@@ -140,6 +138,10 @@ def _max_matching(row: np.ndarray, col: np.ndarray, n1: int, n2: int) -> int:
     most pairs."""
     if row.size == 0:
         return 0
+    # imported here: scipy.sparse.csgraph costs every CLI process 0.2 s of start-up otherwise
+    from scipy import sparse
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
     eps = 1e-9  # zero-cost edges would be read as missing
     left = np.concatenate([row, np.arange(n1), n1 + np.arange(n2), n1 + col])
     right = np.concatenate([col, n2 + np.arange(n1), np.arange(n2), n2 + row])
