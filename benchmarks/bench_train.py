@@ -108,7 +108,8 @@ def nyuv2_tasks() -> dict:
 
 
 def synthetic_batch(tasks: dict, n_views: int, args, device) -> Batch:
-    """A fixed random batch (seeded): images, valid labels and the regime's label mask."""
+    """A fixed random batch (seeded): images, valid labels, the regime's label mask and an
+    identity augmentation record."""
     g = torch.Generator().manual_seed(0)
     b, h, w = args.batch_size, args.height, args.width
     views = []
@@ -119,13 +120,20 @@ def synthetic_batch(tasks: dict, n_views: int, args, device) -> Batch:
             "depth": torch.rand(b, 1, h, w, generator=g) * 10,
             "normal": normal,
         }
-        views.append(View(torch.rand(b, 3, h, w, generator=g), targets))
+        views.append(View(torch.rand(b, 3, h, w, generator=g), targets, identity_augmentation(b)))
     if args.regime == "full":
         labelled = torch.ones(b, len(tasks), dtype=torch.bool)
     else:
         labelled = torch.zeros(b, len(tasks), dtype=torch.bool)
         labelled[torch.arange(b), torch.arange(b) % len(tasks)] = True
     return Batch(views, labelled, torch.arange(b), tuple(tasks)).to(device)
+
+
+def identity_augmentation(batch: int) -> dict[str, torch.Tensor]:
+    """The record of an augmentation that changed nothing (crop scale 1 at the origin, no
+    flip): two-view methods (SSL, mean teacher, pseudo-label) replay it onto view0."""
+    return {"crop": torch.tensor([[1.0, 0.0, 0.0]]).repeat(batch, 1),
+            "flip": torch.zeros(batch, dtype=torch.bool)}
 
 
 def build_run(config, tasks: dict, device: torch.device) -> tuple[Experiment, _Step]:

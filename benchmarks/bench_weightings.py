@@ -3,10 +3,10 @@ registered strategy relative to ``uniform`` measured in the same run.
 
 Each strategy runs the real training step of ``mtpsl.train`` (SL on NYUv2-like tasks:
 13-class segmentation, depth, normals; every label present, so the gradient strategies take
-all three task gradients) on a fixed random batch in its own process, so each peak resident
-memory is its own. The gradient strategies pay one backward pass per task through the shared
-parameters (and hold the K x P matrix of those gradients); the loss-level ones cost what
-uniform does.
+all three task gradients) on a fixed random batch in its own process on the CPU (so each peak
+resident memory is its own), in one process with the allocator's peak reset on CUDA. The
+gradient strategies pay one backward pass per task through the shared parameters (and hold
+the K x P matrix of those gradients); the loss-level ones cost what uniform does.
 
     python benchmarks/bench_weightings.py                      # CPU, 64x96, batch 4
     python benchmarks/bench_weightings.py --device cuda --height 288 --width 384 --batch-size 8
@@ -15,6 +15,7 @@ uniform does.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import subprocess
@@ -70,15 +71,28 @@ def measure_all(args) -> list[dict]:
     names = ["uniform", *[n for n in names if n != "uniform"]]  # the baseline first
     rows = []
     for name in names:
-        cmd = [sys.executable, __file__, "--one", name, *_forwarded(args)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append({"weighting": name, **json.loads(out.stdout)})
+        rows.append({"weighting": name, **_measure_alone(name, args)})
         print(f"  {name:12s} {rows[-1]['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
     base = rows[0]
     for row in rows:
         row["time_vs_uniform"] = row["s_per_step"] / base["s_per_step"]
         row["memory_vs_uniform"] = row["peak_gib"] / base["peak_gib"]
     return rows
+
+
+def _measure_alone(name: str, args) -> dict:
+    """One strategy whose peak memory is its own: on CUDA in this process after resetting the
+    allocator's peak (one CUDA start-up for all), on the CPU in a process of its own (the
+    resident-set peak is process-wide)."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return measure_one(name, args)
+    cmd = [sys.executable, __file__, "--one", name, *_forwarded(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def _forwarded(args) -> list[str]:

@@ -110,6 +110,7 @@ def test_batched_xtc_with_cpu_speed_options_matches_fp32_oracle(tmp_path, amp):
     _check_fast_against_oracle(tmp_path, "cpu", amp)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_batched_xtc_with_gpu_speed_options_matches_fp32_oracle(tmp_path, amp):

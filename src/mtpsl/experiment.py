@@ -7,6 +7,7 @@ trainer, ``mtpsl eval`` and ``mtpsl compare`` construct runs identically.
 from __future__ import annotations
 
 import inspect
+import os
 import random
 import sys
 import warnings
@@ -72,6 +73,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:  # cuBLAS reads it when its first handle is made; without it, warnings
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     # Autotuned convolution algorithms: fastest for fixed input sizes, but not reproducible.
