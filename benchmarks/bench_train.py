@@ -141,7 +141,9 @@ def build_run(config, tasks: dict, device: torch.device) -> tuple[Experiment, _S
     method = build_method(config.method.name, tasks, config.method.options)
     model = build_model_for(config, tasks, method)
     method.attach(model)
-    weighting = build_weighting(config.method.weighting, tuple(tasks))
+    weighting = build_weighting(config.method.weighting, tuple(tasks),
+                                config.method.weighting_options,
+                                config.method.weighting_gradients)
     exp = Experiment(config, tasks, None, None, None, None, model, method, weighting)
     _setup_modules(exp, DistEnv(), device)
     optim = build_optimisation(exp, optimizer_extra(config.train, device))

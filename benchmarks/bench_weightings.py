@@ -6,7 +6,10 @@ Each strategy runs the real training step of ``mtpsl.train`` (SL on NYUv2-like t
 all three task gradients) on a fixed random batch in its own process on the CPU (so each peak
 resident memory is its own), in one process with the allocator's peak reset on CUDA. The
 gradient strategies pay one backward pass per task through the shared parameters (and hold
-the K x P matrix of those gradients); the loss-level ones cost what uniform does.
+the K x P matrix of those gradients); the loss-level ones cost what uniform does. Rows
+``<name>@representation`` (``--representation``) and ``mgda_ub`` take the task gradients with
+respect to SegNet's decoder output instead: one backward through the heads per task, then one
+full backward.
 
     python benchmarks/bench_weightings.py                      # CPU, 64x96, batch 4
     python benchmarks/bench_weightings.py --device cuda --height 288 --width 384 --batch-size 8
@@ -47,28 +50,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", help="comma-separated strategies (default: every registered one)")
+    p.add_argument("--representation", default="mgda,pcgrad,cagrad,upgrad",
+                   help="strategies timed once more on the shared representation "
+                        "(method.weighting_gradients=representation); '' for none")
     p.add_argument("--one", help=argparse.SUPPRESS)  # one strategy, in its own process
     p.add_argument("--out", help="JSON path (default results/weightings_<device>.json)")
     return p.parse_args(argv)
 
 
+REP = "@representation"
+"""Row-name suffix of a strategy timed on the shared representation."""
+
+
 def measure_one(weighting: str, args) -> dict:
     device = torch.device(args.device)
-    config = load_config(None, [f"method.weighting={weighting}", f"model.width={args.width_mult}",
+    name, on_rep = weighting.removesuffix(REP), weighting.endswith(REP)
+    config = load_config(None, [f"method.weighting={name}", f"model.width={args.width_mult}",
                                 f"train.batch_size={args.batch_size}", f"train.device={device}",
-                                "train.deterministic=false"])
+                                "train.deterministic=false",
+                                *(["method.weighting_gradients=representation"] if on_rep
+                                  else [])])
     tasks = tasks_of(TASKS)
     exp, run = build_run(config, tasks, device)
     batch = batch_for(tasks, exp.method.n_views, args, "full").to(device)
     seconds, peak = timed_steps(exp, run, batch, args, weighting)
     return {"s_per_step": seconds, "peak_gib": peak,
-            "linear_in_losses": WEIGHTINGS.get(weighting).linear_in_losses,
+            "linear_in_losses": WEIGHTINGS.get(name).linear_in_losses,
+            "gradients": exp.weighting.gradients,
             "shared_parameters": sum(p.numel() for p in shared_parameters(exp.model))}
 
 
 def measure_all(args) -> list[dict]:
     names = args.only.split(",") if args.only else WEIGHTINGS.names()
     names = ["uniform", *[n for n in names if n != "uniform"]]  # the baseline first
+    names += [f"{n}{REP}" for n in filter(None, args.representation.split(","))]
     rows = []
     for name in names:
         rows.append({"weighting": name, **_measure_alone(name, args)})
@@ -98,7 +113,8 @@ def _measure_alone(name: str, args) -> dict:
 def _forwarded(args) -> list[str]:
     return [f"--device={args.device}", f"--height={args.height}", f"--width={args.width}",
             f"--batch-size={args.batch_size}", f"--width-mult={args.width_mult}",
-            f"--steps={args.steps}", f"--warmup={args.warmup}"]
+            f"--steps={args.steps}", f"--warmup={args.warmup}",
+            f"--representation={args.representation}"]
 
 
 def table(rows: list[dict]) -> str:

@@ -36,6 +36,12 @@ def load_benchmark(name: str):
     return module
 
 
+def representation_of(weighting, z) -> dict:
+    """The ``representation=`` keyword of ``weighting.backward`` when the strategy works on
+    the shared representation (``method.weighting_gradients``), as the trainer passes it."""
+    return {"representation": z} if weighting.gradients == "representation" else {}
+
+
 def make_layout(
     tmp_path: Path,
     family: str = "nyuv2",

@@ -15,7 +15,7 @@ from mtpsl.experiment import build_experiment, train_loader
 from mtpsl.models import shared_parameters
 from mtpsl.weighting import WEIGHTINGS, build_weighting
 
-from conftest import make_layout
+from conftest import make_layout, representation_of
 
 TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2",
         "train.max_steps_per_epoch=1", "train.progress=false", "train.eval_every=1",
@@ -78,9 +78,10 @@ def test_every_weighting_takes_a_training_step_of_the_preset(batch_of, method, w
     optimiser = torch.optim.SGD([*exp.model.parameters(), *exp.method.parameters(),
                                  *strategy.parameters()], lr=1e-3)
     optimiser.zero_grad()
-    losses, _ = exp.method.compute(exp.model, batch)
+    losses, out = exp.method.compute(exp.model, batch)
     extra = sum(losses.extra.values(), torch.zeros(()))
-    total = strategy.backward(dict(losses.tasks), extra, shared, batch.labelled.any(0))
+    total = strategy.backward(dict(losses.tasks), extra, shared, batch.labelled.any(0),
+                              **representation_of(strategy, out.features["shared"]))
     assert torch.isfinite(total)
     assert all(torch.isfinite(p.grad).all() for p in shared if p.grad is not None)
     optimiser.step()

@@ -8,7 +8,9 @@ processes. The toy problem has four images, two per process, and partial labels:
 labelled on one image of process 0 only (absent from process 1's batch), task c on one image
 of process 1 only. Losses are means over each process's images, as the trainer's are, so the
 mean over processes is the global batch's loss. float64, a few SGD steps with epoch ends
-between them: the trajectories must agree to 1e-9.
+between them: the trajectories must agree to 1e-9. A strategy on the shared representation
+(``mgda_ub``) gets the per-image outputs ``inputs @ theta^T``, each process its own images, so
+its global Gram matrix is assembled from the processes' local ones.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch.multiprocessing as mp
 
 from mtpsl.distributed import DistEnv, allreduce_gradients, any_over_ranks
 from mtpsl.weighting import WEIGHTINGS, build_weighting
+
+from conftest import representation_of
 
 NAMES = ("a", "b", "c")
 STEPS = 5
@@ -41,8 +45,11 @@ def _trajectory(name: str, images: list[int], env: DistEnv) -> list[list[float]]
     params = [theta, heads, *strategy.trained_parameters()]
     mask = LABELLED[images]
 
+    representation = None
+
     def task_losses() -> dict[str, torch.Tensor]:
-        out = inputs[images] @ theta.view(2, 3).T  # [n, 2]
+        nonlocal representation
+        out = representation = inputs[images] @ theta.view(2, 3).T  # [n, 2]: per image
         losses = {}
         for k, task in enumerate(NAMES):
             per_image = ((out - targets[images, k]) ** 2).sum(1) * (k + 1) + heads[k] ** 2
@@ -55,7 +62,8 @@ def _trajectory(name: str, images: list[int], env: DistEnv) -> list[list[float]]
             p.grad = None
         losses = task_losses()
         present = any_over_ranks(mask.any(0))
-        strategy.backward(losses, torch.zeros((), dtype=torch.float64), [theta], present)
+        strategy.backward(losses, torch.zeros((), dtype=torch.float64), [theta], present,
+                          **representation_of(strategy, representation))
         allreduce_gradients(params, env)
         with torch.no_grad():
             for p in params:

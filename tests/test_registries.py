@@ -24,7 +24,7 @@ from mtpsl.splits import make_split
 from mtpsl.tasks import TASKS, Task, build_task
 from mtpsl.weighting import WEIGHTINGS, build_weighting
 
-from conftest import NYU_HEADS, make_layout
+from conftest import NYU_HEADS, make_layout, representation_of
 
 H, W = 64, 96
 ENCODER_SPECS = {"resnet": EncoderSpec(depth=18, output_stride=16),
@@ -186,11 +186,13 @@ def test_weighting_contract(name):
     heads = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
     names = ("a", "b", "c")
     weighting = build_weighting(name, names)
-    losses = {n: ((shared + h) ** 2).sum() * (k + 1) for k, (n, h) in
+    z = shared * 1.0  # the representation the "heads" read
+    losses = {n: ((z + h) ** 2).sum() * (k + 1) for k, (n, h) in
               enumerate(zip(names, heads, strict=True))}
     present = torch.tensor([True, False, True])
     losses["b"] = losses["b"] * 0.0  # absent: an exact 0
-    total = weighting.backward(losses, torch.zeros(()), [shared], present)
+    total = weighting.backward(losses, torch.zeros(()), [shared], present,
+                               **representation_of(weighting, z))
     assert math.isfinite(float(total))
     assert shared.grad is not None and torch.isfinite(shared.grad).all()
     assert heads[1].grad is None or not heads[1].grad.any()  # the absent task moves nothing
@@ -214,8 +216,9 @@ class _ToyProblem:
 
     def task_losses(self, present: list[bool]) -> dict[str, torch.Tensor]:
         losses = {}
+        self.z = self.theta * 1.0  # the representation the "heads" read
         for k, (task, target) in enumerate(zip(self.names, self.targets, strict=True)):
-            distance = 0.5 * ((self.theta - target) ** 2).sum()
+            distance = 0.5 * ((self.z - target) ** 2).sum()
             value = self.scales[k] * distance + self.heads[k] ** 2 + 0.1
             losses[task] = value if present[k] else value * 0.0
         return losses
@@ -227,7 +230,8 @@ class _ToyProblem:
                                                        strict=True) if p}
         flags = torch.tensor(present)
         total = self.weighting.backward(losses, torch.zeros((), dtype=torch.float64),
-                                        [self.theta], flags)
+                                        [self.theta], flags,
+                                        **representation_of(self.weighting, self.z))
         with torch.no_grad():
             for p in (self.theta, self.heads):
                 if p.grad is not None:

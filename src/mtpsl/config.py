@@ -111,6 +111,11 @@ class MethodConfig(Section):
     """How per-task losses are combined (see mtpsl.weighting.WEIGHTINGS)."""
     weighting_options: dict[str, Any] = {}
     """Strategy-specific options, validated by the strategy's own options model."""
+    weighting_gradients: Literal["parameters", "representation"] | None = None
+    """What a gradient strategy differentiates: the shared parameters (exact; the default)
+    or the shared representation the task heads read (LibMTL's ``rep_grad``, MGDA-UB's bound:
+    one backward through the heads per task instead of through the whole network). None: the
+    strategy's own default (``representation`` for ``mgda_ub``)."""
 
 
 class OptimConfig(Section):

@@ -158,7 +158,8 @@ def all_reduce_mean(values: dict[str, Tensor], env: DistEnv) -> dict[str, Tensor
     return dict(zip(values, stacked.unbind(), strict=True))
 
 
-def _group_size() -> int:
+def group_size() -> int:
+    """Processes in the default group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -169,16 +170,16 @@ def mean_over_ranks(t: Tensor) -> Tensor:
     values), so that every process finds the same weights and the averaged gradient is the
     strategy applied to the global batch, whatever the number of processes.
     """
-    if _group_size() == 1:
+    if group_size() == 1:
         return t
     out = t.detach().clone()
     dist.all_reduce(out)
-    return out / _group_size()
+    return out / group_size()
 
 
 def any_over_ranks(flags: Tensor) -> Tensor:
     """Element-wise OR of a bool tensor over the processes (which tasks any process has)."""
-    if _group_size() == 1:
+    if group_size() == 1:
         return flags
     out = flags.to(torch.int32)
     dist.all_reduce(out, op=dist.ReduceOp.MAX)

@@ -205,7 +205,8 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     eval_set = PartialLabelSet(eval_base, tasks)
 
     weighting = build_weighting(
-        config.method.weighting, names, config.method.weighting_options
+        config.method.weighting, names, config.method.weighting_options,
+        config.method.weighting_gradients,
     )
     model = build_model_for(config, tasks, method)
     method.attach(model)

@@ -744,21 +744,36 @@ def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = T
     the linear weightings fp16 is allowed with) and the logged total is divided back.
     """
     with autocast(exp.config.train.amp, run.device):
-        losses, _ = exp.method.compute(exp.model, batch)
+        losses, out = exp.method.compute(exp.model, batch)
     if zero:
         run.optim.zero_grad()
+    where = _representation(exp, out)
     task_losses = {k: v.float() for k, v in losses.tasks.items()}
     extra = sum((v.float() for v in losses.extra.values()), torch.zeros((), device=run.device))
     present = ddp.any_over_ranks(batch.labelled.any(0))  # the same on every process
     if divisor == 1 and run.scaler is None:
-        total = exp.weighting.backward(task_losses, extra, shared, present)
+        total = exp.weighting.backward(task_losses, extra, shared, present, **where)
         return {"total": total, **losses.detached()}
     scale = torch.ones((), device=run.device) / divisor
     if run.scaler is not None:
         scale = run.scaler.scale(scale)  # no host sync
     scaled = {k: v * scale for k, v in task_losses.items()}
-    total = exp.weighting.backward(scaled, extra * scale, shared, present) / scale
+    total = exp.weighting.backward(scaled, extra * scale, shared, present, **where) / scale
     return {"total": total, **losses.detached()}
+
+
+def _representation(exp: Experiment, out) -> dict[str, torch.Tensor]:
+    """``{"representation": z}`` for a weighting that differentiates the shared
+    representation (``method.weighting_gradients``), else nothing."""
+    if exp.weighting.gradients != "representation":
+        return {}
+    z = out.features.get("shared") if out is not None else None
+    if z is None or not z.requires_grad:
+        raise ConfigError(
+            f"method.weighting_gradients: 'representation' needs a model whose heads all read "
+            f"one shared map (features['shared']: segnet, dense/resnet); "
+            f"{type(exp.model).__name__} has none (use 'parameters')")
+    return {"representation": z}
 
 
 def after_optimiser_step(exp: Experiment, batch, run: _Step) -> None:

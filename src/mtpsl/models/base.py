@@ -41,7 +41,12 @@ class ModelOutput:
 
     ``preds`` holds activated per-task predictions at input resolution. ``features`` holds
     named intermediate maps; ``"encoder"`` is the shared encoder's last pooled map, which
-    cross-task consistency methods (e.g. MTPSL's mapping network) consume.
+    cross-task consistency methods (e.g. MTPSL's mapping network) consume. ``"shared"``, when
+    a model has it, is the one map every head reads and the only way the shared parameters
+    reach the predictions (SegNet's decoder output, a dense model's encoder or neck output):
+    gradient weightings with ``method.weighting_gradients=representation`` differentiate the
+    task losses with respect to it. A model whose heads read several shared maps (MTAN's
+    attention reads every stage) has none.
     """
 
     preds: dict[str, Tensor]

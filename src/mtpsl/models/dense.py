@@ -169,7 +169,7 @@ class DenseModel(MultiTaskModel):
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             preds[name] = self.activations[name](logits)
-        return ModelOutput(preds=preds, features={"encoder": maps[-1]})
+        return ModelOutput(preds=preds, features={"encoder": maps[-1], "shared": shared})
 
 
 @MODELS.register("dense")

@@ -147,7 +147,7 @@ class SegNet(MultiTaskModel):
         encoder_feature, indices, sizes = self.encode(x)
         h = self.decode(encoder_feature, indices, sizes)
         preds = {task: self.activations[task](head(h)) for task, head in self.heads.items()}
-        return ModelOutput(preds=preds, features={"encoder": encoder_feature})
+        return ModelOutput(preds=preds, features={"encoder": encoder_feature, "shared": h})
 
 
 @MODELS.register("segnet")

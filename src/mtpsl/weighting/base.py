@@ -34,6 +34,11 @@ class Weighting(nn.Module):
     draws_per_step: ClassVar[bool] = False
     """True when every step draws new random weights (RLW): summed micro-batches
     (``train.accumulate``) would average several draws, not take one larger step."""
+    gradients: str = "parameters"
+    """What a gradient strategy differentiates (``method.weighting_gradients``): with
+    ``representation`` the loop passes the model's ``features["shared"]`` to :meth:`backward`
+    as ``representation=``; only strategies whose :meth:`supports_representation` is true
+    accept it."""
     wants_losses_after_step: ClassVar[bool] = False
     """True when the strategy learns from how the step changed the batch's losses (FAMO): the
     loop then evaluates them again after the optimiser step (no gradient, BatchNorm
@@ -43,6 +48,11 @@ class Weighting(nn.Module):
         super().__init__()
         self.task_names = tuple(task_names)
         self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def supports_representation(cls) -> bool:
+        """True when the strategy can work from gradients of the shared representation."""
+        return False
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
@@ -146,9 +156,11 @@ def weighted_sum(
 
 
 def build_weighting(
-    name: str, task_names: Sequence[str], options: Mapping[str, Any] | None = None
+    name: str, task_names: Sequence[str], options: Mapping[str, Any] | None = None,
+    gradients: str | None = None,
 ) -> Weighting:
-    """Registry lookup + option validation, with errors that name the config key."""
+    """Registry lookup + option validation, with errors that name the config key.
+    ``gradients`` is ``method.weighting_gradients`` (None: the strategy's default)."""
     try:
         cls = WEIGHTINGS.get(name)
     except KeyError as err:
@@ -162,4 +174,17 @@ def build_weighting(
         )
         allowed = ", ".join(cls.Options.model_fields) or "(none)"
         raise ConfigError(f"{details} (weighting {name!r} accepts: {allowed})") from None
-    return cls(task_names, parsed)
+    weighting = cls(task_names, parsed)
+    if gradients is not None and gradients != weighting.gradients:
+        if gradients == "representation" and not cls.supports_representation():
+            able = ", ".join(n for n in WEIGHTINGS.names()
+                             if WEIGHTINGS.get(n).supports_representation())
+            raise ConfigError(
+                f"method.weighting_gradients: 'representation' needs a strategy that weights "
+                f"the task gradients by coefficients from their Gram matrix; {name!r} does "
+                f"not. Allowed with it: {able}")
+        if gradients == "parameters" and cls.gradients == "representation":
+            raise ConfigError(f"method.weighting_gradients: {name!r} works on the shared "
+                              f"representation only (its parameter form has its own name)")
+        weighting.gradients = gradients
+    return weighting

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from ..distributed import mean_over_ranks
+from ..distributed import group_size, mean_over_ranks
 from .base import Weighting, backward_total, plain_sum
 
 
@@ -22,6 +22,15 @@ class GradientWeighting(Weighting):
     ``alpha`` (:meth:`coefficients`); the shared gradient becomes ``sum_k alpha_k g_k`` plus
     the gradient of ``extra``; the other parameters get the gradient of
     ``sum_k h_k L_k + extra`` with ``h = alpha`` if ``heads_follow`` else 1.
+
+    With ``gradients = "representation"`` the ``g_k`` are the gradients of the losses with
+    respect to the shared representation ``z`` the heads read (one backward through the heads
+    per task, and a Gram matrix of ``z``'s size rather than the shared parameters'); the
+    shared parameters then get ``J^T sum_k alpha_k g_k`` (``J`` = dz/dtheta), which is
+    ``sum_k alpha_k dL_k/dtheta`` exactly: only ``alpha`` is approximate (Sener & Koltun's
+    MGDA-UB bound). Under torchrun the Gram matrix is the global batch's: each process's
+    ``z`` holds its own images and the global loss is the mean of the processes' losses, so
+    the global Gram matrix is ``sum_r G_r / world^2 = mean_over_ranks(G_local) / world``.
     """
 
     heads_follow: ClassVar[bool] = False
@@ -35,17 +44,28 @@ class GradientWeighting(Weighting):
         are the present tasks' indices in ``task_names`` (for per-task state; None: all)."""
         raise NotImplementedError
 
+    @classmethod
+    def supports_representation(cls) -> bool:
+        """Strategies that only turn the Gram matrix into coefficients (a subclass with its
+        own :meth:`update` works on the gradients themselves)."""
+        return cls.update is GradientWeighting.update
+
     def update(self, grads: Tensor, losses: Tensor, tasks: Sequence[int]
                ) -> tuple[Tensor, Tensor | None]:
         """``(h, correction)`` for the present tasks' gradients ``grads`` ``[K, P]``: the
         backward pass runs on ``sum_k h_k L_k``, then ``correction`` (None: nothing) is added to
         the shared parameters' gradient. Here: ``alpha`` from :meth:`coefficients`."""
-        gram = (grads @ grads.T).double().cpu().numpy()
-        values = losses.detach().double().cpu().numpy()
-        alpha = torch.as_tensor(self.coefficients(gram, values, tasks), dtype=grads.dtype,
-                                device=grads.device)
-        heads = alpha if self.heads_follow else torch.ones_like(alpha)
+        heads, alpha = self._weights(grads @ grads.T, losses, tasks)
         return heads, None if torch.equal(alpha, heads) else (alpha - heads) @ grads
+
+    def _weights(self, gram: Tensor, losses: Tensor, tasks: Sequence[int]
+                 ) -> tuple[Tensor, Tensor]:
+        """``(h, alpha)``: the heads' and the shared gradients' coefficients."""
+        values = losses.detach().double().cpu().numpy()
+        alpha = self.coefficients(gram.double().cpu().numpy(), values, tasks)
+        alpha_t = torch.as_tensor(alpha, dtype=losses.dtype, device=losses.device)
+        heads = alpha_t if self.heads_follow else torch.ones_like(alpha_t)
+        return heads, alpha_t
 
     def backward(
         self,
@@ -53,12 +73,17 @@ class GradientWeighting(Weighting):
         extra: Tensor,
         shared: Sequence[nn.Parameter],
         present: Tensor,
+        representation: Tensor | None = None,
     ) -> Tensor:
         params = [p for p in shared if p.requires_grad]
         indices = self._present_indices(present)
         if not params or not indices:
             return backward_total(self.combine(task_losses) + extra)
         losses = self._stacked(task_losses, indices)
+        if self.gradients == "representation":
+            if representation is None:
+                raise ValueError("gradients='representation' needs the shared representation")
+            return self._backward_representation(losses, extra, representation, indices)
         grads = torch.stack([flat_grad(loss, params) for loss in losses])
         # under torchrun: the weights come from the global batch's gradients and losses
         heads, correction = self.update(mean_over_ranks(grads), mean_over_ranks(losses), indices)
@@ -66,6 +91,22 @@ class GradientWeighting(Weighting):
         total.backward()
         if correction is not None:
             add_to_grads(params, correction)
+        return total.detach()
+
+    def _backward_representation(self, losses: Tensor, extra: Tensor, z: Tensor,
+                                 indices: Sequence[int]) -> Tensor:
+        """One backward pass with two roots: ``sum_k h_k L_k + extra``, and ``z`` fed
+        ``sum_k (alpha_k - h_k) g_k`` when the shared coefficients differ from the heads'."""
+        wide = torch.promote_types(z.dtype, torch.float32)  # a bf16 map's Gram in fp32
+        grads = torch.stack([flat_grad(loss, [z]).to(wide) for loss in losses])  # [K, |z|]
+        gram = mean_over_ranks(grads @ grads.T) / group_size()
+        heads, alpha = self._weights(gram, mean_over_ranks(losses), indices)
+        total = (heads * losses).sum() + extra
+        roots, seeds = [total], [torch.ones_like(total)]
+        if not torch.equal(alpha, heads):
+            roots.append(z)
+            seeds.append(((alpha - heads).to(wide) @ grads).view_as(z).to(z.dtype))
+        torch.autograd.backward(roots, seeds)
         return total.detach()
 
 
@@ -110,7 +151,8 @@ class GradientRowsWeighting(GradientWeighting):
         return self.rows
 
 
-def flat_grad(loss: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
+def flat_grad(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``d loss / d params`` flattened into one vector (zeros where a tensor is unused)."""
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return torch.cat(
         [

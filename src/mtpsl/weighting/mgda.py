@@ -29,9 +29,8 @@ class MGDA(GradientWeighting):
     The weights ``alpha`` (on the simplex) minimise ``||sum_k alpha_k g_k / n_k||`` with
     ``n_k`` the normaliser; they then weight the raw losses, heads included, as the authors'
     code does. The gradients are taken with respect to the shared parameters (the exact
-    problem; MGDA-UB's cheaper representation-level bound is not used, because a strategy sees
-    parameters, not the encoder's output). Solved in closed form for two tasks and by
-    Frank-Wolfe otherwise.
+    problem); ``mgda_ub`` takes them with respect to the shared representation instead.
+    Solved in closed form for two tasks and by Frank-Wolfe otherwise.
     """
 
     Options = MGDAOptions
