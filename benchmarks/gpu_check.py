@@ -48,6 +48,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # the sibling benchmark scripts, imported where they are used
 
 BUDGET_S = {"gpu": 540, "dry": 170}
 """Wall time of the whole check: 9 minutes on the GPU, under 3 in the dry run."""
@@ -411,13 +412,11 @@ def junit_counts(path: Path) -> dict[str, int]:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's with its thread count (as every benchmark records it)."""
     import torch
+    from bench_train import device_name as named
 
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return named(torch.device(device))
 
 
 def _now() -> str:
@@ -486,7 +485,6 @@ def run_items(items: list[tuple[str, float, Callable[[], list[str]]]], budget: f
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(HERE))
     sizes = Sizes.dry() if args.dry_run else Sizes(device="cuda")
     out = Path(args.out)
     items = throughput_items(sizes, out)

@@ -111,7 +111,7 @@ class PerTaskModels(MultiTaskModel):
     through exactly the same training and evaluation code as the shared models. There is no
     shared encoder, so each net's encoder feature is exposed as ``features["encoder/<task>"]``
     and nothing is stored under ``"encoder"`` (a consumer expecting one shared map must not
-    silently pick an arbitrary task's).
+    silently pick an arbitrary task's) or ``"shared"``.
     """
 
     def __init__(self, nets: Mapping[str, nn.Module]) -> None:
@@ -142,7 +142,8 @@ class PerTaskModels(MultiTaskModel):
                 )
             preds[task] = out.preds[task]
             for name, feat in out.features.items():
-                features[f"{name}/{task}"] = feat
+                if name != "shared":  # what a member's heads read is shared with no task here
+                    features[f"{name}/{task}"] = feat
         return ModelOutput(preds=preds, features=features)
 
 
