@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -52,7 +53,7 @@ sys.path.insert(0, str(HERE))  # the sibling benchmark scripts, imported where t
 
 BUDGET_S = {"gpu": 540, "dry": 170}
 """Wall time of the whole check: 9 minutes on the GPU, under 3 in the dry run."""
-SECTION_CAPS_S = {"gpu": {"paths": 170, "throughput": 230}, "dry": {"paths": 60, "throughput": 60}}
+SECTION_CAPS_S = {"gpu": {"paths": 170, "throughput": 230}, "dry": {"paths": 60, "throughput": 90}}
 WORKER_START_S = 15
 """Of the throughput section's cap, kept for its worker's imports and CUDA start-up."""
 MARGIN_S = 20
@@ -72,14 +73,20 @@ class Sizes:
     warmup: int = 10
     compile_big: bool = True
     weightings: str | None = None  # every registered strategy
+    on_representation: str | None = None  # bench_weightings' default set
     rooms: tuple[int, int, int, int] = (400, 100, 96, 128)  # train, eval, height, width
     eval_every: int = 2
     speed_train: tuple[str, ...] = ("train.compile=true", "train.fused_optimizer=true")
 
     @classmethod
+    def of(cls, dry_run: bool) -> Sizes:
+        return cls.dry() if dry_run else cls(device="cuda")
+
+    @classmethod
     def dry(cls) -> Sizes:
         return cls(device="cpu", height=32, width=48, width_mult=0.0625, big_batch=4, steps=1,
                    warmup=1, compile_big=False, weightings="uniform,pcgrad",
+                   on_representation="mgda",
                    rooms=(8, 4, 32, 48), eval_every=1, speed_train=())
 
 
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return run_worker(args)
     mode = "dry" if args.dry_run else "gpu"
-    sizes = Sizes.dry() if args.dry_run else Sizes(device="cuda")
+    sizes = Sizes.of(args.dry_run)
     if not args.dry_run and not _cuda_available():
         print("error: no CUDA device; `--dry-run` checks the script on the CPU", file=sys.stderr)
         return 2
@@ -145,6 +152,11 @@ class Check:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
+    @functools.cached_property
+    def device(self) -> str:
+        """The device's name, as every record states it."""
+        return device_name(self.sizes.device)
+
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
@@ -173,7 +185,7 @@ class Check:
         import torch
 
         record = {"benchmark": "gpu_check", "mode": self.mode, "date": _now(),
-                  "device": device_name(self.sizes.device), "torch": torch.__version__,
+                  "device": self.device, "torch": torch.__version__,
                   "command": self.command, "budget_s": round(self.deadline - self.started),
                   "sections": self.sections}
         tag = "dry_run" if self.mode == "dry" else "cuda"
@@ -205,8 +217,7 @@ class Check:
     def _speed_train(self, item: Item, end: float) -> list[str]:
         data, run = self.work / "speed-data", self.work / "speed-run"
         h, w = (96, 128) if self.mode == "gpu" else (32, 48)
-        render = [*self._mtpsl("data", "synth"), "--out", str(data), "--n-train", "16",
-                  "--n-val", "8", "--height", str(h), "--width", str(w)]
+        render = self._synth(data, 16, 8, h, w)
         if self._subprocess(item, render, end - time.monotonic()) != 0:
             return []
         train = [*self._mtpsl("train"), "--config", "synthetic_demo", "--run-dir", str(run),
@@ -241,12 +252,8 @@ class Check:
     # -- comparison
 
     def _render_rooms(self) -> subprocess.Popen:
-        n_train, n_val, h, w = self.sizes.rooms
-        cmd = [*self._mtpsl("data", "synth"), "--out", str(self.work / "rooms"),
-               "--n-train", str(n_train), "--n-val", str(n_val), "--height", str(h),
-               "--width", str(w)]
-        log = (self.work / "rooms.log").open("w")
-        return subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        return self._launch(self._synth(self.work / "rooms", *self.sizes.rooms),
+                            self.work / "rooms.log")
 
     def comparison(self, rooms: subprocess.Popen, cap: float) -> list[Item]:
         item = Item("sl_vs_xtc_onelabel")
@@ -261,13 +268,15 @@ class Check:
                 item.status, item.note = "failed", (self.work / "rooms.log").read_text()[-2000:]
                 return [item]
             runs = {m: self.work / f"compare-{m}" for m in ("sl", "xtc")}
-            procs = {m: self._launch_compare_run(m, run) for m, run in runs.items()}
+            commands = {m: self._compare_args(m, run) for m, run in runs.items()}
+            procs = {m: self._launch(cmd, self.work / f"compare-{m}.log")
+                     for m, cmd in commands.items()}
             stopped = stop_at(procs, end)
             curves = {m: eval_curve(run) for m, run in runs.items()}
             item.note = ", ".join(f"{m}: {len(c)} evaluations, {stopped[m]}"
                                   for m, c in curves.items())
             item.status = "ok" if all(curves.values()) else "failed"
-            item.files = self._write_curves(curves, procs)
+            item.files = self._write_curves(curves, commands)
         return [item]
 
     def _compare_args(self, method: str, run: Path) -> list[str]:
@@ -284,20 +293,20 @@ class Check:
             cmd.append("model.width=0.0625")
         return cmd
 
-    def _launch_compare_run(self, method: str, run: Path) -> subprocess.Popen:
-        log = (self.work / f"compare-{method}.log").open("w")
-        return subprocess.Popen(self._compare_args(method, run), env=self.env, cwd=ROOT,
-                                stdout=log, stderr=log)
+    def _launch(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
+        """Start ``cmd`` in the background, its output to ``log_path``."""
+        log = log_path.open("w")
+        return subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
 
-    def _write_curves(self, curves: dict[str, list[dict]], procs) -> list[str]:
-        commands = {m: shown(self._compare_args(m, self.work / f"compare-{m}")) for m in procs}
+    def _write_curves(self, curves: dict[str, list[dict]],
+                      commands: dict[str, list[str]]) -> list[str]:
         n_train, n_val, h, w = self.sizes.rooms
         path = self._result("gpu_compare_sl_xtc.json", [], {
             "setup": {"data": f"built-in rooms {n_train} train / {n_val} eval at {h}x{w}",
                       "labels": "onelabel", "batch_size": 2, "optimiser": "Adam 1e-4",
                       "xtc": "con_weight 2, FiLM lr 1e-3", "amp": "bf16",
                       "stopped_by": "SIGTERM when the section's time was up"},
-            "commands": commands, "curves": curves})
+            "commands": {m: shown(c) for m, c in commands.items()}, "curves": curves})
         figure = plot_curves(curves, self.out / "gpu_compare_sl_xtc.png")
         return [path, *([figure] if figure else [])]
 
@@ -305,6 +314,11 @@ class Check:
 
     def _mtpsl(self, *command: str) -> list[str]:
         return [sys.executable, "-m", "mtpsl", *command]
+
+    def _synth(self, out: Path, n_train: int, n_val: int, height: int, width: int) -> list[str]:
+        """``mtpsl data synth``: the built-in rooms in the NYUv2 layout."""
+        return [*self._mtpsl("data", "synth"), "--out", str(out), "--n-train", str(n_train),
+                "--n-val", str(n_val), "--height", str(height), "--width", str(width)]
 
     def _subprocess(self, item: Item, cmd: list[str], cap: float) -> int | None:
         """Run ``cmd`` for at most ``cap`` seconds; its return code, or None on a timeout."""
@@ -326,7 +340,7 @@ class Check:
         import torch
 
         path = self.out / name
-        record = {"device": device_name(self.sizes.device), "torch": torch.__version__,
+        record = {"device": self.device, "torch": torch.__version__,
                   "command": shown(cmd) if cmd else self.command, "date": _now(), **body}
         path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         return path.name
@@ -485,7 +499,7 @@ def run_items(items: list[tuple[str, float, Callable[[], list[str]]]], budget: f
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    sizes = Sizes.dry() if args.dry_run else Sizes(device="cuda")
+    sizes = Sizes.of(args.dry_run)
     out = Path(args.out)
     items = throughput_items(sizes, out)
     run_items(items, args.budget, Path(args.report))
@@ -522,7 +536,9 @@ def throughput_items(sizes: Sizes, out: Path) -> list[tuple[str, float, Callable
         path = out / f"weightings_{_tag(sizes)}.json"
         bench_weightings.main([*size, "--batch-size", "2", "--steps", str(max(1, sizes.steps // 3)),
                                "--warmup", str(max(1, sizes.warmup // 3)), "--out", str(path),
-                               *(["--only", sizes.weightings] if sizes.weightings else [])])
+                               *(["--only", sizes.weightings] if sizes.weightings else []),
+                               *(["--representation", sizes.on_representation]
+                                 if sizes.on_representation is not None else [])])
         return [stamp(path)]
 
     big = str(sizes.big_batch)

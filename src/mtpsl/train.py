@@ -767,7 +767,7 @@ def _representation(exp: Experiment, out) -> dict[str, torch.Tensor]:
     representation (``method.weighting_gradients``), else nothing."""
     if exp.weighting.gradients != "representation":
         return {}
-    z = out.features.get("shared") if out is not None else None
+    z = out.features.get("shared")
     if z is None or not z.requires_grad:
         raise ConfigError(
             f"method.weighting_gradients: 'representation' needs a model whose heads all read "
