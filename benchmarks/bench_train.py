@@ -31,15 +31,9 @@ from mtpsl.distributed import DistEnv
 from mtpsl.experiment import Experiment, build_model_for, seed_everything
 from mtpsl.methods import build_method
 from mtpsl.models import shared_parameters
-from mtpsl.speed import grad_scaler, optimizer_extra, to_channels_last
+from mtpsl.speed import to_channels_last
 from mtpsl.tasks import build_task
-from mtpsl.train import (
-    _forward_backward,
-    _setup_modules,
-    _Step,
-    after_optimiser_step,
-    build_optimisation,
-)
+from mtpsl.train import _forward_backward, _Step, after_optimiser_step, prepare_training
 from mtpsl.weighting import build_weighting
 
 RESULTS = Path(__file__).parent / "results"
@@ -145,9 +139,7 @@ def build_run(config, tasks: dict, device: torch.device) -> tuple[Experiment, _S
                                 config.method.weighting_options,
                                 config.method.weighting_gradients)
     exp = Experiment(config, tasks, None, None, None, None, model, method, weighting)
-    _setup_modules(exp, DistEnv(), device)
-    optim = build_optimisation(exp, optimizer_extra(config.train, device))
-    return exp, _Step(optim, device, DistEnv(), grad_scaler(config.train, device))
+    return exp, prepare_training(exp, DistEnv(), device)
 
 
 def train_step(exp: Experiment, run: _Step, batch: Batch, shared) -> torch.Tensor:

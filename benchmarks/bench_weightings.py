@@ -9,7 +9,9 @@ gradient strategies pay one backward pass per task through the shared parameters
 the K x P matrix of those gradients); the loss-level ones cost what uniform does. Rows
 ``<name>@representation`` (``--representation``) and ``mgda_ub`` take the task gradients with
 respect to SegNet's decoder output instead: one backward through the heads per task, then one
-full backward.
+full backward. Rows ``<name>@gramian`` (``--gramian``) take the Gram matrix of the shared
+parameters' gradients from torchjd's autogram engine (one backward vmapped over the tasks,
+never the K x P matrix), then one or two backward passes.
 
     python benchmarks/bench_weightings.py                      # CPU, 64x96, batch 4
     python benchmarks/bench_weightings.py --device cuda --height 288 --width 384 --batch-size 8
@@ -53,23 +55,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--representation", default="mgda,pcgrad,cagrad,upgrad",
                    help="strategies timed once more on the shared representation "
                         "(method.weighting_gradients=representation); '' for none")
+    p.add_argument("--gramian", default="mgda,pcgrad,cagrad,upgrad",
+                   help="strategies timed once more with the shared parameters' Gram matrix "
+                        "from torchjd's autogram (method.weighting_gradients=gramian); '' for "
+                        "none")
     p.add_argument("--one", help=argparse.SUPPRESS)  # one strategy, in its own process
     p.add_argument("--out", help="JSON path (default results/weightings_<device>.json)")
     return p.parse_args(argv)
 
 
-REP = "@representation"
-"""Row-name suffix of a strategy timed on the shared representation."""
+FORMS = ("representation", "gramian")
+"""``method.weighting_gradients`` values timed as extra rows ``<name>@<form>``."""
 
 
 def measure_one(weighting: str, args) -> dict:
     device = torch.device(args.device)
-    name, on_rep = weighting.removesuffix(REP), weighting.endswith(REP)
+    name, _, form = weighting.partition("@")
     config = load_config(None, [f"method.weighting={name}", f"model.width={args.width_mult}",
                                 f"train.batch_size={args.batch_size}", f"train.device={device}",
                                 "train.deterministic=false",
-                                *(["method.weighting_gradients=representation"] if on_rep
-                                  else [])])
+                                *([f"method.weighting_gradients={form}"] if form else [])])
     tasks = tasks_of(TASKS)
     exp, run = build_run(config, tasks, device)
     batch = batch_for(tasks, exp.method.n_views, args, "full").to(device)
@@ -83,7 +88,8 @@ def measure_one(weighting: str, args) -> dict:
 def measure_all(args) -> list[dict]:
     names = args.only.split(",") if args.only else WEIGHTINGS.names()
     names = ["uniform", *[n for n in names if n != "uniform"]]  # the baseline first
-    names += [f"{n}{REP}" for n in filter(None, args.representation.split(","))]
+    names += [f"{n}@{form}" for form in FORMS
+              for n in filter(None, getattr(args, form).split(","))]
     rows = []
     for name in names:
         rows.append({"weighting": name, **_measure_alone(name, args)})
@@ -114,7 +120,7 @@ def _forwarded(args) -> list[str]:
     return [f"--device={args.device}", f"--height={args.height}", f"--width={args.width}",
             f"--batch-size={args.batch_size}", f"--width-mult={args.width_mult}",
             f"--steps={args.steps}", f"--warmup={args.warmup}",
-            f"--representation={args.representation}"]
+            f"--representation={args.representation}", f"--gramian={args.gramian}"]
 
 
 def table(rows: list[dict]) -> str:

@@ -74,6 +74,7 @@ class Sizes:
     compile_big: bool = True
     weightings: str | None = None  # every registered strategy
     on_representation: str | None = None  # bench_weightings' default set
+    on_gramian: str | None = None  # bench_weightings' default set
     rooms: tuple[int, int, int, int] = (400, 100, 96, 128)  # train, eval, height, width
     eval_every: int = 2
     speed_train: tuple[str, ...] = ("train.compile=true", "train.fused_optimizer=true")
@@ -86,7 +87,7 @@ class Sizes:
     def dry(cls) -> Sizes:
         return cls(device="cpu", height=32, width=48, width_mult=0.0625, big_batch=4, steps=1,
                    warmup=1, compile_big=False, weightings="uniform,pcgrad",
-                   on_representation="mgda",
+                   on_representation="mgda", on_gramian="mgda",
                    rooms=(8, 4, 32, 48), eval_every=1, speed_train=())
 
 
@@ -127,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="results folder (default benchmarks/results on a GPU)")
     p.add_argument("--work", help="scratch folder for data and runs (default: a temp folder)")
     p.add_argument("--budget", type=float, help="seconds for the whole check (540; dry 170)")
+    p.add_argument("--slack", type=float, default=1.0,
+                   help="multiply the budget and every cap (a dry run on a loaded machine)")
     p.add_argument("--compare-seconds", type=float,
                    help="cap the comparison's training time (default: all that is left)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a section's items, in this process
@@ -147,7 +150,7 @@ class Check:
         self.args, self.mode, self.sizes, self.out, self.work = args, mode, sizes, out, work
         self.command = command
         self.started = time.monotonic()
-        self.deadline = self.started + (args.budget or BUDGET_S[mode])
+        self.deadline = self.started + (args.budget or BUDGET_S[mode] * args.slack)
         self.sections: dict[str, dict] = {}
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -162,7 +165,7 @@ class Check:
 
     def run(self) -> int:
         rooms = self._render_rooms()  # on the CPU, while the GPU sections run
-        caps = SECTION_CAPS_S[self.mode]
+        caps = {k: v * self.args.slack for k, v in SECTION_CAPS_S[self.mode].items()}
         self.section("paths", caps["paths"], self.paths)
         self.section("throughput", caps["throughput"], self.throughput)
         self.section("comparison", self.left() - MARGIN_S, lambda cap: self.comparison(rooms, cap))
@@ -353,7 +356,8 @@ def shown(cmd: list[str]) -> str:
 
 def args_list(args: argparse.Namespace) -> list[str]:
     """The options a worker inherits (its section, report and budget are set by the parent)."""
-    return [*(["--dry-run"] if args.dry_run else []), *(["--work", args.work] if args.work else [])]
+    return [*(["--dry-run"] if args.dry_run else []), *(["--work", args.work] if args.work else []),
+            f"--slack={args.slack}"]
 
 
 def stop_at(procs: dict[str, subprocess.Popen], end: float) -> dict[str, str]:
@@ -501,7 +505,7 @@ def run_items(items: list[tuple[str, float, Callable[[], list[str]]]], budget: f
 def run_worker(args: argparse.Namespace) -> int:
     sizes = Sizes.of(args.dry_run)
     out = Path(args.out)
-    items = throughput_items(sizes, out)
+    items = [(name, cap * args.slack, body) for name, cap, body in throughput_items(sizes, out)]
     run_items(items, args.budget, Path(args.report))
     return 0
 
@@ -538,7 +542,9 @@ def throughput_items(sizes: Sizes, out: Path) -> list[tuple[str, float, Callable
                                "--warmup", str(max(1, sizes.warmup // 3)), "--out", str(path),
                                *(["--only", sizes.weightings] if sizes.weightings else []),
                                *(["--representation", sizes.on_representation]
-                                 if sizes.on_representation is not None else [])])
+                                 if sizes.on_representation is not None else []),
+                               *(["--gramian", sizes.on_gramian]
+                                 if sizes.on_gramian is not None else [])])
         return [stamp(path)]
 
     big = str(sizes.big_batch)

@@ -9,7 +9,9 @@ The block between ``<!-- demo-table -->`` and ``<!-- /demo-table -->`` is the ta
 (rendered by the same code, :func:`mtpsl.report.tables_markdown`), followed by the measured
 training time. The record is written by ``python benchmarks/grid_run.py --device cpu``. The
 block between ``<!-- weightings-table -->`` and ``<!-- /weightings-table -->`` is the table of
-``benchmarks/results/weightings_cpu.json`` (``python benchmarks/bench_weightings.py``).
+``benchmarks/results/weightings_cpu.json`` (``python benchmarks/bench_weightings.py``), the one
+between ``<!-- weightings-full-width-table -->`` and its end that of
+``weightings_cpu_full_width.json`` (the full-width SegNet, where the K task gradients weigh).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "results" / "synthetic_demo_cpu.json"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- demo-table -->", "<!-- /demo-table -->"
-WEIGHTINGS_RECORD = ROOT / "benchmarks" / "results" / "weightings_cpu.json"
-W_BEGIN, W_END = "<!-- weightings-table -->", "<!-- /weightings-table -->"
+WEIGHTINGS_TABLES = {name: (ROOT / "benchmarks" / "results" / f"{name}.json",
+                             f"<!-- {tag}-table -->", f"<!-- /{tag}-table -->")
+                     for name, tag in (("weightings_cpu", "weightings"),
+                                       ("weightings_cpu_full_width", "weightings-full-width"))}
+"""The weighting benchmark's records and the README markers of their tables."""
 
 
 def demo_config(record: dict):
@@ -54,14 +59,14 @@ def block(record: dict) -> str:
     return f"{BEGIN}\n{text}\n\n{timing}\n{END}"
 
 
-def weightings_block(record: dict) -> str:
+def weightings_block(record: dict, begin: str, end: str) -> str:
     """The README block of the weighting benchmark: its table and what it was measured on."""
     setup = record["setup"]
     measured = (f"Measured on {record['device']}, torch {record['torch']}, {record['date']}: "
                 f"{setup['method']} on {setup['tasks']} tasks, {setup['model']}, "
                 f"{setup['height']}x{setup['width']}, batch {setup['batch_size']} "
                 f"(`{record['command']}`).")
-    return f"{W_BEGIN}\n{record['table']}\n\n{measured}\n{W_END}"
+    return f"{begin}\n{record['table']}\n\n{measured}\n{end}"
 
 
 def current_block(readme: str, begin: str = BEGIN, end_mark: str = END) -> str:
@@ -76,9 +81,10 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     args = parser.parse_args()
     readme = README.read_text()
-    blocks = [(RECORD, block(json.loads(RECORD.read_text())), current_block(readme)),
-              (WEIGHTINGS_RECORD, weightings_block(json.loads(WEIGHTINGS_RECORD.read_text())),
-               current_block(readme, W_BEGIN, W_END))]
+    blocks = [(RECORD, block(json.loads(RECORD.read_text())), current_block(readme))]
+    blocks += [(path, weightings_block(json.loads(path.read_text()), begin, end),
+                current_block(readme, begin, end))
+               for path, begin, end in WEIGHTINGS_TABLES.values()]
     if args.check:
         stale = [path.name for path, want, have in blocks if want != have]
         if stale:

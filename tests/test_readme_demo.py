@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from mtpsl.compare import cell_config_for, grid_cells
 from mtpsl.config import Config
 from mtpsl.signature import flatten, setup_from_config
@@ -30,11 +32,12 @@ def test_readme_demo_table_is_generated_from_the_committed_record():
         "README.md is stale: run python benchmarks/readme_table.py"
 
 
-def test_readme_weighting_table_is_generated_from_the_committed_record():
+@pytest.mark.parametrize("table", ["weightings_cpu", "weightings_cpu_full_width"])
+def test_readme_weighting_tables_are_generated_from_the_committed_records(table):
     script = _script()
-    record = json.loads(script.WEIGHTINGS_RECORD.read_text())
-    have = script.current_block(script.README.read_text(), script.W_BEGIN, script.W_END)
-    assert have == script.weightings_block(record), \
+    path, begin, end = script.WEIGHTINGS_TABLES[table]
+    have = script.current_block(script.README.read_text(), begin, end)
+    assert have == script.weightings_block(json.loads(path.read_text()), begin, end), \
         "README.md is stale: run python benchmarks/readme_table.py"
 
 

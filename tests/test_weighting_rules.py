@@ -309,12 +309,14 @@ def test_the_weighting_benchmark_measures_against_uniform():
     bench = load_benchmark("bench_weightings")
     args = SimpleNamespace(device="cpu", height=32, width=48, batch_size=2, width_mult=0.0625,
                            steps=1, warmup=0)
-    rows = [{"weighting": n, **bench.measure_one(n, args)} for n in ("uniform", "nash_mtl")]
+    names = ("uniform", "nash_mtl", "mgda@representation", "mgda@gramian")
+    rows = [{"weighting": n, **bench.measure_one(n, args)} for n in names]
     for row in rows:
         row["time_vs_uniform"] = row["s_per_step"] / rows[0]["s_per_step"]
         row["memory_vs_uniform"] = row["peak_gib"] / rows[0]["peak_gib"]
     assert rows[0]["linear_in_losses"] and not rows[1]["linear_in_losses"]
     assert "| nash_mtl |" in bench.table(rows) and rows[1]["shared_parameters"] > 0
+    assert [r["gradients"] for r in rows[2:]] == ["representation", "gramian"]
 
 
 # --- famo -------------------------------------------------------------------------------------

@@ -129,12 +129,16 @@ def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Conf
 
 
 def _apply_variant_weighting(method: dict, variant: MethodVariant) -> None:
-    """A variant's weighting (and options) replace the base ones where it names them."""
+    """A variant's weighting (its options, what it differentiates) replace the base ones
+    where it names them."""
     if variant.weighting is not None and variant.weighting != method["weighting"]:
         method["weighting"] = variant.weighting
         method["weighting_options"] = {}  # the base options belong to the base strategy
+        method["weighting_gradients"] = None
     if variant.weighting_options is not None:
         method["weighting_options"] = dict(variant.weighting_options)
+    if variant.weighting_gradients is not None:
+        method["weighting_gradients"] = variant.weighting_gradients
 
 
 def check_delta_metrics(config: Config) -> None:

@@ -80,6 +80,7 @@ from .speed import (
 )
 from .splits import Split
 from .summary import final_metrics
+from .weighting.gramian import SharedGramian
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -377,6 +378,17 @@ class _Step:
     """Seconds of each epoch trained in this session (the ETA's basis)."""
     saved_epoch: int | None = None
     """Whole epochs in the run folder's checkpoint (None: none written yet)."""
+    gramian: SharedGramian | None = None
+    """The shared layers' Gram engine of ``method.weighting_gradients=gramian``."""
+
+
+def prepare_training(exp: Experiment, env: DistEnv, device: torch.device) -> _Step:
+    """Modules placed and sped up, optimisers, and the weighting's Gram engine: what the loop
+    (and a benchmark of its step) needs before the first batch."""
+    _setup_modules(exp, env, device)
+    optim = build_optimisation(exp, optimizer_extra(exp.config.train, device))
+    return _Step(optim, device, env, grad_scaler(exp.config.train, device),
+                 StopRequest(env, device), gramian=_gramian_engine(exp, env))
 
 
 def _setup_modules(exp: Experiment, env: DistEnv, device: torch.device) -> None:
@@ -464,9 +476,7 @@ def _fit(
     identity = experiment_identity(exp, state)
     if state:
         _check_identity(exp, identity, state["identity"], run_dir)
-    _setup_modules(exp, env, device)
-    optim = build_optimisation(exp, optimizer_extra(cfg, device))
-    step = _Step(optim, device, env, grad_scaler(cfg, device), StopRequest(env, device))
+    step = prepare_training(exp, env, device)
     start_epoch, start_step = (state["epoch"], state["step"]) if state else (0, 0)
     step.saved_epoch = start_epoch if state else None
     history = History.load(run_dir, start_epoch) if state else History(run_dir)
@@ -747,7 +757,7 @@ def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = T
         losses, out = exp.method.compute(exp.model, batch)
     if zero:
         run.optim.zero_grad()
-    where = _representation(exp, out)
+    where = _gradient_source(exp, out, run)
     task_losses = {k: v.float() for k, v in losses.tasks.items()}
     extra = sum((v.float() for v in losses.extra.values()), torch.zeros((), device=run.device))
     present = ddp.any_over_ranks(batch.labelled.any(0))  # the same on every process
@@ -762,9 +772,30 @@ def _forward_backward(exp: Experiment, batch, run: _Step, shared, zero: bool = T
     return {"total": total, **losses.detached()}
 
 
-def _representation(exp: Experiment, out) -> dict[str, torch.Tensor]:
-    """``{"representation": z}`` for a weighting that differentiates the shared
-    representation (``method.weighting_gradients``), else nothing."""
+def _gramian_engine(exp: Experiment, env: DistEnv) -> SharedGramian | None:
+    """The Gram engine on the shared layers when the weighting asks for it (after the model's
+    set-up: the engine hooks the modules the forward pass will run)."""
+    if exp.weighting.gradients != "gramian":
+        return None
+    if env.enabled:
+        raise ConfigError("method.weighting_gradients: 'gramian' gives one process's Gram "
+                          "matrix; under torchrun use 'parameters' or 'representation'")
+    if exp.config.train.compile:
+        raise ConfigError("method.weighting_gradients: 'gramian' hooks the shared layers, "
+                          "which train.compile does not support: set train.compile=false")
+    shared = shared_parameters(exp.model)
+    if not shared:
+        raise ConfigError(f"method.weighting_gradients: 'gramian' needs shared parameters; "
+                          f"{type(exp.model).__name__} has none")
+    return SharedGramian(exp.model, shared)
+
+
+def _gradient_source(exp: Experiment, out, run: _Step) -> dict[str, Any]:
+    """What the weighting's backward differentiates besides the losses
+    (``method.weighting_gradients``): the shared representation, the Gram engine, or
+    nothing."""
+    if exp.weighting.gradients == "gramian":
+        return {"gramian": run.gramian}
     if exp.weighting.gradients != "representation":
         return {}
     z = out.features.get("shared")

@@ -18,7 +18,10 @@ update; the remaining parameters (task heads) and the method's ``extra`` terms g
 ordinary backward pass. With no shared parameters (single-task learning's separate networks)
 there is nothing to reconcile and these strategies fall back to the plain sum. Under torchrun
 they work from the processes' mean gradients and losses, so the result does not depend on
-the number of processes.
+the number of processes. ``method.weighting_gradients`` offers two cheaper forms to the
+strategies that only need the Gram matrix: the gradients of the shared representation
+(``representation``) and the shared parameters' Gram matrix from torchjd's autogram engine
+without the gradients (``gramian``, :mod:`.gramian`).
 
 Strategies that need to know which tasks are present read ``present`` on the host (one device
 sync per step): an absent task's parameters are then left out of the graph, so their gradient

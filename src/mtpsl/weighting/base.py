@@ -37,8 +37,9 @@ class Weighting(nn.Module):
     gradients: str = "parameters"
     """What a gradient strategy differentiates (``method.weighting_gradients``): with
     ``representation`` the loop passes the model's ``features["shared"]`` to :meth:`backward`
-    as ``representation=``; only strategies whose :meth:`supports_representation` is true
-    accept it."""
+    as ``representation=``; with ``gramian`` it passes the Gram engine of the shared layers
+    (:class:`~mtpsl.weighting.gramian.SharedGramian`) as ``gramian=``; only strategies whose
+    :meth:`supports_representation` is true accept either."""
     wants_losses_after_step: ClassVar[bool] = False
     """True when the strategy learns from how the step changed the batch's losses (FAMO): the
     loop then evaluates them again after the optimiser step (no gradient, BatchNorm
@@ -176,14 +177,14 @@ def build_weighting(
         raise ConfigError(f"{details} (weighting {name!r} accepts: {allowed})") from None
     weighting = cls(task_names, parsed)
     if gradients is not None and gradients != weighting.gradients:
-        if gradients == "representation" and not cls.supports_representation():
+        if gradients in ("representation", "gramian") and not cls.supports_representation():
             able = ", ".join(n for n in WEIGHTINGS.names()
                              if WEIGHTINGS.get(n).supports_representation())
             raise ConfigError(
-                f"method.weighting_gradients: 'representation' needs a strategy that weights "
+                f"method.weighting_gradients: {gradients!r} needs a strategy that weights "
                 f"the task gradients by coefficients from their Gram matrix; {name!r} does "
                 f"not. Allowed with it: {able}")
-        if gradients == "parameters" and cls.gradients == "representation":
+        if cls.gradients == "representation":
             raise ConfigError(f"method.weighting_gradients: {name!r} works on the shared "
                               f"representation only (its parameter form has its own name)")
         weighting.gradients = gradients

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..distributed import group_size, mean_over_ranks
 from .base import Weighting, backward_total, plain_sum
+from .gramian import SharedGramian
 
 
 class GradientWeighting(Weighting):
@@ -31,6 +32,11 @@ class GradientWeighting(Weighting):
     MGDA-UB bound). Under torchrun the Gram matrix is the global batch's: each process's
     ``z`` holds its own images and the global loss is the mean of the processes' losses, so
     the global Gram matrix is ``sum_r G_r / world^2 = mean_over_ranks(G_local) / world``.
+
+    With ``gradients = "gramian"`` the Gram matrix of the shared parameters' gradients comes
+    from torchjd's autogram engine (:mod:`.gramian`) without the gradients; the shared
+    parameters then get ``sum_k alpha_k dL_k/dtheta`` from a backward pass of
+    ``sum_k alpha_k L_k`` restricted to them (one pass in all when the heads follow alpha).
     """
 
     heads_follow: ClassVar[bool] = False
@@ -74,16 +80,23 @@ class GradientWeighting(Weighting):
         shared: Sequence[nn.Parameter],
         present: Tensor,
         representation: Tensor | None = None,
+        gramian: SharedGramian | None = None,
     ) -> Tensor:
         params = [p for p in shared if p.requires_grad]
         indices = self._present_indices(present)
         if not params or not indices:
+            if gramian is not None:
+                gramian.discard()
             return backward_total(self.combine(task_losses) + extra)
         losses = self._stacked(task_losses, indices)
         if self.gradients == "representation":
             if representation is None:
                 raise ValueError("gradients='representation' needs the shared representation")
             return self._backward_representation(losses, extra, representation, indices)
+        if self.gradients == "gramian":
+            if gramian is None:
+                raise ValueError("gradients='gramian' needs the shared layers' Gram engine")
+            return self._backward_gramian(losses, extra, params, gramian(losses), indices)
         grads = torch.stack([flat_grad(loss, params) for loss in losses])
         # under torchrun: the weights come from the global batch's gradients and losses
         heads, correction = self.update(mean_over_ranks(grads), mean_over_ranks(losses), indices)
@@ -107,6 +120,19 @@ class GradientWeighting(Weighting):
             roots.append(z)
             seeds.append(((alpha - heads).to(wide) @ grads).view_as(z).to(z.dtype))
         torch.autograd.backward(roots, seeds)
+        return total.detach()
+
+    def _backward_gramian(self, losses: Tensor, extra: Tensor, params: Sequence[nn.Parameter],
+                          gram: Tensor, indices: Sequence[int]) -> Tensor:
+        """``sum_k h_k L_k + extra`` backward, after ``sum_k (alpha_k - h_k) L_k`` backward
+        into the shared parameters alone when the shared coefficients differ from the heads'
+        (the parameter form's correction, without the gradients)."""
+        heads, alpha = self._weights(gram, losses, indices)
+        if not torch.equal(alpha, heads):
+            correction = ((alpha - heads) * losses).sum()
+            torch.autograd.backward(correction, inputs=list(params), retain_graph=True)
+        total = (heads * losses).sum() + extra
+        total.backward()
         return total.detach()
 
 

@@ -20,7 +20,9 @@ torchjd's stops at its tolerance; and the normalisations of Sener & Koltun's cod
 (the same arithmetic, but orders from a generator saved with the run) and CAGrad (torchjd's
 needs cvxpy and clarabel; ours solves the dual on the Gram matrix). Left out: Krum and
 TrimmedMean (Byzantine-robust aggregation, not multi-task methods), Mean/Sum (``uniform``),
-Random (``rlw``).
+Random (``rlw``). torchjd's autogram engine is used as it is for the Gram matrix of the
+shared parameters without the gradients (``method.weighting_gradients=gramian``,
+``gramian.py``): every strategy here and every other ``coefficients`` rule takes it.
 
 Solvers: UPGrad and DualProj project onto a dual cone with quadprog, an optional dependency
 (``pip install "mtpsl[solvers]"``); without it they fail at construction with that command.
