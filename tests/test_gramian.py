@@ -154,7 +154,7 @@ TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.pro
         "train.eval_every=1"]
 
 
-@pytest.mark.parametrize("method", ["sl", "xtc"])
+@pytest.mark.parametrize("method", ["sl", "xtc", "mean_teacher"])  # one, pairs, two views
 def test_trains_from_the_cli(tmp_path, method):
     root = make_layout(tmp_path / "data", n=4, h=32, w=48)
     run = tmp_path / "run"

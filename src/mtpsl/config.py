@@ -102,6 +102,10 @@ class ModelConfig(Section):
     """Model-specific keyword arguments (e.g. the head type), checked by the model builder."""
 
 
+WeightingGradients = Literal["parameters", "representation", "gramian"]
+"""What a gradient strategy differentiates (``method.weighting_gradients``)."""
+
+
 class MethodConfig(Section):
     name: str = "sl"
     """How partial labels become losses; see ``mtpsl list methods``."""
@@ -111,13 +115,13 @@ class MethodConfig(Section):
     """How per-task losses are combined (see mtpsl.weighting.WEIGHTINGS)."""
     weighting_options: dict[str, Any] = {}
     """Strategy-specific options, validated by the strategy's own options model."""
-    weighting_gradients: Literal["parameters", "representation", "gramian"] | None = None
+    weighting_gradients: WeightingGradients | None = None
     """What a gradient strategy differentiates: the shared parameters (exact; the default),
     the shared representation the task heads read (LibMTL's ``rep_grad``, MGDA-UB's bound:
     one backward through the heads per task instead of through the whole network), or the
     shared parameters' Gram matrix by torchjd's autogram engine (exact, without K gradient
-    copies; one process, single-view methods). None: the strategy's own default
-    (``representation`` for ``mgda_ub``)."""
+    copies; one process, every forward pass of the shared layers read by a task loss). None:
+    the strategy's own default (``representation`` for ``mgda_ub``)."""
 
 
 class OptimConfig(Section):
@@ -210,7 +214,7 @@ class MethodVariant(Section):
     """Loss-weighting strategy of this variant; None keeps ``method.weighting``."""
     weighting_options: dict[str, Any] | None = None
     """Its options; None keeps the base options if the strategy is the base one, else {}."""
-    weighting_gradients: Literal["parameters", "representation", "gramian"] | None = None
+    weighting_gradients: WeightingGradients | None = None
     """Its ``method.weighting_gradients``; None keeps the base one if the strategy is the
     base one, else the strategy's default."""
 

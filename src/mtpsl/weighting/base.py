@@ -52,7 +52,8 @@ class Weighting(nn.Module):
 
     @classmethod
     def supports_representation(cls) -> bool:
-        """True when the strategy can work from gradients of the shared representation."""
+        """True when the strategy needs only the Gram matrix of the task gradients, so it can
+        work from the shared representation's gradients or from the Gram engine."""
         return False
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:

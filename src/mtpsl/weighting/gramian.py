@@ -14,10 +14,12 @@ Why the engine is used as it is, with ``batch_dim=None``: its batched mode needs
 treat images independently, and BatchNorm (SegNet's, the ResNets') does not. What it asks of
 the forward pass, and what follows here:
 
-- every forward call of a hooked layer that is part of the graph must reach a task loss: a
-  method that runs the shared layers on a second view that only its consistency term reads
-  (ssl, mean_teacher, pseudo_label, jtr's later views) gets a :class:`ConfigError` naming the
-  key at its first step;
+- every forward call of a hooked layer that is part of the graph must reach a task loss (the
+  engine counts the calls and waits for each one's Jacobian): a method that ran the shared
+  layers on an input only its other terms read would get a :class:`ConfigError` naming the
+  key at its first step. Every shipped method meets the rule (sl, ssl, xtc, jtr, mean_teacher,
+  pseudo_label, direct_map, perceptual_map, contrastive, discriminator and jtl were trained
+  with ``gramian``);
 - the Gram matrix is the process's own: under torchrun the global batch's would need the
   cross-process inner products (every process's gradients), so the loop refuses the form
   there, and with ``train.compile`` (forward hooks inside a compiled graph are not tested).
