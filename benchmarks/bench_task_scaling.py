@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import build_run, device_name, peak_memory, sync, train_step
+from bench_train import batch_for, build_run, device_name, peak_memory, sync, train_step
 
 from mtpsl.config import load_config
-from mtpsl.data.batch import Batch, View
+from mtpsl.data.batch import Batch
 from mtpsl.models import shared_parameters
 from mtpsl.tasks import Task, build_task
 
@@ -63,29 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tasks_of(name: str) -> dict[str, Task]:
     return {n: build_task(kind, n, **kw) for n, (kind, kw) in TASK_SETS[name].items()}
-
-
-def label_like(task: Task, b: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
-    """A valid label: the task's hard label of a random prediction (binary ones at 0/1)."""
-    label = task.hard_label(task.activate(torch.randn(b, task.out_channels, h, w, generator=g)))
-    if task.continuous:
-        return label.abs() + 0.5
-    if task.label_dims == 1 and not task.continuous:
-        return (label > 0.5).float()
-    return label
-
-
-def batch_for(tasks: dict[str, Task], n_views: int, args, regime: str) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    b, h, w = args.batch_size, args.height, args.width
-    views = [View(torch.rand(b, 3, h, w, generator=g),
-                  {n: label_like(t, b, h, w, g) for n, t in tasks.items()})
-             for _ in range(n_views)]
-    labelled = torch.zeros(b, len(tasks), dtype=torch.bool)
-    labelled[torch.arange(b), torch.arange(b) % len(tasks)] = True  # one label per image
-    if regime == "full":
-        labelled[:] = True
-    return Batch(views, labelled, torch.arange(b), tuple(tasks))
 
 
 def measure_one(method: str, task_set: str, regime: str, args) -> dict:

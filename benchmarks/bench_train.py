@@ -32,7 +32,7 @@ from mtpsl.experiment import Experiment, build_model_for, seed_everything
 from mtpsl.methods import build_method
 from mtpsl.models import shared_parameters
 from mtpsl.speed import to_channels_last
-from mtpsl.tasks import build_task
+from mtpsl.tasks import Task, build_task
 from mtpsl.train import _forward_backward, _Step, after_optimiser_step, prepare_training
 from mtpsl.weighting import build_weighting
 
@@ -101,26 +101,30 @@ def nyuv2_tasks() -> dict:
     }
 
 
-def synthetic_batch(tasks: dict, n_views: int, args, device) -> Batch:
-    """A fixed random batch (seeded): images, valid labels, the regime's label mask and an
-    identity augmentation record."""
+def label_like(task: Task, b: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+    """A valid label: the task's hard label of a random prediction (binary ones at 0/1)."""
+    label = task.hard_label(task.activate(torch.randn(b, task.out_channels, h, w, generator=g)))
+    if task.continuous:
+        return label.abs() + 0.5
+    if task.label_dims == 1 and not task.continuous:
+        return (label > 0.5).float()
+    return label
+
+
+def batch_for(tasks: dict[str, Task], n_views: int, args, regime: str) -> Batch:
+    """A fixed random batch (seeded) of any tasks: images, valid labels, one label per image
+    (``onelabel``) or all (``full``), and an identity augmentation record per view."""
     g = torch.Generator().manual_seed(0)
     b, h, w = args.batch_size, args.height, args.width
-    views = []
-    for _ in range(n_views):
-        normal = torch.nn.functional.normalize(torch.randn(b, 3, h, w, generator=g), dim=1)
-        targets = {
-            "semantic": torch.randint(0, 13, (b, h, w), generator=g),
-            "depth": torch.rand(b, 1, h, w, generator=g) * 10,
-            "normal": normal,
-        }
-        views.append(View(torch.rand(b, 3, h, w, generator=g), targets, identity_augmentation(b)))
-    if args.regime == "full":
-        labelled = torch.ones(b, len(tasks), dtype=torch.bool)
-    else:
-        labelled = torch.zeros(b, len(tasks), dtype=torch.bool)
-        labelled[torch.arange(b), torch.arange(b) % len(tasks)] = True
-    return Batch(views, labelled, torch.arange(b), tuple(tasks)).to(device)
+    views = [View(torch.rand(b, 3, h, w, generator=g),
+                  {n: label_like(t, b, h, w, g) for n, t in tasks.items()},
+                  identity_augmentation(b))
+             for _ in range(n_views)]
+    labelled = torch.zeros(b, len(tasks), dtype=torch.bool)
+    labelled[torch.arange(b), torch.arange(b) % len(tasks)] = True  # one label per image
+    if regime == "full":
+        labelled[:] = True
+    return Batch(views, labelled, torch.arange(b), tuple(tasks))
 
 
 def identity_augmentation(batch: int) -> dict[str, torch.Tensor]:
@@ -159,9 +163,8 @@ def sync(device: torch.device) -> None:
 def measure(config, args, device: torch.device) -> dict:
     tasks = nyuv2_tasks()
     exp, run = build_run(config, tasks, device)
-    batch = to_channels_last(
-        synthetic_batch(tasks, exp.method.n_views, args, device), config.train.channels_last
-    )
+    batch = batch_for(tasks, exp.method.n_views, args, args.regime).to(device)
+    batch = to_channels_last(batch, config.train.channels_last)
     shared = shared_parameters(exp.model)
     exp.model.train()
     exp.method.train()

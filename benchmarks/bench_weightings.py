@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_task_scaling import batch_for, tasks_of, timed_steps
-from bench_train import build_run, device_name
+from bench_task_scaling import tasks_of, timed_steps
+from bench_train import batch_for, build_run, device_name
 
 from mtpsl.config import load_config
 from mtpsl.models import shared_parameters

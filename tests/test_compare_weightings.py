@@ -50,6 +50,23 @@ def test_an_unknown_weighting_names_the_key(tmp_path, capsys):
     assert "compare.weightings: unknown weighting 'pcgard'" in err and "pcgrad" in err
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["method.weighting=mgda", "method.weighting_gradients=representation",
+      "compare.weightings=[mgda, uniform]"],
+     "compare cell sl+uniform: method.weighting_gradients: 'representation' needs"),
+    (["compare.weightings=[]", "compare.variants.xtc.options={con_weight: 2.0, conweight: 1}"],
+     "compare cell xtc: "),
+], ids=["gradients", "variant-option"])
+def test_a_bad_cell_stops_the_grid_before_any_training(tmp_path, capsys, bad, message):
+    root = make_layout(tmp_path / "data", n=4, h=64, w=96)
+    out = tmp_path / "grid"
+    code = main(["compare", "--config", "synthetic_weightings", "--out", str(out),
+                 f"dataset.root={root}", *TINY, *bad])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not list(out.glob("*/*/seed0"))  # not one cell trained
+
+
 @pytest.fixture(scope="module")
 def batch_of(tmp_path_factory):
     """A real training batch of the synthetic_weightings set-up (one label per image), and the

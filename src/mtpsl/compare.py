@@ -21,11 +21,12 @@ from . import report
 from .config import Config, MethodVariant, build_config
 from .errors import ConfigError, RunFolderError
 from .evaluate import higher_is_better
-from .experiment import open_dataset
+from .experiment import lookup, open_dataset
 from .figures import plot_seeds
+from .methods import METHODS, build_method
 from .rundir import holds_run
 from .train import resume, saved_config_difference, train
-from .weighting import WEIGHTINGS
+from .weighting import WEIGHTINGS, build_weighting
 
 ARROWS = report.ARROWS
 
@@ -155,6 +156,23 @@ def check_delta_metrics(config: Config) -> None:
                           "(or null for each task's primary metric)")
 
 
+def check_cells(config: Config) -> None:
+    """Every cell's config, method and weighting built before any training (a variant's
+    option typo, a swept strategy that cannot take the grid's ``weighting_gradients``), so
+    that a bad cell cannot stop a grid halfway, after hours of the cells before it."""
+    cells = [cell_config_for(config, regime, method, config.compare.seeds[0])
+             for regime, method in grid_cells(config)]
+    tasks = dict(open_dataset(config, config.dataset.train_split).tasks)
+    for cell in cells:
+        try:
+            lookup(METHODS, cell.method.name, "method.name")
+            build_method(cell.method.name, tasks, cell.method.options)
+            build_weighting(cell.method.weighting, tuple(tasks), cell.method.weighting_options,
+                            cell.method.weighting_gradients)
+        except ConfigError as err:
+            raise ConfigError(f"compare cell {cell.label}: {err}") from None
+
+
 def write_tables(tables: Sequence[report.Table], text: str, out: Path) -> None:
     (out / "results.md").write_text(text + "\n")
     report.write_csv(report.table_rows(tables), out / "results.csv")
@@ -180,6 +198,7 @@ def compare(config: Config, out: Path) -> str:
     if not grid.methods or not grid.regimes or not grid.seeds:
         raise ConfigError("compare: methods, regimes and seeds must each be non-empty")
     check_delta_metrics(config)
+    check_cells(config)
     out.mkdir(parents=True, exist_ok=True)
     results = run_grid(config, out)
     tables = report.build_tables(results, grid.baseline, grid.delta_metrics)
