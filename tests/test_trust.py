@@ -228,6 +228,22 @@ def test_non_finite_hyperparameters_are_config_errors(capsys):
         assert key in capsys.readouterr().err
 
 
+def test_an_lr_beyond_float32_is_a_config_error(capsys):
+    assert main(["train", "optim.lr=1e39"]) == 2
+    assert "optim.lr: Input should be less than" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["segnet", "mtan", "stl"])
+def test_images_smaller_than_the_encoder_reduction_are_named(tmp_path, capsys, model):
+    small = make_layout(tmp_path / "small", n=4, h=16, w=48)
+    method = ["method.name=stl"] if model == "stl" else [f"model.name={model}"]
+    assert main(["train", "--run-dir", str(tmp_path / "run"), f"dataset.root={small}", *ARGS,
+                 *method]) == 2
+    err = _error(capsys)
+    assert "reduces images 32x" in err and "16x48" in err and "at least 32 pixels" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_update_to_non_finite_weights_is_never_checkpointed(root, tmp_path, capsys):
     folder = tmp_path / "run"
     # one step per epoch: the update of an epoch's last step is the one the loss/gradient

@@ -124,12 +124,16 @@ class MethodConfig(Section):
     the strategy's own default (``representation`` for ``mgda_ub``)."""
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: an optimiser's lr or weight decay beyond it cannot reach the weights."""
+
+
 class OptimConfig(Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     """Optimiser of the model (a method's own networks may have their own, e.g. FiLM's)."""
-    lr: float = Field(default=1e-4, gt=0.0)
+    lr: float = Field(default=1e-4, gt=0.0, lt=FLOAT32_MAX)
     """Learning rate (1e-4 with Adam in paper 001)."""
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, lt=FLOAT32_MAX)
     """L2 penalty of the optimiser."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam's betas."""

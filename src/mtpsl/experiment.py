@@ -27,7 +27,7 @@ from .data.sampling import ResumableSampler, check_balanced_batch, train_sampler
 from .data.transforms import build_train_transform
 from .errors import ConfigError
 from .methods import METHODS, Method, build_method
-from .models import MODELS, HeadSpec, PerTaskModels, build_model
+from .models import MODELS, HeadSpec, PerTaskModels, build_model, check_input_size
 from .models.encoders import EncoderSpec
 from .registry import Registry
 from .splits import Split, make_split
@@ -209,6 +209,8 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
         config.method.weighting_gradients,
     )
     model = build_model_for(config, tasks, method)
+    for images in (train_full, eval_base):
+        check_input_size(model, images.height, images.width, config.model.name)
     method.attach(model)
     return Experiment(
         config, tasks, split, train_set, eval_set, val_set, model, method, weighting,

@@ -177,6 +177,20 @@ def as_multitask(model: nn.Module) -> MultiTaskModel:
                       f"shared_parameters, encoder_info)")
 
 
+def check_input_size(model: nn.Module, height: int, width: int, model_name: str) -> None:
+    """A ConfigError when ``height x width`` images would shrink to nothing in the model's
+    encoder (SegNet's five poolings need 32 pixels a side), which torch reports only as an
+    internal error from deep inside a pooling layer at the first step."""
+    nets = model.nets.values() if isinstance(model, PerTaskModels) else [model]
+    for net in nets:
+        info = as_multitask(net).encoder_info
+        if info is not None and min(info.size(height, width)) < 1:
+            raise ConfigError(
+                f"model.name: {model_name!r} reduces images {info.reduction}x, so its encoder "
+                f"has nothing left of these {height}x{width} images: use images of at least "
+                f"{info.reduction} pixels a side, or a model with a smaller reduction")
+
+
 def require_encoder_info(model: nn.Module, method: str) -> FeatureInfo:
     """The model's shared encoder feature, or a ConfigError naming ``method``."""
     info = as_multitask(model).encoder_info
