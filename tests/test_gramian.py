@@ -127,6 +127,8 @@ def test_shared_parameters_that_are_not_whole_layers_are_refused():
     with pytest.raises(ConfigError, match=r"cannot separate Linear"):
         owning_layers(net, [net.body.weight])  # its bias is not shared
     assert owning_layers(net, list(net.body.parameters())) == [net.body]
+    net.heads[0].tied = net.body  # one layer under two parents (tied weights): hooked once
+    assert owning_layers(net, list(net.body.parameters())) == [net.body]
 
 
 def test_torchrun_compile_and_models_without_shared_parameters_are_refused():

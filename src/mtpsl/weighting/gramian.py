@@ -83,6 +83,8 @@ def owning_layers(model: nn.Module, shared: Sequence[nn.Parameter]) -> list[nn.M
 
 
 def _collect(module: nn.Module, wanted: set[int], out: list[nn.Module]) -> None:
+    if any(module is seen for seen in out):  # one module under two parents: hooked once
+        return
     own = [id(p) in wanted for p in module.parameters(recurse=False) if p.requires_grad]
     if any(own):
         if all(own) and all(id(p) in wanted for p in module.parameters() if p.requires_grad):
