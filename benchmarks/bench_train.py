@@ -28,13 +28,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from mtpsl.config import load_config
 from mtpsl.data.batch import Batch, View
 from mtpsl.distributed import DistEnv
-from mtpsl.experiment import Experiment, build_model_for, seed_everything
-from mtpsl.methods import build_method
+from mtpsl.experiment import (
+    Experiment,
+    build_model_for,
+    method_for,
+    seed_everything,
+    weighting_for,
+)
 from mtpsl.models import shared_parameters
 from mtpsl.speed import to_channels_last
 from mtpsl.tasks import Task, build_task
 from mtpsl.train import _forward_backward, _Step, after_optimiser_step, prepare_training
-from mtpsl.weighting import build_weighting
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -136,12 +140,10 @@ def identity_augmentation(batch: int) -> dict[str, torch.Tensor]:
 
 def build_run(config, tasks: dict, device: torch.device) -> tuple[Experiment, _Step]:
     seed_everything(0, False)
-    method = build_method(config.method.name, tasks, config.method.options)
+    method = method_for(config, tasks)
     model = build_model_for(config, tasks, method)
     method.attach(model)
-    weighting = build_weighting(config.method.weighting, tuple(tasks),
-                                config.method.weighting_options,
-                                config.method.weighting_gradients)
+    weighting = weighting_for(config, tuple(tasks))
     exp = Experiment(config, tasks, None, None, None, None, model, method, weighting)
     return exp, prepare_training(exp, DistEnv(), device)
 

@@ -21,12 +21,11 @@ from . import report
 from .config import Config, MethodVariant, build_config
 from .errors import ConfigError, RunFolderError
 from .evaluate import higher_is_better
-from .experiment import lookup, open_dataset
+from .experiment import method_for, open_dataset, weighting_for
 from .figures import plot_seeds
-from .methods import METHODS, build_method
 from .rundir import holds_run
 from .train import resume, saved_config_difference, train
-from .weighting import WEIGHTINGS, build_weighting
+from .weighting import WEIGHTINGS
 
 ARROWS = report.ARROWS
 
@@ -165,10 +164,8 @@ def check_cells(config: Config) -> None:
     tasks = dict(open_dataset(config, config.dataset.train_split).tasks)
     for cell in cells:
         try:
-            lookup(METHODS, cell.method.name, "method.name")
-            build_method(cell.method.name, tasks, cell.method.options)
-            build_weighting(cell.method.weighting, tuple(tasks), cell.method.weighting_options,
-                            cell.method.weighting_gradients)
+            method_for(cell, tasks)
+            weighting_for(cell, tuple(tasks))
         except ConfigError as err:
             raise ConfigError(f"compare cell {cell.label}: {err}") from None
 

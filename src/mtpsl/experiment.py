@@ -11,7 +11,7 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,6 +172,18 @@ def build_model_for(config: Config, tasks: dict[str, Task], method: Method) -> n
     return build_model(config.model.name, heads, **kwargs)
 
 
+def method_for(config: Config, tasks: Mapping[str, Task]) -> Method:
+    """The configured method, its name and options validated (errors name the keys)."""
+    lookup(METHODS, config.method.name, "method.name")
+    return build_method(config.method.name, tasks, config.method.options)
+
+
+def weighting_for(config: Config, names: Sequence[str]) -> Weighting:
+    """The configured loss weighting over ``names``, its options and gradients validated."""
+    return build_weighting(config.method.weighting, tuple(names),
+                           config.method.weighting_options, config.method.weighting_gradients)
+
+
 def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     """Datasets, split, model, method and weighting of a run (model on the CPU)."""
     train_full = open_dataset(config, config.dataset.train_split)
@@ -182,8 +194,7 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
         config, len(train_full), names, train_full.image_ids
     )
 
-    lookup(METHODS, config.method.name, "method.name")
-    method = build_method(config.method.name, tasks, config.method.options)
+    method = method_for(config, tasks)
     aug = config.dataset.augment
     transform = build_train_transform(tuple(aug.scales), aug.flip)
     train_idx, val_idx = carve_validation(
@@ -204,10 +215,7 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
                                   split.labelled[val_idx])
     eval_set = PartialLabelSet(eval_base, tasks)
 
-    weighting = build_weighting(
-        config.method.weighting, names, config.method.weighting_options,
-        config.method.weighting_gradients,
-    )
+    weighting = weighting_for(config, names)
     model = build_model_for(config, tasks, method)
     for images in (train_full, eval_base):
         check_input_size(model, images.height, images.width, config.model.name)
