@@ -110,7 +110,7 @@ def label_like(task: Task, b: int, h: int, w: int, g: torch.Generator) -> torch.
     label = task.hard_label(task.activate(torch.randn(b, task.out_channels, h, w, generator=g)))
     if task.continuous:
         return label.abs() + 0.5
-    if task.label_dims == 1 and not task.continuous:
+    if task.label_dims == 1:  # binary maps (continuous ones returned above)
         return (label > 0.5).float()
     return label
 
