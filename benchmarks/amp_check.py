@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtpsl import stats
+from mtpsl.analysis import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["semantic/miou", "depth/abs_err", "normal/mean"]

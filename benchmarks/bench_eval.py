@@ -1,7 +1,7 @@
 """Evaluation metric accumulation: streaming device-side metrics vs a naive host version.
 
 Predictions and labels already sit on the device (as after a model's forward pass). The
-streaming path is ``mtpsl.evaluate.accumulate`` (``mtpsl.metrics``: confusion matrices, error
+streaming path is ``mtpsl.engine.evaluate.accumulate`` (``mtpsl.metrics``: confusion matrices, error
 sums, angle histograms, per-image saliency rates and odsF's disc dilations updated on the
 device, one host copy at the end). The naive path copies every batch to the host
 (``.cpu().numpy()``) and accumulates there with numpy, keeping all normal angles for an exact
@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from mtpsl.data.pascal import PASCAL_TASKS, pascal_tasks
-from mtpsl.evaluate import accumulate, build_metrics
+from mtpsl.engine.evaluate import accumulate
 from mtpsl.metrics import NORMAL_THRESHOLDS_DEG, disc_offsets
 from mtpsl.tasks import Task, build_task
+from mtpsl.tasks.scoring import build_metrics
 
 RESULTS = Path(__file__).parent / "results"
 NYU_CLASSES = 13

@@ -2,7 +2,7 @@
 pass per task pair) against JTR (one joint auto-encoder), with plain SL as the baseline
 measured in the same run, at 2, 3 and 5 tasks (Cityscapes-, NYUv2- and PASCAL-like heads).
 
-Every (regime, task set, method) runs the real training step of ``mtpsl.train`` on a fixed
+Every (regime, task set, method) runs the real training step of ``mtpsl.engine.run`` on a fixed
 random batch in its own process, so each peak resident memory is its own; the table gives
 seconds per step, peak memory and both as ratios to SL on the same tasks. With one label per
 image XTC maps K - 1 pairs per image, with every label K (K - 1): the regime is where the
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import batch_for, build_run, device_name, peak_memory, sync, train_step
 
-from mtpsl.config import load_config
+from mtpsl.core.config import load_config
 from mtpsl.data.batch import Batch
 from mtpsl.models import shared_parameters
 from mtpsl.tasks import Task, build_task

@@ -1,7 +1,7 @@
 """Training throughput: XTC's batched consistency against its per-sample reference form.
 
 One run measures both forms on the same synthetic in-memory batch, same model and the real
-training step of ``mtpsl.train`` (autocast, loss scaling, weighting backward, optimisers):
+training step of ``mtpsl.engine.run`` (autocast, loss scaling, weighting backward, optimisers):
 images/s, their ratio, peak memory and model FLOP utilisation (FLOPs of one step counted by
 ``torch.utils.flop_counter.FlopCounterMode``, divided by the step time and by the device's
 dense peak). Methods other than XTC are timed once (``--method sl``), e.g. for the demo.
@@ -25,20 +25,20 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtpsl.config import load_config
+from mtpsl.core.config import load_config
+from mtpsl.core.distributed import DistEnv
 from mtpsl.data.batch import Batch, View
-from mtpsl.distributed import DistEnv
-from mtpsl.experiment import (
+from mtpsl.engine.build import (
     Experiment,
     build_model_for,
     method_for,
     seed_everything,
     weighting_for,
 )
+from mtpsl.engine.run import _forward_backward, _Step, after_optimiser_step, prepare_training
+from mtpsl.engine.speed import to_channels_last
 from mtpsl.models import shared_parameters
-from mtpsl.speed import to_channels_last
 from mtpsl.tasks import Task, build_task
-from mtpsl.train import _forward_backward, _Step, after_optimiser_step, prepare_training
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -149,7 +149,7 @@ def build_run(config, tasks: dict, device: torch.device) -> tuple[Experiment, _S
 
 
 def train_step(exp: Experiment, run: _Step, batch: Batch, shared) -> torch.Tensor:
-    """The loop body of mtpsl.train._train_epoch (single process, no divergence check)."""
+    """The loop body of mtpsl.engine.run._train_epoch (single process, no divergence check)."""
     terms = _forward_backward(exp, batch, run, shared)
     run.optim.unscale(run.scaler)
     run.optim.step(run.scaler)

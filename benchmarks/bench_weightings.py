@@ -1,7 +1,7 @@
 """What each loss weighting costs: seconds per training step and peak memory of every
 registered strategy relative to ``uniform`` measured in the same run.
 
-Each strategy runs the real training step of ``mtpsl.train`` (SL on NYUv2-like tasks:
+Each strategy runs the real training step of ``mtpsl.engine.run`` (SL on NYUv2-like tasks:
 13-class segmentation, depth, normals; every label present, so the gradient strategies take
 all three task gradients) on a fixed random batch in its own process on the CPU (so each peak
 resident memory is its own), in one process with the allocator's peak reset on CUDA. The
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_task_scaling import tasks_of, timed_steps
 from bench_train import batch_for, build_run, device_name
 
-from mtpsl.config import load_config
+from mtpsl.core.config import load_config
 from mtpsl.models import shared_parameters
 from mtpsl.weighting import WEIGHTINGS
 

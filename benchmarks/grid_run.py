@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mtpsl.compare import compare
-from mtpsl.config import load_config
+from mtpsl.analysis.compare import compare
+from mtpsl.core.config import load_config
 from mtpsl.data.cross_domain import write_synthetic_pair
 from mtpsl.data.synthetic import write_cityscapes_layout, write_nyuv2_layout, write_pascal_layout
 

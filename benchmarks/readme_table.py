@@ -6,7 +6,7 @@ check that they match.
 
 The block between ``<!-- demo-table -->`` and ``<!-- /demo-table -->`` is the table that
 ``mtpsl compare`` prints for the runs in ``benchmarks/results/synthetic_demo_cpu.json``
-(rendered by the same code, :func:`mtpsl.report.tables_markdown`), followed by the measured
+(rendered by the same code, :func:`mtpsl.analysis.report.tables_markdown`), followed by the measured
 training time. The record is written by ``python benchmarks/grid_run.py --device cpu``. The
 block between ``<!-- weightings-table -->`` and ``<!-- /weightings-table -->`` is the table of
 ``benchmarks/results/weightings_cpu.json`` (``python benchmarks/bench_weightings.py``), the one
@@ -22,8 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from mtpsl import report
-from mtpsl.config import load_config
+from mtpsl.analysis import report
+from mtpsl.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "results" / "synthetic_demo_cpu.json"

@@ -172,7 +172,7 @@ NYU_TASKS = {
     "normal": build_task("normal", "normal"),
 }
 """NYUv2's three tasks, as the dataset builds them."""
-NYU_HEADS = {n: HeadSpec(t.out_channels, t.activate) for n, t in NYU_TASKS.items()}
+NYU_HEADS = {n: HeadSpec.of(t) for n, t in NYU_TASKS.items()}
 
 
 def assert_same_state(a, b, where: str = "state") -> None:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
+from mtpsl.engine.checkpoint import load_checkpoint
 from mtpsl.models import MODELS, FeatureInfo, ModelOutput, MultiTaskModel
 
 from conftest import make_layout

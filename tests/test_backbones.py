@@ -11,8 +11,8 @@ import torch
 from torchvision.models import resnet18, resnet34
 
 from mtpsl.cli import main
-from mtpsl.config import BackboneConfig
-from mtpsl.errors import ConfigError
+from mtpsl.core.config import BackboneConfig
+from mtpsl.core.errors import ConfigError
 from mtpsl.models import HeadSpec, build_model, count_parameters
 from mtpsl.models.dense import resolve_heads
 from mtpsl.models.heads import ASPP_RATES
@@ -68,7 +68,7 @@ def test_shapes_and_parameter_counts(os_):
     shift = [8, 16, 32].index(os_)
     kinds = {name: KINDS[(i + shift) % 4] for i, name in enumerate(tasks)}
     torch.manual_seed(0)
-    heads = {n: HeadSpec(t.out_channels, t.activate) for n, t in tasks.items()}
+    heads = {n: HeadSpec.of(t) for n, t in tasks.items()}
     model = build_model(
         "resnet", heads, width=W, head=kinds, backbone=BackboneConfig(depth=18, output_stride=os_)
     )

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from mtpsl.analysis.compare import sweep_weightings
 from mtpsl.cli import main
-from mtpsl.compare import sweep_weightings
-from mtpsl.config import load_config
-from mtpsl.experiment import build_experiment, train_loader
+from mtpsl.core.config import load_config
+from mtpsl.engine.build import build_experiment, train_loader
 from mtpsl.models import shared_parameters
 from mtpsl.weighting import WEIGHTINGS, build_weighting
 
@@ -114,7 +114,7 @@ def test_the_pass_after_the_step_changes_no_statistics(batch_of):
     mode but leaves every BatchNorm statistic of the model and the method as it was."""
     from types import SimpleNamespace
 
-    from mtpsl.train import _losses_after_step
+    from mtpsl.engine.run import _losses_after_step
 
     _, exp, batch = batch_of["xtc"]
     exp.model.train()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mtpsl.config import load_config, preset_names
-from mtpsl.errors import ConfigError
-from mtpsl.experiment import build_experiment
+from mtpsl.core.config import load_config, preset_names
+from mtpsl.core.errors import ConfigError
+from mtpsl.engine.build import build_experiment, check_names
 
 
 def test_defaults_and_overrides_parse_yaml_values():
@@ -32,8 +32,9 @@ def test_bad_value_names_key():
 
 
 def test_unknown_regime_lists_allowed():
-    with pytest.raises(ConfigError, match=r"regime 'half' unknown; allowed: .*onelabel"):
-        load_config(None, ["labels.regime=half"])
+    with pytest.raises(ConfigError, match=r"labels.regime: unknown label regime 'half'; "
+                       r"known: .*onelabel"):
+        check_names(load_config(None, ["labels.regime=half"]))
 
 
 def test_bad_override_syntax_and_missing_file():

@@ -11,12 +11,12 @@ import torch
 import yaml
 
 from mtpsl.cli import main
-from mtpsl.config import load_config
+from mtpsl.core.config import load_config
+from mtpsl.core.errors import ConfigError, DataError
 from mtpsl.data import DATASETS
 from mtpsl.data.cross_domain import domain_eval_sets
 from mtpsl.data.synthetic import render_street
-from mtpsl.errors import ConfigError, DataError
-from mtpsl.experiment import build_experiment, train_loader
+from mtpsl.engine.build import build_experiment, train_loader
 
 from conftest import make_layout
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from torch.utils.data import Subset
 
+from mtpsl.analysis.report import table_metrics
 from mtpsl.cli import main
 from mtpsl.data.cross_domain import write_synthetic_pair
-from mtpsl.evaluate import higher_is_better, primary_keys
-from mtpsl.report import table_metrics
-from mtpsl.splits import Split, make_split
-from mtpsl.summary import label_availability
-from mtpsl.summary import split_counts as _split_counts
+from mtpsl.data.splits import Split, make_split
+from mtpsl.engine.summary import label_availability
+from mtpsl.engine.summary import split_counts as _split_counts
 from mtpsl.tasks import TASKS, build_task
+from mtpsl.tasks.scoring import higher_is_better, primary_keys
 
 from conftest import TINY_TRAIN
 

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtpsl import distributed
-from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
+from mtpsl.core import distributed
+from mtpsl.engine.checkpoint import load_checkpoint
 
 from conftest import make_layout
 

@@ -30,8 +30,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
+from mtpsl.engine.checkpoint import load_checkpoint
 
 from conftest import make_layout
 

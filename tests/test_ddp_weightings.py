@@ -2,8 +2,8 @@
 
 The weightings see per-process losses; under torchrun the trainer ORs the tasks' presence over
 processes, the nonlinear strategies take their weights from the processes' mean gradients and
-losses (:func:`mtpsl.distributed.mean_over_ranks`), and the trainer averages every gradient
-(:func:`mtpsl.distributed.allreduce_gradients`). The result must not depend on the number of
+losses (:func:`mtpsl.core.distributed.mean_over_ranks`), and the trainer averages every gradient
+(:func:`mtpsl.core.distributed.allreduce_gradients`). The result must not depend on the number of
 processes. The toy problem has four images, two per process, and partial labels: task b is
 labelled on one image of process 0 only (absent from process 1's batch), task c on one image
 of process 1 only. Losses are means over each process's images, as the trainer's are, so the
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mtpsl.distributed import DistEnv, allreduce_gradients, any_over_ranks
+from mtpsl.core.distributed import DistEnv, allreduce_gradients, any_over_ranks
 from mtpsl.weighting import WEIGHTINGS, build_weighting
 
 from conftest import representation_of

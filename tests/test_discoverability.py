@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from mtpsl.cli import main
-from mtpsl.config import build_config, load_config, preset_names
+from mtpsl.core.config import build_config, load_config, preset_names
+from mtpsl.core.registry import Registry
 from mtpsl.methods import METHODS
-from mtpsl.registry import Registry
 from mtpsl.weighting import WEIGHTINGS
 
 

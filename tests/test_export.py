@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from mtpsl.cli import main
-from mtpsl.export import ExportWrapper, ScatterUnpool2d, exportable, load_torchscript
-from mtpsl.inference import load_run
+from mtpsl.inference.export import ExportWrapper, ScatterUnpool2d, exportable, load_torchscript
+from mtpsl.inference.load import load_run
 
 from conftest import PASCAL_TASKS, make_layout
 
@@ -192,7 +192,7 @@ def test_five_task_onnx_matches_eager(pascal_run, tmp_path):
 def test_activation_name_probes_the_task():
     from dataclasses import dataclass
 
-    from mtpsl.export import activation_name
+    from mtpsl.inference.export import activation_name
     from mtpsl.tasks import DepthTask, build_task
 
     assert activation_name(build_task("depth", "d")) == "identity"

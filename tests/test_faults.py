@@ -1,6 +1,6 @@
 """Fault injection into a real ``mtpsl train`` process, then resume: nothing lost, nothing doubled.
 
-Each case starts the CLI as a subprocess with ``MTPSL_FAULT`` (see :mod:`mtpsl.faults`): a
+Each case starts the CLI as a subprocess with ``MTPSL_FAULT`` (see :mod:`mtpsl.core.faults`): a
 SIGKILL mid-step, mid-epoch, in evaluation and inside each file write; a SIGTERM/SIGUSR1
 preemption mid-epoch and during evaluation (twice in a row, too); a full disk while writing
 the checkpoint. Then ``mtpsl train --resume`` is run until the run completes, and the final
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from mtpsl.checkpoint import load_checkpoint
-from mtpsl.errors import EXIT_ERROR, EXIT_PREEMPTED
-from mtpsl.files import stale_temps
+from mtpsl.core.errors import EXIT_ERROR, EXIT_PREEMPTED
+from mtpsl.core.files import stale_temps
+from mtpsl.engine.checkpoint import load_checkpoint
 
 from conftest import assert_same_state, make_layout
 

@@ -13,11 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mtpsl import figures
-from mtpsl.checkpoint import load_checkpoint, save_checkpoint
+from mtpsl.analysis.figures import FIGURES, common, curves, qualitative
 from mtpsl.cli import main
-from mtpsl.inference import load_run
+from mtpsl.core import render
+from mtpsl.engine.checkpoint import load_checkpoint, save_checkpoint
+from mtpsl.inference.load import load_run
 from mtpsl.metrics import EdgeMetric
+from mtpsl.tasks import binary
 
 from conftest import make_layout
 
@@ -52,19 +54,19 @@ def _size(path):
 def test_compare_writes_curves_of_its_grid(grid):
     w, h = _size(grid / "curves.png")
     assert (grid / "curves.pdf").stat().st_size > 0
-    assert (w, h) == (4 * figures.PANEL_IN[0] * figures.DPI, figures.PANEL_IN[1] * figures.DPI)
+    assert (w, h) == (4 * common.PANEL_IN[0] * common.DPI, common.PANEL_IN[1] * common.DPI)
 
 
 def test_plot_curves_one_panel_per_primary_metric_plus_loss(runs, tmp_path):
-    histories = [figures.read_history(r) for r in runs]
-    assert figures.curve_panels(histories) == [
+    histories = [common.read_history(r) for r in runs]
+    assert curves.curve_panels(histories) == [
         "eval/semantic/miou", "eval/depth/abs_err", "eval/normal/mean", "train/total"]
-    paths = figures.plot_curves(runs, tmp_path / "c", labels=["A", "B"])
+    paths = curves.plot_curves(runs, tmp_path / "c", labels=["A", "B"])
     assert [p.name for p in paths] == ["c.png", "c.pdf"]
     w, h = _size(paths[0])
-    assert w == 4 * figures.PANEL_IN[0] * figures.DPI and h == figures.PANEL_IN[1] * figures.DPI
+    assert w == 4 * common.PANEL_IN[0] * common.DPI and h == common.PANEL_IN[1] * common.DPI
     assert paths[1].read_bytes().startswith(b"%PDF")
-    assert figures.default_labels(runs) == ["stl", "sl"]
+    assert common.default_labels(runs) == ["stl", "sl"]
 
 
 def _independent_score(task_name, pred, target):
@@ -95,17 +97,17 @@ LABELS = ["STL", "SL"]
 
 @pytest.fixture(scope="module")
 def qual(runs):
-    return figures.collect_qualitative(runs, INDICES, labels=LABELS, device="cpu")
+    return qualitative.collect_qualitative(runs, INDICES, labels=LABELS, device="cpu")
 
 
 def test_qualitative_scores_equal_an_independent_computation(runs, qual):
-    table = figures.score_table(qual)
+    table = qualitative.score_table(qual)
     assert len(table) == len(INDICES) * 3 * 2
     root = load_run(runs[0]).config.dataset.root
     folders = {"semantic": "label", "depth": "depth", "normal": "normal"}
     images = torch.stack([torch.from_numpy(np.load(f"{root}/val/image/{i}.npy")).permute(2, 0, 1)
                           for i in INDICES])
-    titles = figures.cell_titles(qual)
+    titles = qualitative.cell_titles(qual)
     for run, label in zip(runs, LABELS, strict=True):
         with torch.no_grad():
             preds = load_run(run).model(images).preds
@@ -127,12 +129,12 @@ def test_qualitative_grid_is_sized_by_images_and_columns(qual, tmp_path):
         targets={n: t[:1] for n, t in qual.targets.items()},
         preds=[{n: t[:1] for n, t in p.items()} for p in qual.preds],
         scores={lab: {n: v[:1] for n, v in s.items()} for lab, s in qual.scores.items()})
-    w2, h2 = _size(figures.plot_qualitative(qual, tmp_path / "two")[0])
-    w1, h1 = _size(figures.plot_qualitative(one, tmp_path / "one")[0])
+    w2, h2 = _size(qualitative.plot_qualitative(qual, tmp_path / "two")[0])
+    w1, h1 = _size(qualitative.plot_qualitative(one, tmp_path / "one")[0])
     cols = 1 + 3 * (1 + 2)  # RGB, then per task: ground truth + 2 runs
-    row_in = figures.CELL_IN * H / W + figures.TITLE_IN
-    assert w1 == w2 == round(cols * figures.CELL_IN * figures.DPI)
-    assert abs(h1 - row_in * figures.DPI) <= 1 and abs(h2 - 2 * row_in * figures.DPI) <= 1
+    row_in = common.CELL_IN * H / W + common.TITLE_IN
+    assert w1 == w2 == round(cols * common.CELL_IN * common.DPI)
+    assert abs(h1 - row_in * common.DPI) <= 1 and abs(h2 - 2 * row_in * common.DPI) <= 1
     assert w2 > h2 > h1
     assert (tmp_path / "two.pdf").read_bytes().startswith(b"%PDF")
 
@@ -143,7 +145,7 @@ def test_qualitative_command(runs, tmp_path, capsys):
     assert main(args) == 0
     assert "qualitative.png" in capsys.readouterr().out
     w, h = _size(tmp_path / "qualitative.png")
-    assert w == round(10 * figures.CELL_IN * figures.DPI) and w > h
+    assert w == round(10 * common.CELL_IN * common.DPI) and w > h
     assert (tmp_path / "qualitative.pdf").stat().st_size > 0
 
 
@@ -183,9 +185,9 @@ def test_runs_with_different_task_sets_are_refused(runs, tmp_path, capsys):
 
 
 def test_figures_registry_is_the_commands_extension_point():
-    assert {"curves", "qualitative"} <= set(figures.FIGURES)
-    assert figures.FIGURES["qualitative"].uses_images
-    assert not figures.FIGURES["curves"].uses_images
+    assert {"curves", "qualitative"} <= set(FIGURES)
+    assert FIGURES["qualitative"].uses_images
+    assert not FIGURES["curves"].uses_images
 
 
 # -- five tasks (PASCAL-Context layout) ------------------------------------------------------
@@ -218,17 +220,17 @@ def _edge_f(binary, label, max_dist=0.0075):
 
 
 def test_five_task_qualitative_cells_match_their_scores(pascal_run, tmp_path, capsys):
-    data = figures.collect_qualitative([pascal_run], [0, 1], labels=["SL"], device="cpu")
+    data = qualitative.collect_qualitative([pascal_run], [0, 1], labels=["SL"], device="cpu")
     assert list(data.tasks) == ["semantic", "parts", "normal", "saliency", "edges"]
     names = list(data.tasks)
     for k in range(2):
-        row = figures._panels(data, k)
+        row = qualitative._panels(data, k)
         assert len(row) == 1 + 5 * 2
         cells = {name: row[1 + 2 * t: 3 + 2 * t] for t, name in enumerate(names)}
         # parts: the palette of its 7 classes, ignore black
         parts_gt = data.targets["parts"][k].numpy()
         np.testing.assert_array_equal(cells["parts"][0][0],
-                                      figures.colour_segmentation(parts_gt, 7))
+                                      render.colour_segmentation(parts_gt, 7))
         # saliency: label masked where unlabelled, prediction as the probability itself
         sal_gt = data.targets["saliency"][k].numpy()[0]
         (label_cell, scale), (pred_cell, _) = cells["saliency"]
@@ -252,8 +254,8 @@ def test_five_task_qualitative_cells_match_their_scores(pascal_run, tmp_path, ca
     assert main(["figures", "qualitative", "--runs", str(pascal_run), "--indices", "0", "1",
                  "--device", "cpu", "--out", str(tmp_path)]) == 0
     w, h = _size(tmp_path / "qualitative.png")
-    assert w == round(11 * figures.CELL_IN * figures.DPI)
-    assert abs(h - 2 * (figures.CELL_IN * 32 / 48 + figures.TITLE_IN) * figures.DPI) <= 1
+    assert w == round(11 * common.CELL_IN * common.DPI)
+    assert abs(h - 2 * (common.CELL_IN * 32 / 48 + common.TITLE_IN) * common.DPI) <= 1
 
 
 def test_edge_map_picks_the_threshold_that_recovers_the_edge():
@@ -266,7 +268,7 @@ def test_edge_map_picks_the_threshold_that_recovers_the_edge():
     prob = torch.full((1, 20, 30), 0.55)
     prob[0, 10, 3:27] = 0.8
     prob[0, ::4, ::5] = 0.3  # below the background: never shown alone
-    shown = figures.edge_map(task, prob, label)
+    shown = binary.edge_map(task, prob, label)
     expected = np.zeros((20, 30), np.float32)
     expected[10, 3:27] = 1
     np.testing.assert_array_equal(shown[:, :28], expected[:, :28])  # a 1-px line stays as is
@@ -282,8 +284,8 @@ def test_edge_map_without_an_edge_to_find_thresholds_at_one_half():
     from mtpsl.metrics.bsds import thin
 
     # no edge pixel: every threshold ties, the thinned map at 0.5 (in the PNG's 8 bits)
-    shown = figures.edge_map(task, prob, torch.zeros((1, 4, 6)))
+    shown = binary.edge_map(task, prob, torch.zeros((1, 4, 6)))
     levels = np.floor(prob[0].numpy() * 255) / 255
     np.testing.assert_array_equal(shown, thin((levels >= 0.5)[None])[0])
     # no labelled pixel: nothing to score, nothing shown
-    assert not figures.edge_map(task, prob, torch.full((1, 4, 6), -1.0)).any()
+    assert not binary.edge_map(task, prob, torch.full((1, 4, 6), -1.0)).any()

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mtpsl import figures, figures_joint
-from mtpsl.checkpoint import load_checkpoint, save_checkpoint
+from mtpsl.analysis.figures import FIGURES, FigureRequest, common
+from mtpsl.analysis.figures import joint as figures_joint
 from mtpsl.cli import main
-from mtpsl.errors import MtpslError
-from mtpsl.inference import load_method, load_run
+from mtpsl.core.errors import MtpslError
+from mtpsl.engine.checkpoint import load_checkpoint, save_checkpoint
+from mtpsl.inference.load import load_method, load_run
 from mtpsl.methods.joint_space import JointSpaceMapper, pair_index
 from mtpsl.models.segnet import scaled_filters
 
@@ -116,8 +117,8 @@ def test_cli_writes_png_and_pdf(xtc_run, tmp_path, capsys):
     assert png.stat().st_size > 0 and pdf.read_bytes().startswith(b"%PDF")
     with Image.open(png) as img:
         w, h = img.size
-    assert w == round(figures_joint.COLUMNS * figures.CELL_IN * figures.DPI)
-    assert h == round(len(INDICES) * (figures.CELL_IN * H / W + figures.TITLE_IN) * figures.DPI)
+    assert w == round(figures_joint.COLUMNS * common.CELL_IN * common.DPI)
+    assert h == round(len(INDICES) * (common.CELL_IN * H / W + common.TITLE_IN) * common.DPI)
     assert f"wrote {png}" in capsys.readouterr().out
 
 
@@ -149,9 +150,9 @@ def test_figure_function_takes_the_pair_from_the_request(xtc_run, tmp_path, monk
     seen = []
     monkeypatch.setattr(figures_joint, "plot_joint_space",
                         lambda data, stem: seen.append((data.source, data.target, stem)) or [])
-    req = figures.FigureRequest(runs=[xtc_run, xtc_run], out=tmp_path, labels=["a", "b/c"],
+    req = FigureRequest(runs=[xtc_run, xtc_run], out=tmp_path, labels=["a", "b/c"],
                                 indices=[1], device="cpu", options={"pair": "depth,normal"})
-    figures.FIGURES["joint-space"].make(req)
+    FIGURES["joint-space"].make(req)
     assert seen == [("depth", "normal", tmp_path / "joint-space-a"),
                     ("depth", "normal", tmp_path / "joint-space-b_c")]
     data = figures_joint.collect_joint_space(xtc_run, None, [1], device="cpu")
@@ -226,7 +227,7 @@ def test_five_task_cli_figure_with_binary_tasks(pascal_xtc, tmp_path):
     assert main(["figures", "joint-space", "--runs", str(pascal_xtc), "--indices", "0",
                  "--device", "cpu", "--out", str(tmp_path), "--pair", "saliency,edges"]) == 0
     with Image.open(tmp_path / "joint-space.png") as img:
-        assert img.size[0] == round(figures_joint.COLUMNS * figures.CELL_IN * figures.DPI)
+        assert img.size[0] == round(figures_joint.COLUMNS * common.CELL_IN * common.DPI)
     assert (tmp_path / "joint-space.pdf").read_bytes().startswith(b"%PDF")
     data = figures_joint.collect_joint_space(pascal_xtc, "edges,saliency", [1], device="cpu")
     pred_cell, label_cell = figures_joint._cells(data, 0)[1:3]

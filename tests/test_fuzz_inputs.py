@@ -18,11 +18,11 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mtpsl.config import Config, apply_override, build_config
+from mtpsl.core.config import Config, apply_override, build_config
+from mtpsl.core.errors import ConfigError, DataError
 from mtpsl.data.layout import nyuv2
-from mtpsl.errors import ConfigError, DataError
-from mtpsl.inference import read_image
-from mtpsl.splits import Split
+from mtpsl.data.splits import Split
+from mtpsl.inference.load import read_image
 
 from conftest import make_layout
 

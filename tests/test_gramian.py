@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from mtpsl.cli import main
-from mtpsl.distributed import DistEnv
-from mtpsl.errors import ConfigError
+from mtpsl.core.distributed import DistEnv
+from mtpsl.core.errors import ConfigError
+from mtpsl.engine.run import _gramian_engine
 from mtpsl.models import HeadSpec, PerTaskModels, build_model, shared_parameters
 from mtpsl.models.encoders import EncoderSpec
-from mtpsl.train import _gramian_engine
 from mtpsl.weighting import WEIGHTINGS, build_weighting
 from mtpsl.weighting.gradient import flat_grad
 from mtpsl.weighting.gramian import SharedGramian, owning_layers
@@ -54,7 +54,7 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
 ], ids=["segnet", "mtan", "resnet", "timm-convnext"])
 def test_the_gram_matrix_is_that_of_the_task_gradients(model_name, kwargs):
     torch.manual_seed(0)
-    heads = {n: HeadSpec(t.out_channels, t.activate) for n, t in TASKS.items()}
+    heads = {n: HeadSpec.of(t) for n, t in TASKS.items()}
     model = build_model(model_name, heads, **kwargs).double().train()
     shared = shared_parameters(model)
     gramian = SharedGramian(model, shared)
@@ -132,7 +132,7 @@ def test_shared_parameters_that_are_not_whole_layers_are_refused():
 
 
 def test_torchrun_compile_and_models_without_shared_parameters_are_refused():
-    heads = {n: HeadSpec(t.out_channels, t.activate) for n, t in TASKS.items()}
+    heads = {n: HeadSpec.of(t) for n, t in TASKS.items()}
     model = build_model("segnet", heads, width=0.0625)
 
     def exp(compile_: bool = False, net: nn.Module = model):
@@ -170,8 +170,8 @@ def test_trains_from_the_cli(tmp_path, method):
 
 
 def test_a_compare_variant_chooses_what_its_strategy_differentiates():
-    from mtpsl.compare import cell_config_for
-    from mtpsl.config import load_config
+    from mtpsl.analysis.compare import cell_config_for
+    from mtpsl.core.config import load_config
 
     variants = ("compare.variants={mgda_gram: {method: sl, weighting: mgda, weighting_gradients:"
                 " gramian}, pcgrad: {method: sl, weighting: pcgrad}}")

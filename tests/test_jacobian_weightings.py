@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from mtpsl.errors import ConfigError
+from mtpsl.core.errors import ConfigError
 from mtpsl.weighting import build_weighting
 
 pytest.importorskip("torchjd")

@@ -14,11 +14,11 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from mtpsl.checkpoint import load_checkpoint
+from mtpsl.data.splits import make_split
+from mtpsl.engine.checkpoint import load_checkpoint
 from mtpsl.methods import build_method
 from mtpsl.methods.jtr import JTRLoss, JTROptions
 from mtpsl.methods.terms import map_cosine_distance as latent_distance
-from mtpsl.splits import make_split
 from mtpsl.tasks import build_task
 
 from conftest import assert_same_state, load_benchmark, make_layout
@@ -186,8 +186,8 @@ def test_the_task_scaling_benchmark_runs_every_method_on_five_tasks():
 def test_joint_space_figure_of_a_jtr_run(tmp_path):
     """The figure draws the latents of the stacked predictions and labels; its per-image
     number is 1 - the latent distance computed here from the loaded method."""
+    from mtpsl.analysis.figures.joint import collect_joint_space
     from mtpsl.cli import main
-    from mtpsl.figures_joint import collect_joint_space
 
     root = make_layout(tmp_path / "data", n=4, h=H, w=W)
     run = tmp_path / "run"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from mtpsl.core.errors import DataError
 from mtpsl.data.layout import DATASETS, LayoutDataset, cityscapes, nyuv2, read_npy_header
-from mtpsl.errors import DataError
 from mtpsl.tasks import DepthTask, NormalTask, SegmentationTask
 
 from conftest import make_layout

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
+from mtpsl.engine.checkpoint import load_checkpoint
 from mtpsl.methods import build_method
 from mtpsl.methods.mean_teacher import sigmoid_rampup
 from test_ssl import _batch, _model, _reference_consistency, dataset  # noqa: F401

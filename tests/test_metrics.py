@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtpsl.evaluate import accumulate
+from mtpsl.engine.evaluate import accumulate
 from mtpsl.metrics import (
     METRICS,
     DepthMetric,

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from mtpsl import train as train_module
 from mtpsl.cli import main
+from mtpsl.engine import run as train_module
 from mtpsl.methods.supervised import SupervisedMultiTask
 
 from conftest import make_layout

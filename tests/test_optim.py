@@ -1,4 +1,4 @@
-"""Optimiser groups and schedules (mtpsl.optim)."""
+"""Optimiser groups and schedules (mtpsl.engine.optim)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mtpsl.config import OptimConfig
-from mtpsl.optim import OptimGroup, Optimisation
+from mtpsl.core.config import OptimConfig
+from mtpsl.core.param_groups import OptimGroup
+from mtpsl.engine.optim import Optimisation
 
 
 def _optimisation(epochs: int, **cfg) -> tuple[Optimisation, nn.Parameter]:

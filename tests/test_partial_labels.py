@@ -7,10 +7,10 @@ import torch
 
 from mtpsl.data import DATASETS, PartialLabelSet
 from mtpsl.data.batch import collate
+from mtpsl.data.splits import make_split
 from mtpsl.data.transforms import build_train_transform
 from mtpsl.methods import METHODS, build_method, supervised_losses
 from mtpsl.models import HeadSpec, build_model
-from mtpsl.splits import make_split
 
 from conftest import make_layout
 

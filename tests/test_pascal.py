@@ -15,12 +15,12 @@ from PIL import Image
 from scipy.io import savemat
 
 from mtpsl.cli import main
+from mtpsl.core.errors import DataError
 from mtpsl.data import DATASETS
 from mtpsl.data.pascal import PASCAL_TASKS, edges_from_labels, pascal_tasks
+from mtpsl.data.splits import Split
 from mtpsl.data.synthetic import render_indoor, render_pascal, render_street
 from mtpsl.data.transforms import build_train_transform
-from mtpsl.errors import DataError
-from mtpsl.splits import Split
 
 from conftest import TINY_TRAIN
 
@@ -158,7 +158,7 @@ def test_normal_validity_from_the_file_or_from_the_label_map(layout):
 
 
 def test_edge_measure_option_picks_the_metric(layout):
-    from mtpsl.evaluate import build_metrics, primary_keys
+    from mtpsl.tasks.scoring import build_metrics, primary_keys
 
     ds = _open(layout, edge_measure="dilation")
     assert type(build_metrics(ds.tasks)["edges"]).__name__ == "DilationEdgeMetric"
@@ -481,8 +481,8 @@ def test_cli_train_with_a_reference_split_file(synth_root, tmp_path):
 
 
 def test_presets_build_on_the_layout(layout):
-    from mtpsl.config import load_config
-    from mtpsl.experiment import build_experiment
+    from mtpsl.core.config import load_config
+    from mtpsl.engine.build import build_experiment
 
     for preset in ("pascal_context_onelabel", "pascal_context_random", "table3_pascal"):
         overrides = [f"dataset.root={layout}", "dataset.options.size=[16,16]", "model.width=0.0625"]

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from mtpsl.cli import main
-from mtpsl.inference import load_run, read_image
-from mtpsl.predict import (
+from mtpsl.inference.load import load_run, read_image
+from mtpsl.inference.predict import (
     collect_images,
     palette,
     probability_to_u8,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from mtpsl.compare import cell_config_for, grid_cells
-from mtpsl.config import load_config, preset_names
+from mtpsl.analysis.compare import cell_config_for, grid_cells
+from mtpsl.core.config import load_config, preset_names
+from mtpsl.core.errors import ConfigError
 from mtpsl.data.pascal import PASCAL_TASKS, pascal_tasks
-from mtpsl.errors import ConfigError
+from mtpsl.data.splits import REGIMES
 from mtpsl.methods import METHODS, build_method
-from mtpsl.splits import REGIMES
 from mtpsl.tasks import build_task
 
 TASKS = {"nyuv2": {"semantic": build_task("segmentation", "semantic", num_classes=13),

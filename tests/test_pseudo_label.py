@@ -7,8 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
+from mtpsl.engine.checkpoint import load_checkpoint
 from mtpsl.methods import build_method
 from mtpsl.tasks import build_task
 from test_ssl import H, W, _batch, _model, dataset  # noqa: F401

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mtpsl.compare import cell_config_for, grid_cells
-from mtpsl.config import Config
-from mtpsl.signature import flatten, setup_from_config
+from mtpsl.analysis.compare import cell_config_for, grid_cells
+from mtpsl.core.config import Config
+from mtpsl.core.signature import flatten, setup_from_config
 
 from conftest import load_benchmark
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from mtpsl.core.errors import ConfigError
+from mtpsl.core.render import OutputFiles
 from mtpsl.data import DATASETS
 from mtpsl.data.batch import PartialLabelSet, collate
+from mtpsl.data.splits import make_split
 from mtpsl.data.transforms import build_train_transform
-from mtpsl.errors import ConfigError
 from mtpsl.methods import METHODS, build_method
 from mtpsl.metrics import METRICS
 from mtpsl.models import MODELS, HeadSpec, MultiTaskModel, build_model, shared_parameters
 from mtpsl.models.encoders import ENCODERS, EncoderSpec, build_encoder
-from mtpsl.render import OutputFiles
-from mtpsl.splits import make_split
 from mtpsl.tasks import TASKS, Task, build_task
 from mtpsl.weighting import WEIGHTINGS, build_weighting
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mtpsl.cli import main
-from mtpsl.errors import ConfigError
+from mtpsl.core.errors import ConfigError
 from mtpsl.models import build_model, shared_parameters
 from mtpsl.tasks import build_task
 from mtpsl.weighting import WEIGHTINGS, build_weighting

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from scipy import stats as scipy_stats
 
+from mtpsl.analysis.report import build_report, infer_primary_keys, metric_directions
 from mtpsl.cli import main
-from mtpsl.report import build_report, infer_primary_keys, metric_directions
-from mtpsl.signature import labels, setup_from_config, signature
+from mtpsl.core.signature import labels, setup_from_config, signature
 
 KEYS = ["semantic/miou", "depth/abs_err", "normal/mean"]
 SIGNS = [1, -1, -1]  # higher is better for miou only

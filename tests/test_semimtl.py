@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
-from mtpsl.config import OptimConfig
+from mtpsl.core.config import OptimConfig
 from mtpsl.data.batch import Batch, View
 from mtpsl.data.cross_domain import write_synthetic_pair
+from mtpsl.engine.checkpoint import load_checkpoint
+from mtpsl.engine.optim import Optimisation
 from mtpsl.methods import build_method
 from mtpsl.methods.semimtl import (
     PatchDiscriminator,
@@ -27,7 +28,6 @@ from mtpsl.methods.semimtl import (
 from mtpsl.metrics import DepthMetric
 from mtpsl.models import build_model
 from mtpsl.models.base import HeadSpec
-from mtpsl.optim import Optimisation
 from mtpsl.tasks import build_task
 
 from conftest import TINY_TRAIN
@@ -146,7 +146,7 @@ def test_semimtl_targets_several_labelled_domains_and_none():
 
 def _model_and_method(name: str, **options):
     torch.manual_seed(0)
-    heads = {n: HeadSpec(t.out_channels, t.activate) for n, t in TASKS.items()}
+    heads = {n: HeadSpec.of(t) for n, t in TASKS.items()}
     model = build_model("segnet", heads, width=0.0625)
     method = build_method(name, TASKS, {"disc_width": 0.0625, **options})
     method.attach(model)

@@ -17,17 +17,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtpsl import speed
-from mtpsl.checkpoint import load_checkpoint
 from mtpsl.cli import main
-from mtpsl.config import OptimConfig, TrainConfig
+from mtpsl.core.config import OptimConfig, TrainConfig
+from mtpsl.core.distributed import DistEnv
+from mtpsl.core.errors import ConfigError
+from mtpsl.core.param_groups import OptimGroup
 from mtpsl.data import DATASETS
-from mtpsl.distributed import DistEnv
-from mtpsl.errors import ConfigError
+from mtpsl.engine import speed
+from mtpsl.engine.checkpoint import load_checkpoint
+from mtpsl.engine.optim import Optimisation
 from mtpsl.methods.joint_space import JointSpaceMapper
 from mtpsl.methods.xtc import XTCLoss
 from mtpsl.models import HeadSpec, build_model
-from mtpsl.optim import OptimGroup, Optimisation
 from mtpsl.tasks import SegmentationTask
 
 from conftest import make_layout
@@ -56,7 +57,7 @@ def _soft(task, x):
 def _xtc_setup(tmp_path, device: str):
     ds = DATASETS.get("nyuv2")(make_layout(tmp_path, n=5, h=64, w=96), "train")
     torch.manual_seed(0)
-    heads = {n: HeadSpec(t.out_channels, t.activate) for n, t in ds.tasks.items()}
+    heads = {n: HeadSpec.of(t) for n, t in ds.tasks.items()}
     model = build_model("segnet", heads, width=0.0625).to(device)
     image = torch.stack([ds[i]["image"] for i in range(5)]).to(device)
     targets = {n: torch.stack([ds[i][n] for i in range(5)]).to(device) for n in ds.tasks}
@@ -189,10 +190,10 @@ def test_fp16_asks_each_weighting_whether_it_is_linear_in_the_losses(monkeypatch
 
 def test_fp16_loss_scaling_gives_the_unscaled_gradient(root, tmp_path):
     """The scaled losses handed to the weighting, unscaled afterwards, equal plain fp32."""
-    from mtpsl.config import load_config
-    from mtpsl.experiment import build_experiment, train_loader
+    from mtpsl.core.config import load_config
+    from mtpsl.engine.build import build_experiment, train_loader
+    from mtpsl.engine.run import _forward_backward, _Step, build_optimisation
     from mtpsl.models import shared_parameters
-    from mtpsl.train import _forward_backward, _Step, build_optimisation
 
     grads = {}
     for amp in ["off", "fp16"]:

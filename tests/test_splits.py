@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtpsl.errors import DataError
-from mtpsl.splits import REGIMES, Split, make_split
+from mtpsl.core.errors import DataError
+from mtpsl.data.splits import REGIMES, Split, make_split
 
 from conftest import shared_dir
 

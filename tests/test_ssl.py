@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from mtpsl.cli import main
+from mtpsl.core.errors import ConfigError
 from mtpsl.data import DATASETS, PartialLabelSet
 from mtpsl.data.batch import collate
+from mtpsl.data.splits import make_split
 from mtpsl.data.transforms import build_train_transform, replay
-from mtpsl.errors import ConfigError
 from mtpsl.methods import METHODS, build_method
 from mtpsl.methods.ssl import crop_consistency
 from mtpsl.models import HeadSpec, build_model
-from mtpsl.splits import make_split
 from mtpsl.tasks import build_task
 
 from conftest import make_layout
@@ -38,7 +38,7 @@ def _batch(ds, labelled=None, flip=True, seed=0, scales=(1.0, 1.2, 1.5)):
 
 
 def _model(ds):
-    heads = {n: HeadSpec(t.out_channels, t.activate) for n, t in ds.tasks.items()}
+    heads = {n: HeadSpec.of(t) for n, t in ds.tasks.items()}
     torch.manual_seed(0)
     return build_model("segnet", heads, width=0.0625)
 

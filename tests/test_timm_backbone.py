@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mtpsl.cli import main
-from mtpsl.errors import ConfigError
+from mtpsl.core.errors import ConfigError
 from mtpsl.models import build_model, shared_parameters
 from mtpsl.models.encoders import EncoderSpec, build_encoder
 

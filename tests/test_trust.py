@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mtpsl import cli
-from mtpsl.checkpoint import load_checkpoint, save_checkpoint
+from mtpsl.cli import app as cli
 from mtpsl.cli import main
-from mtpsl.errors import strip_worker_traceback
-from mtpsl.inference import read_image
-from mtpsl.rundir import RunLock
+from mtpsl.core.errors import strip_worker_traceback
+from mtpsl.core.rundir import RunLock
+from mtpsl.engine.checkpoint import load_checkpoint, save_checkpoint
+from mtpsl.inference.load import read_image
 
 from conftest import make_layout
 
@@ -90,7 +90,7 @@ def test_a_locked_run_folder_is_refused_to_train_resume_and_eval_out(root, run, 
 def test_the_lock_is_held_across_processes(run, tmp_path):
     folder = _copy(run, tmp_path / "copy")
     with RunLock(folder):
-        code = ("import sys; from mtpsl.rundir import RunLock\n"
+        code = ("import sys; from mtpsl.core.rundir import RunLock\n"
                 f"RunLock({str(folder)!r}).acquire()")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode != 0 and "in use by another mtpsl process" in done.stderr
@@ -296,7 +296,7 @@ def test_a_data_error_in_a_loader_worker_names_the_file(root, tmp_path, capsys):
 def test_strip_worker_traceback_keeps_the_original_message():
     wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most "
                "recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
-               "mtpsl.errors.DataError: /data/1.npy: NaN in depth\n")
+               "mtpsl.core.errors.DataError: /data/1.npy: NaN in depth\n")
     assert strip_worker_traceback(wrapped) == "/data/1.npy: NaN in depth"
     assert strip_worker_traceback("plain message") == "plain message"
 

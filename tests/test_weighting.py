@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from mtpsl.checkpoint import load_checkpoint
+from mtpsl.analysis.compare import cell_config_for
 from mtpsl.cli import main
-from mtpsl.compare import cell_config_for
-from mtpsl.config import load_config
+from mtpsl.core.config import load_config
+from mtpsl.engine.checkpoint import load_checkpoint
 from mtpsl.weighting import (
     WEIGHTINGS,
     build_weighting,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtpsl.errors import ConfigError
+from mtpsl.core.errors import ConfigError
 from mtpsl.weighting import build_weighting
 from mtpsl.weighting.nash_mtl import nash_weights
 

@@ -1,9 +1,9 @@
 """Datasets. Every module of this package is imported here, so each registers its datasets in
 ``DATASETS``: adding a dataset is adding a file (see ``docs/extending.md``)."""
 
-from ..registry import discover
-from .batch import Batch, PartialLabelSet, View
-from .layout import DATASETS, LayoutDataset
+from mtpsl.core.registry import discover
+from mtpsl.data.batch import Batch, PartialLabelSet, View
+from mtpsl.data.layout import DATASETS, LayoutDataset
 
 discover(__name__, __path__)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ..tasks import Task
+from mtpsl.tasks import Task
 
 
 class TaskDataset(torch.utils.data.Dataset, ABC):

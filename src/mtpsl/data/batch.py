@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ..tasks import Task
-from .base import TaskDataset, source_of
-from .transforms import META_KEYS
+from mtpsl.data.base import TaskDataset, source_of
+from mtpsl.data.transforms import META_KEYS
+from mtpsl.tasks import Task
 
 Transform = Callable[[dict[str, Tensor], Mapping[str, Task], torch.Generator], dict[str, Tensor]]
 

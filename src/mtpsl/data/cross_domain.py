@@ -35,10 +35,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from ..errors import ConfigError, DataError
-from ..tasks import Task
-from .base import TaskDataset
-from .layout import DATASETS
+from mtpsl.core.errors import ConfigError, DataError
+from mtpsl.data.base import TaskDataset
+from mtpsl.data.layout import DATASETS
+from mtpsl.tasks import Task
 
 KEY = "dataset.options.domains"
 
@@ -314,7 +314,7 @@ def write_synthetic_pair(
     ``seed``) and ``root/domain_b`` (style b: other textures, light, colours, haze and
     vignetting; scenes of ``seed + 1``). Both have every label; a ``cross_domain`` config says
     which ones each source contributes to training."""
-    from . import synthetic
+    from mtpsl.data import synthetic
 
     writer = {
         "nyuv2": synthetic.write_nyuv2_layout,

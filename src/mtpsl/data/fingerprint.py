@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import source_of
+from mtpsl.data.base import source_of
 
 
 def fingerprint(dataset: Dataset) -> str:

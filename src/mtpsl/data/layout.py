@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, DataError
-from ..registry import Registry
-from ..tasks import TASKS, Task, build_task
-from .base import TaskDataset
+from mtpsl.core.errors import ConfigError, DataError
+from mtpsl.core.registry import Registry
+from mtpsl.data.base import TaskDataset
+from mtpsl.tasks import TASKS, Task, build_task
 
 DATASETS: Registry[Callable[..., TaskDataset]] = Registry("dataset")
 

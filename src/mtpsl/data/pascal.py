@@ -51,11 +51,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
-from ..tasks import Task, build_task
-from .base import TaskDataset
-from .layout import DATASETS, _ls, _select
-from .transforms import fit_to_size
+from mtpsl.core.errors import DataError
+from mtpsl.data.base import TaskDataset
+from mtpsl.data.layout import DATASETS, _ls, _select
+from mtpsl.data.transforms import fit_to_size
+from mtpsl.tasks import Task, build_task
 
 PASCAL_TASKS: tuple[str, ...] = ("semantic", "parts", "normal", "saliency", "edges")
 REFERENCE_TASK_NAMES: dict[str, str] = {

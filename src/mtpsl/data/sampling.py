@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 from torch.utils.data import DistributedSampler, Sampler
 
-from ..errors import ConfigError
+from mtpsl.core.errors import ConfigError
 
 
 class EpochSampler(Protocol):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..tasks import Task
+from mtpsl.tasks import Task
 
 Sample = dict[str, Tensor]
 

@@ -2,8 +2,8 @@
 so each registers its methods in ``METHODS``: adding a method is adding a file (see
 ``docs/extending.md``)."""
 
-from ..registry import discover
-from .base import METHODS, Losses, Method, OptimGroup, build_method, supervised_losses
+from mtpsl.core.registry import discover
+from mtpsl.methods.base import METHODS, Losses, Method, OptimGroup, build_method, supervised_losses
 
 discover(__name__, __path__)
 

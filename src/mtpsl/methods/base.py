@@ -16,12 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..errors import ConfigError
-from ..models import ModelOutput
-from ..optim import OptimGroup
-from ..registry import Registry
-from ..tasks import Task
+from mtpsl.core.errors import ConfigError
+from mtpsl.core.param_groups import OptimGroup
+from mtpsl.core.registry import Registry
+from mtpsl.data.batch import Batch
+from mtpsl.models import ModelOutput
+from mtpsl.tasks import Task
 
 METHODS: Registry[type[Method]] = Registry("method")
 JointMaps = tuple[Tensor, Tensor, tuple[str, str]]

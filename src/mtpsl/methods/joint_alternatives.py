@@ -63,10 +63,16 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..tasks import Task
-from .base import METHODS, OptimGroup
-from .terms import Normalize, per_image_mean
-from .xtc import CrossTaskConsistency, JointSpaceOptions, PairRows, XTCLoss, consistency_pairs
+from mtpsl.methods.base import METHODS, OptimGroup
+from mtpsl.methods.terms import Normalize, per_image_mean
+from mtpsl.methods.xtc import (
+    CrossTaskConsistency,
+    JointSpaceOptions,
+    PairRows,
+    XTCLoss,
+    consistency_pairs,
+)
+from mtpsl.tasks import Task
 
 EncodePred = Callable[[Task, Tensor], Tensor]
 

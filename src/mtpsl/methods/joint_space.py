@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.segnet import init_weights, scaled_filters
+from mtpsl.models.segnet import init_weights, scaled_filters
 
 #: Layers of the shared encoder per level (filters index into scaled_filters), pool after each.
 LEVELS: tuple[tuple[int, int], ...] = ((0, 2), (1, 2), (2, 3), (3, 3), (4, 3))
@@ -47,7 +47,7 @@ class SampleNorm(nn.Module):
     """
 
     is_normalisation: ClassVar[bool] = True
-    """Fed fp32 inputs under autocast (:func:`mtpsl.speed.fp32_norms`)."""
+    """Fed fp32 inputs under autocast (:func:`mtpsl.engine.speed.fp32_norms`)."""
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()

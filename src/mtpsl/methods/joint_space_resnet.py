@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models import require_encoder_info
-from ..models.base import scaled
-from .joint_space import Mapper, NormFiLM, SampleNorm, init_conv_only
+from mtpsl.methods.joint_space import Mapper, NormFiLM, SampleNorm, init_conv_only
+from mtpsl.models import require_encoder_info
+from mtpsl.models.base import scaled
 
 BASE_WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
 SizeFn = Callable[[int, int], tuple[int, int]]

@@ -58,13 +58,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..models import HeadSpec, ModelOutput
-from ..models.segnet import SegNet
-from ..tasks import Task
-from .base import METHODS, JointMaps, Losses, Method, frozen, supervised_losses
-from .joint_space import SampleNorm
-from .terms import map_cosine_distance as latent_distance
+from mtpsl.data.batch import Batch
+from mtpsl.methods.base import METHODS, JointMaps, Losses, Method, frozen, supervised_losses
+from mtpsl.methods.joint_space import SampleNorm
+from mtpsl.methods.terms import map_cosine_distance as latent_distance
+from mtpsl.models import HeadSpec, ModelOutput
+from mtpsl.models.segnet import SegNet
+from mtpsl.tasks import Task
 
 Sampler = Callable[[Task, Tensor], Tensor]
 """A hard sample of a prediction in a task's input space (default: ``task.encode_pred``)."""

@@ -35,11 +35,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..models import ModelOutput
-from .base import METHODS, Losses, Method, supervised_losses, two_view_forward
-from .ssl import crop_consistency
-from .terms import Normalize
+from mtpsl.data.batch import Batch
+from mtpsl.methods.base import METHODS, Losses, Method, supervised_losses, two_view_forward
+from mtpsl.methods.ssl import crop_consistency
+from mtpsl.methods.terms import Normalize
+from mtpsl.models import ModelOutput
 
 
 class MeanTeacherOptions(BaseModel):

@@ -24,13 +24,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..data.transforms import replay
-from ..models import ModelOutput
-from ..tasks import Task
-from .base import METHODS, Losses, Method, supervised_losses, two_view_forward
-from .ssl import view1_geometry
-from .terms import Normalize, per_image_mean
+from mtpsl.data.batch import Batch
+from mtpsl.data.transforms import replay
+from mtpsl.methods.base import METHODS, Losses, Method, supervised_losses, two_view_forward
+from mtpsl.methods.ssl import view1_geometry
+from mtpsl.methods.terms import Normalize, per_image_mean
+from mtpsl.models import ModelOutput
+from mtpsl.tasks import Task
 
 
 class PseudoLabelOptions(BaseModel):

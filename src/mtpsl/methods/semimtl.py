@@ -66,12 +66,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ..data.batch import Batch
-from ..errors import ConfigError
-from ..models import ModelOutput
-from ..models.base import scaled
-from ..tasks import Task
-from .base import METHODS, Losses, Method, OptimGroup, frozen, labelled_sum
+from mtpsl.core.errors import ConfigError
+from mtpsl.data.batch import Batch
+from mtpsl.methods.base import METHODS, Losses, Method, OptimGroup, frozen, labelled_sum
+from mtpsl.models import ModelOutput
+from mtpsl.models.base import scaled
+from mtpsl.tasks import Task
 
 DISC_CHANNELS = (64, 128, 256, 512)
 DISC_BETAS = (0.9, 0.99)

@@ -25,12 +25,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..data.transforms import replay
-from ..models import ModelOutput
-from ..tasks import Task
-from .base import METHODS, Losses, Method, supervised_losses, two_view_forward
-from .terms import Normalize, per_image_mean
+from mtpsl.data.batch import Batch
+from mtpsl.data.transforms import replay
+from mtpsl.methods.base import METHODS, Losses, Method, supervised_losses, two_view_forward
+from mtpsl.methods.terms import Normalize, per_image_mean
+from mtpsl.models import ModelOutput
+from mtpsl.tasks import Task
 
 
 class SSLOptions(BaseModel):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data.batch import Batch
-from ..models import ModelOutput
-from .base import METHODS, Losses, Method, supervised_losses
+from mtpsl.data.batch import Batch
+from mtpsl.methods.base import METHODS, Losses, Method, supervised_losses
+from mtpsl.models import ModelOutput
 
 
 @METHODS.register("sl")

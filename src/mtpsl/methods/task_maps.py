@@ -58,11 +58,11 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..data.batch import Batch
-from ..models import HeadSpec, ModelOutput, build_model
-from ..tasks import Task
-from .base import METHODS, Losses, Method, supervised_losses
-from .terms import Distance, ImageTerms, Normalize, between, to_label
+from mtpsl.data.batch import Batch
+from mtpsl.methods.base import METHODS, Losses, Method, supervised_losses
+from mtpsl.methods.terms import Distance, ImageTerms, Normalize, between, to_label
+from mtpsl.models import HeadSpec, ModelOutput, build_model
+from mtpsl.tasks import Task
 
 
 class MapOptions(BaseModel):
@@ -107,7 +107,7 @@ class PairwiseMappings(Method):
             {
                 pair_key(s, t): build_model(  # the paper's mappings are SegNets
                     "segnet",
-                    heads={t: HeadSpec(task_t.out_channels, task_t.activate)},
+                    heads={t: HeadSpec.of(task_t)},
                     width=options.mapping_width,
                     in_channels=encoded_channels(task_s),
                 )

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..tasks import Task
+from mtpsl.tasks import Task
 
 Normalize = Literal["sum", "mean"]
 Distance = Literal["task", "cosine"]

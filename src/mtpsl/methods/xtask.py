@@ -76,12 +76,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..errors import ConfigError
-from ..models import ModelOutput
-from ..tasks import Task, task_kind
-from ..tasks.base import masked_pixel_mean
-from .base import METHODS, Losses, Method, labelled_sum
+from mtpsl.core.errors import ConfigError
+from mtpsl.data.batch import Batch
+from mtpsl.methods.base import METHODS, Losses, Method, labelled_sum
+from mtpsl.models import ModelOutput
+from mtpsl.tasks import Task, task_kind
+from mtpsl.tasks.base import masked_pixel_mean
 
 TRANSFER_WIDTHS: tuple[int, int, int] = (64, 128, 256)
 SSIM_C1 = 0.01**2

@@ -30,15 +30,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ..data.batch import Batch
-from ..errors import ConfigError
-from ..models import ModelOutput, require_encoder_info
-from ..models.segnet import scaled_filters
-from ..tasks import Task
-from .base import METHODS, JointMaps, Losses, Method, OptimGroup, supervised_losses
-from .joint_space import JointSpaceMapper, Mapper, pair_index
-from .joint_space_resnet import mapper_for_model
-from .terms import map_cosine_distance as _cos_distance
+from mtpsl.core.errors import ConfigError
+from mtpsl.data.batch import Batch
+from mtpsl.methods.base import METHODS, JointMaps, Losses, Method, OptimGroup, supervised_losses
+from mtpsl.methods.joint_space import JointSpaceMapper, Mapper, pair_index
+from mtpsl.methods.joint_space_resnet import mapper_for_model
+from mtpsl.methods.terms import map_cosine_distance as _cos_distance
+from mtpsl.models import ModelOutput, require_encoder_info
+from mtpsl.models.segnet import scaled_filters
+from mtpsl.tasks import Task
 
 
 class JointSpaceOptions(BaseModel):

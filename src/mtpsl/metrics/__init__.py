@@ -18,13 +18,13 @@ Departures from the papers and reference code, with the options and tests that p
 Adding a metric is adding a file to this package (see ``docs/extending.md``).
 """
 
-from ..registry import discover
-from .base import METRICS, Metric, _float_dtype, argmax_classes, build_metric, delta_m
-from .depth import DepthMetric
-from .edge import DilationEdgeMetric, EdgeMetric, _disc_max, disc_offsets
-from .normal import NORMAL_THRESHOLDS_DEG, NormalMetric
-from .saliency import PooledSaliencyMetric, SaliencyMetric
-from .segmentation import SegmentationMetric
+from mtpsl.core.registry import discover
+from mtpsl.metrics.base import METRICS, Metric, _float_dtype, argmax_classes, build_metric, delta_m
+from mtpsl.metrics.depth import DepthMetric
+from mtpsl.metrics.edge import DilationEdgeMetric, EdgeMetric, _disc_max, disc_offsets
+from mtpsl.metrics.normal import NORMAL_THRESHOLDS_DEG, NormalMetric
+from mtpsl.metrics.saliency import PooledSaliencyMetric, SaliencyMetric
+from mtpsl.metrics.segmentation import SegmentationMetric
 
 discover(__name__, __path__)
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..registry import Registry
+from mtpsl.core.registry import Registry
 
 METRICS: Registry[type[Metric]] = Registry("metric")
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import (
+from mtpsl.metrics.base import (
     METRICS,
     Metric,
     _check_dense_pair,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import (
+from mtpsl.metrics.base import (
     METRICS,
     Metric,
     _binary_bins,
@@ -25,7 +25,7 @@ from .base import (
     _f_measure,
     _suffix_sums,
 )
-from .bsds import boundary_counts, thin
+from mtpsl.metrics.bsds import boundary_counts, thin
 
 
 def disc_offsets(radius: float) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import (
+from mtpsl.metrics.base import (
     METRICS,
     Metric,
     _binary_bins,

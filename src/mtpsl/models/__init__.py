@@ -1,6 +1,7 @@
 """Architectures. Every module of this package is imported here, so each registers its models
 in ``MODELS`` (and ``encoders/`` its backbones in ``ENCODERS``): adding one is adding a file."""
 
+from mtpsl.core.registry import discover
 from mtpsl.models.base import (
     MODELS,
     FeatureInfo,
@@ -16,7 +17,6 @@ from mtpsl.models.base import (
     shared_parameters,
 )
 from mtpsl.models.segnet import SegNet, conv_bn_relu
-from mtpsl.registry import discover
 
 discover(__name__, __path__)
 

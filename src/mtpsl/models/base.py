@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from mtpsl.errors import ConfigError
-from mtpsl.registry import Registry
+from mtpsl.core.errors import ConfigError
+from mtpsl.core.registry import Registry
+from mtpsl.tasks.base import Task, task_kind
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
@@ -33,6 +34,17 @@ class HeadSpec:
 
     channels: int
     activation: Callable[[Tensor], Tensor]
+    kind: str | None = None
+    """The task type's registered name (``segmentation``, ``depth``...), by which
+    ``model.options.head`` may choose a head per task type; None for heads of no task."""
+    class_map: bool = False
+    """The head scores classes (the task's label is a class map): dense models give such heads
+    a pyramid-pooling decoder by default."""
+
+    @classmethod
+    def of(cls, task: Task) -> HeadSpec:
+        """The head a task needs."""
+        return cls(task.out_channels, task.activate, task_kind(task), task.label_dims == 0)
 
 
 @dataclass

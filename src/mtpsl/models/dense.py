@@ -34,30 +34,18 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..tasks import TASKS, Task, task_kind
-from .base import MODELS, FeatureInfo, HeadSpec, ModelOutput, MultiTaskModel, scaled
-from .encoders import EncoderSpec, build_encoder
-from .heads import FPN_CHANNELS, HEAD_KINDS, PSP_BINS, FPNNeck, build_head
+from mtpsl.core.errors import ConfigError
+from mtpsl.models.base import MODELS, FeatureInfo, HeadSpec, ModelOutput, MultiTaskModel, scaled
+from mtpsl.models.encoders import EncoderSpec, build_encoder
+from mtpsl.models.heads import FPN_CHANNELS, HEAD_KINDS, PSP_BINS, FPNNeck, build_head
+from mtpsl.tasks import TASKS
 
 HeadOption = str | Mapping[str, str] | None
 
 
-def task_of(spec: HeadSpec) -> Task | None:
-    """The task behind a head spec (its activation is a bound ``Task.activate``), if any."""
-    owner = getattr(spec.activation, "__self__", None)
-    return owner if isinstance(owner, Task) else None
-
-
-def kind_of(task: Task | None) -> str | None:
-    """The ``TASKS`` registry name of a task's class (``segmentation``, ``depth``, ...)."""
-    return None if task is None else task_kind(task)
-
-
 def default_head(spec: HeadSpec) -> str:
     """PSP for class-map tasks (labels without channels), the conv decoder otherwise."""
-    task = task_of(spec)
-    return "psp" if task is not None and task.label_dims == 0 else "conv"
+    return "psp" if spec.class_map else "conv"
 
 
 def resolve_heads(option: HeadOption, heads: Mapping[str, HeadSpec]) -> dict[str, str]:
@@ -81,7 +69,7 @@ def resolve_heads(option: HeadOption, heads: Mapping[str, HeadSpec]) -> dict[str
                 f"({', '.join(sorted(kinds))})"
             )
     for name, spec in heads.items():
-        by_kind = option.get(kind_of(task_of(spec)) or "")
+        by_kind = option.get(spec.kind or "")
         chosen[name] = option.get(name, by_kind or chosen[name])
     return chosen
 

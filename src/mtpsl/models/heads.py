@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import scaled
+from mtpsl.models.base import scaled
 
 HEAD_KINDS: tuple[str, ...] = ("psp", "aspp", "deeplab", "conv")
 PSP_BINS: tuple[int, ...] = (1, 2, 3, 6)

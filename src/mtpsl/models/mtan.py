@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MODELS, HeadSpec, ModelOutput
-from .segnet import SegNet, conv_bn_relu, init_weights
+from mtpsl.models.base import MODELS, HeadSpec, ModelOutput
+from mtpsl.models.segnet import SegNet, conv_bn_relu, init_weights
 
 
 def attention_block(c_in: int, c_mid: int, c_out: int) -> nn.Sequential:

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from .base import MODELS, FeatureInfo, HeadSpec, ModelOutput, MultiTaskModel, scaled
-from .encoders import EncoderSpec
-from .encoders.resnet import ResNetTrunk, resnet_trunk
-from .segnet import conv_bn_relu, init_weights
+from mtpsl.core.errors import ConfigError
+from mtpsl.models.base import MODELS, FeatureInfo, HeadSpec, ModelOutput, MultiTaskModel, scaled
+from mtpsl.models.encoders import EncoderSpec
+from mtpsl.models.encoders.resnet import ResNetTrunk, resnet_trunk
+from mtpsl.models.segnet import conv_bn_relu, init_weights
 
 MID_CHANNELS = 128
 DEFAULT_DEPTH = 34

@@ -1,12 +1,12 @@
 """Tasks. Every module of this package is imported here, so each registers its task types in
 ``TASKS``: adding a task type is adding a file (see ``docs/extending.md``)."""
 
-from ..registry import discover
-from .base import TASKS, Interpolation, Task, broadcast_scale, build_task, task_kind
-from .binary import BinaryTask, EdgeTask, SaliencyTask
-from .depth import DepthTask
-from .normal import NormalTask
-from .segmentation import SegmentationTask
+from mtpsl.core.registry import discover
+from mtpsl.tasks.base import TASKS, Interpolation, Task, broadcast_scale, build_task, task_kind
+from mtpsl.tasks.binary import BinaryTask, EdgeTask, SaliencyTask
+from mtpsl.tasks.depth import DepthTask
+from mtpsl.tasks.normal import NormalTask
+from mtpsl.tasks.segmentation import SegmentationTask
 
 discover(__name__, __path__)
 

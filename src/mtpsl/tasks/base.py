@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import MtpslError
-from ..registry import Registry
+from mtpsl.core.errors import MtpslError
+from mtpsl.core.registry import Registry
 
 if TYPE_CHECKING:
-    from ..render import Cell, OutputFiles
+    from mtpsl.core.render import Cell, OutputFiles
 
 TASKS: Registry[type[Task]] = Registry("task type")
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..render import (
+from mtpsl.core.render import (
     Cell,
     OutputFiles,
     binary_label_cell,
@@ -19,7 +19,8 @@ from ..render import (
     probability_cell,
     probability_to_u8,
 )
-from .base import TASKS, Interpolation, Task
+from mtpsl.tasks.base import TASKS, Interpolation, Task
+from mtpsl.tasks.scoring import build_metrics
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,5 @@ class EdgeTask(BinaryTask):
 def edge_map(task: EdgeTask, pred: Tensor, target: Tensor) -> np.ndarray:
     """A ``[1, H, W]`` edge probability map as the 0/1 map its per-image score is taken at
     (the metric's ``best_map``: thinned for the BSDS measure)."""
-    from ..evaluate import build_metrics
-
     metric: Any = build_metrics({task.name: task})[task.name]
     return metric.best_map(pred[None], target[None])

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..render import Cell, OutputFiles, colourise_depth, depth_cells, depth_to_mm16
-from .base import TASKS, Interpolation, Task, broadcast_scale
+from mtpsl.core.render import Cell, OutputFiles, colourise_depth, depth_cells, depth_to_mm16
+from mtpsl.tasks.base import TASKS, Interpolation, Task, broadcast_scale
 
 
 @TASKS.register("depth")

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..metrics.base import METRICS, Metric
-from ..render import Cell, OutputFiles, binary_scale, probability_to_u8
-from .base import TASKS, Interpolation, Task
+from mtpsl.core.render import Cell, OutputFiles, binary_scale, probability_to_u8
+from mtpsl.metrics.base import METRICS, Metric
+from mtpsl.tasks.base import TASKS, Interpolation, Task
 
 VISIBLE = 0.5
 """A label channel whose peak is below this holds no visible keypoint."""

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..render import Cell, OutputFiles, colour_normals, unit_to_u8
-from .base import TASKS, Interpolation, Task, masked_pixel_mean
+from mtpsl.core.render import Cell, OutputFiles, colour_normals, unit_to_u8
+from mtpsl.tasks.base import TASKS, Interpolation, Task, masked_pixel_mean
 
 
 @TASKS.register("normal")

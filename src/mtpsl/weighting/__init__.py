@@ -31,12 +31,12 @@ Adding a strategy is adding a file to this package: subclass :class:`Weighting`,
 ``Options`` if it takes any, register it (see ``docs/extending.md``).
 """
 
-from ..registry import discover
-from .base import WEIGHTINGS, NoOptions, Weighting, build_weighting
-from .cagrad import cagrad_coefficients, cagrad_dual, project_simplex
-from .dwa import dwa_weights
-from .mgda import min_norm_coefficients
-from .pcgrad import pcgrad_coefficients
+from mtpsl.core.registry import discover
+from mtpsl.weighting.base import WEIGHTINGS, NoOptions, Weighting, build_weighting
+from mtpsl.weighting.cagrad import cagrad_coefficients, cagrad_dual, project_simplex
+from mtpsl.weighting.dwa import dwa_weights
+from mtpsl.weighting.mgda import min_norm_coefficients
+from mtpsl.weighting.pcgrad import pcgrad_coefficients
 
 discover(__name__, __path__)
 

@@ -10,10 +10,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from ..distributed import mean_over_ranks
-from ..errors import ConfigError
-from ..optim import OptimGroup
-from ..registry import Registry
+from mtpsl.core.distributed import mean_over_ranks
+from mtpsl.core.errors import ConfigError
+from mtpsl.core.param_groups import OptimGroup
+from mtpsl.core.registry import Registry
 
 WEIGHTINGS: Registry[type[Weighting]] = Registry("weighting")
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .base import WEIGHTINGS
-from .gradient import JacobianWeighting
-from .jacobian import torchjd_aggregation
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.gradient import JacobianWeighting
+from mtpsl.weighting.jacobian import torchjd_aggregation
 
 
 @WEIGHTINGS.register("config")

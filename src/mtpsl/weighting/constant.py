@@ -10,8 +10,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import WEIGHTINGS, Weighting, weighted_sum
+from mtpsl.core.errors import ConfigError
+from mtpsl.weighting.base import WEIGHTINGS, Weighting, weighted_sum
 
 
 class ConstantOptions(BaseModel):

@@ -21,9 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import WEIGHTINGS, build_weighting
-from .gradient import GradientWeighting, task_indices
+from mtpsl.core.errors import ConfigError
+from mtpsl.weighting.base import WEIGHTINGS, build_weighting
+from mtpsl.weighting.gradient import GradientWeighting, task_indices
 
 
 class CRMOGMOptions(BaseModel):

@@ -24,8 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS
-from .gradient import GradientRowsWeighting
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.gradient import GradientRowsWeighting
 
 LOG_EPS = 1e-8
 

@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from .base import WEIGHTINGS, Weighting, backward_total, weighted_sum
+from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_total, weighted_sum
 
 
 class DWAOptions(BaseModel):

@@ -25,9 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS
-from .gradient import GradientRowsWeighting
-from .simplex_state import read_simplex, write_simplex
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.gradient import GradientRowsWeighting
+from mtpsl.weighting.simplex_state import read_simplex, write_simplex
 
 
 class ExcessMTLOptions(BaseModel):

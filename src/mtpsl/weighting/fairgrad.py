@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import WEIGHTINGS
-from .jacobian import TorchJDWeighting, torchjd_aggregation
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.jacobian import TorchJDWeighting, torchjd_aggregation
 
 
 class FairGradOptions(BaseModel):

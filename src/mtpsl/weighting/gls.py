@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from .base import WEIGHTINGS, Weighting, backward_linearised, backward_total
+from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_linearised, backward_total
 
 
 class GLSOptions(BaseModel):

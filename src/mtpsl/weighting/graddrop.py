@@ -27,8 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS, SeededDraws
-from .gradient import JacobianWeighting
+from mtpsl.weighting.base import WEIGHTINGS, SeededDraws
+from mtpsl.weighting.gradient import JacobianWeighting
 
 
 class GradDropOptions(BaseModel):

@@ -11,9 +11,9 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from ..distributed import group_size, mean_over_ranks
-from .base import Weighting, backward_total, plain_sum
-from .gramian import SharedGramian
+from mtpsl.core.distributed import group_size, mean_over_ranks
+from mtpsl.weighting.base import Weighting, backward_total, plain_sum
+from mtpsl.weighting.gramian import SharedGramian
 
 
 class GradientWeighting(Weighting):

@@ -8,9 +8,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ..distributed import mean_over_ranks
-from ..optim import OptimGroup
-from .base import WEIGHTINGS, Weighting, backward_total, weighted_sum
+from mtpsl.core.distributed import mean_over_ranks
+from mtpsl.core.param_groups import OptimGroup
+from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_total, weighted_sum
 
 
 class GradNormOptions(BaseModel):

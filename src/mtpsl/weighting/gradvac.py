@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS, SeededDraws
-from .gradient import GradientWeighting, task_indices
+from mtpsl.weighting.base import WEIGHTINGS, SeededDraws
+from mtpsl.weighting.gradient import GradientWeighting, task_indices
 
 
 class GradVacOptions(BaseModel):

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from mtpsl.core.errors import ConfigError
 
 
 class SharedGramian:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import WEIGHTINGS
-from .jacobian import TorchJDWeighting, torchjd_aggregation
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.jacobian import TorchJDWeighting, torchjd_aggregation
 
 
 @WEIGHTINGS.register("imtl_g")

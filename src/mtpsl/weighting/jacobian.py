@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError
-from .gradient import GradientWeighting
+from mtpsl.core.errors import ConfigError
+from mtpsl.weighting.gradient import GradientWeighting
 
 
 class TorchJDWeighting(GradientWeighting):

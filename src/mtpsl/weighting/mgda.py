@@ -10,8 +10,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .base import WEIGHTINGS
-from .gradient import GradientWeighting
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.gradient import GradientWeighting
 
 
 class MGDAOptions(BaseModel):

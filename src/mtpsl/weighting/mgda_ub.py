@@ -13,8 +13,8 @@ the representation (``features["shared"]``: segnet, dense/resnet).
 
 from __future__ import annotations
 
-from .base import WEIGHTINGS
-from .mgda import MGDA
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.mgda import MGDA
 
 
 @WEIGHTINGS.register("mgda_ub")

@@ -23,10 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS
-from .cagrad import project_simplex
-from .gradient import GradientWeighting, task_indices
-from .simplex_state import read_simplex, write_simplex
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.cagrad import project_simplex
+from mtpsl.weighting.gradient import GradientWeighting, task_indices
+from mtpsl.weighting.simplex_state import read_simplex, write_simplex
 
 
 class MoDoOptions(BaseModel):

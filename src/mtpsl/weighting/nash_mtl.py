@@ -29,8 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import WEIGHTINGS
-from .gradient import GradientWeighting
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.gradient import GradientWeighting
 
 
 class NashMTLOptions(BaseModel):

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from .base import WEIGHTINGS, SeededDraws
-from .gradient import GradientWeighting
+from mtpsl.weighting.base import WEIGHTINGS, SeededDraws
+from mtpsl.weighting.gradient import GradientWeighting
 
 
 class PCGradOptions(BaseModel):

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from .base import WEIGHTINGS, SeededDraws, Weighting, backward_total
+from mtpsl.weighting.base import WEIGHTINGS, SeededDraws, Weighting, backward_total
 
 
 class RLWOptions(BaseModel):

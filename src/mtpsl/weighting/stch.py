@@ -25,8 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ..distributed import mean_over_ranks
-from .base import WEIGHTINGS, Weighting, backward_linearised, backward_total
+from mtpsl.core.distributed import mean_over_ranks
+from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_linearised, backward_total
 
 LOG_EPS = 1e-20
 

@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from .base import WEIGHTINGS, Weighting, backward_total
+from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_total
 
 
 class UncertaintyOptions(BaseModel):

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from .base import WEIGHTINGS, Weighting, plain_sum
+from mtpsl.weighting.base import WEIGHTINGS, Weighting, plain_sum
 
 
 @WEIGHTINGS.register("uniform")

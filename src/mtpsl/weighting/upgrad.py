@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import WEIGHTINGS
-from .jacobian import DualConeOptions, TorchJDWeighting, dual_cone_projector, torchjd_aggregation
+from mtpsl.weighting.base import WEIGHTINGS
+from mtpsl.weighting.jacobian import (
+    DualConeOptions,
+    TorchJDWeighting,
+    dual_cone_projector,
+    torchjd_aggregation,
+)
 
 
 @WEIGHTINGS.register("upgrad")

@@ -4,8 +4,8 @@ Every module of this package registers its encoders in ``ENCODERS``; adding a ba
 is adding a file (see ``docs/extending.md``).
 """
 
-from ...registry import discover
-from .base import ENCODERS, Encoder, EncoderSpec, build_encoder
+from mtpsl.core.registry import discover
+from mtpsl.models.encoders.base import ENCODERS, Encoder, EncoderSpec, build_encoder
 
 discover(__name__, __path__)
 

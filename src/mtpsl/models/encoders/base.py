@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from ...registry import Registry
+from mtpsl.core.errors import ConfigError
+from mtpsl.core.registry import Registry
 
 
 @dataclass(frozen=True)

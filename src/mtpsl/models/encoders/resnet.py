@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from .base import ENCODERS, Encoder, EncoderSpec
+from mtpsl.core.errors import ConfigError
+from mtpsl.models.encoders.base import ENCODERS, Encoder, EncoderSpec
 
 if TYPE_CHECKING:
     from torchvision.models import resnet

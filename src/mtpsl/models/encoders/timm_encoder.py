@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from .base import ENCODERS, Encoder, EncoderSpec
+from mtpsl.core.errors import ConfigError
+from mtpsl.models.encoders.base import ENCODERS, Encoder, EncoderSpec
 
 RESERVED = ("features_only", "pretrained", "pretrained_cfg_overlay", "in_chans", "output_stride")
 

@@ -1,0 +1,211 @@
+"""Grids of runs (methods x label regimes x seeds) and the tables that summarise them.
+
+Each cell is an ordinary run in ``OUT/<regime>/<method>/seed<k>``; a cell whose
+``final_metrics.json`` exists is not trained again, so an interrupted grid resumes. Tables
+(built by :mod:`mtpsl.analysis.report`, the one implementation of the tables) have one row per
+set-up, with the mean and 95% interval over seeds of each task's primary metric (or of
+``compare.delta_metrics``), and the paired multi-task gain Delta_m against the baseline method
+(STL) of the same set-up, with its verdict; cross-dataset grids get one more table per source,
+from the runs' ``metrics@<source>``. ``curves.png/.pdf`` plots each task's primary metric over
+epochs, one line per method (mean over seeds); ``seeds.png/.pdf`` every seed's value.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mtpsl.analysis import report
+from mtpsl.analysis.figures.seeds import plot_seeds
+from mtpsl.core.config import Config, MethodVariant, build_config
+from mtpsl.core.errors import ConfigError, RunFolderError
+from mtpsl.core.rundir import holds_run
+from mtpsl.engine.build import check_names, method_for, open_dataset, weighting_for
+from mtpsl.engine.run import resume, saved_config_difference, train
+from mtpsl.tasks.scoring import higher_is_better
+from mtpsl.weighting import WEIGHTINGS
+
+ARROWS = report.ARROWS
+
+
+def sweep_weightings(names: list[str]) -> list[str]:
+    """``compare.weightings`` checked, with ``all`` standing for every registered one."""
+    if "all" in names:
+        names = [n for n in names if n != "all"] + WEIGHTINGS.names()
+    for name in names:
+        if name not in WEIGHTINGS:
+            raise ConfigError(f"compare.weightings: unknown weighting {name!r}; known: all, "
+                              f"{', '.join(WEIGHTINGS.names())}")
+    return list(dict.fromkeys(names))
+
+
+def grid_cells(config: Config) -> list[tuple[str, str]]:
+    """(regime, method) cells: the grid (each method crossed with ``compare.weightings``
+    when given), then the extra cells, without repeats."""
+    grid = config.compare
+    weightings = sweep_weightings(grid.weightings)
+    methods = [m if not weightings or m == grid.baseline else f"{m}+{w}"
+               for m in grid.methods for w in (weightings or [""])]
+    cells = [(regime, method) for regime in grid.regimes for method in dict.fromkeys(methods)]
+    for extra in grid.extra_cells:
+        method, sep, regime = extra.partition("@")
+        if not sep or not method or not regime:
+            raise ConfigError(f"compare.extra_cells: {extra!r} must look like method@regime")
+        cells.append((regime, method))
+    return list(dict.fromkeys(cells))
+
+
+def run_grid(config: Config, out: Path) -> list[dict]:
+    """Train every (regime, method, seed) cell; return their final metrics."""
+    results = []
+    cells = [(r, m, s) for r, m in grid_cells(config) for s in config.compare.seeds]
+    pending = sum(not (_cell_dir(out, *c) / "final_metrics.json").exists() for c in cells)
+    trained: list[float] = []
+    for k, (regime, method, seed) in enumerate(cells, 1):
+        cell = _cell_dir(out, regime, method, seed)
+        final_path = cell / "final_metrics.json"
+        if not final_path.exists():
+            cell_config = cell_config_for(config, regime, method, seed)
+            left = pending - len(trained)
+            eta = f", ETA {sum(trained) / len(trained) * left / 60:.1f} min" if trained else ""
+            print(f"== run {k} of {len(cells)}: {regime} / {method} / seed {seed} -> {cell}"
+                  f"{eta}", file=sys.stderr, flush=True)
+            began = time.perf_counter()
+            train_or_continue(cell_config, cell)
+            trained.append(time.perf_counter() - began)
+        results.append(report.load_result(cell))
+    return results
+
+
+def train_or_continue(config: Config, cell: Path) -> dict:
+    """Train a cell, or continue it where an interrupted grid left it (its config must be
+    the cell's: a changed grid does not silently mix two set-ups in one cell)."""
+    if not holds_run(cell):
+        return train(config, cell)
+    differing = saved_config_difference(cell / "config.yaml", config)
+    if differing:
+        raise RunFolderError(
+            f"grid cell {cell} holds a run whose config differs at {differing} from the "
+            "grid's; move or remove that folder to train the cell anew")
+    return resume(cell, [f"train.epochs={config.train.epochs}"])
+
+
+def _cell_dir(out: Path, regime: str, method: str, seed: int) -> Path:
+    return out / _slug(regime) / method / f"seed{seed}"
+
+
+def _slug(regime: str) -> str:
+    return regime.replace(":", "-")
+
+
+def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Config:
+    """The run config of one cell: the base config with the cell's regime, method and seed."""
+    data = config.model_dump()
+    data["name"] = f"{_slug(regime)}-{method}-seed{seed}"
+    data["label"] = method
+    method, _, weighting = method.partition("+")  # a compare.weightings cell: method+weighting
+    data["seed"] = seed
+    name, _, ratios = regime.partition(":")
+    data["labels"]["regime"] = name
+    if ratios:
+        try:
+            data["labels"]["ratios"] = [float(r) for r in ratios.split(":")]
+        except ValueError:
+            raise ConfigError(f"compare.regimes: {regime!r} must look like ratio:9:1") from None
+    variant = config.compare.variants.get(method)
+    if variant is not None:
+        data["method"]["name"] = variant.method
+        data["method"]["options"] = dict(variant.options)
+        _apply_variant_weighting(data["method"], variant)
+    elif method != config.method.name:
+        data["method"]["name"] = method
+        data["method"]["options"] = {}  # the base options belong to the base method
+    if weighting:
+        data["method"]["weighting"] = weighting
+        data["method"]["weighting_options"] = {}
+    return build_config(data, f"compare cell {regime} / {data['label']}")
+
+
+def _apply_variant_weighting(method: dict, variant: MethodVariant) -> None:
+    """A variant's weighting (its options, what it differentiates) replace the base ones
+    where it names them."""
+    if variant.weighting is not None and variant.weighting != method["weighting"]:
+        method["weighting"] = variant.weighting
+        method["weighting_options"] = {}  # the base options belong to the base strategy
+        method["weighting_gradients"] = None
+    if variant.weighting_options is not None:
+        method["weighting_options"] = dict(variant.weighting_options)
+    if variant.weighting_gradients is not None:
+        method["weighting_gradients"] = variant.weighting_gradients
+
+
+def check_delta_metrics(config: Config) -> None:
+    """``compare.delta_metrics`` must name metrics of the dataset's tasks; checked before any
+    training so a typo cannot cost a grid."""
+    chosen = config.compare.delta_metrics
+    if chosen is None:
+        return
+    known = higher_is_better(open_dataset(config, config.dataset.eval_split).tasks)
+    unknown = [k for k in chosen if k not in known]
+    if unknown or not chosen:
+        what = f"{unknown} are not task/metric keys of the dataset" if unknown else "is empty"
+        raise ConfigError(f"compare.delta_metrics: {what}; allowed: {', '.join(known)} "
+                          "(or null for each task's primary metric)")
+
+
+def check_cells(config: Config) -> None:
+    """Every cell's config, method and weighting built before any training (a variant's
+    option typo, a swept strategy that cannot take the grid's ``weighting_gradients``), so
+    that a bad cell cannot stop a grid halfway, after hours of the cells before it."""
+    cells = [cell_config_for(config, regime, method, config.compare.seeds[0])
+             for regime, method in grid_cells(config)]
+    for cell in cells:
+        try:
+            check_names(cell)
+        except ConfigError as err:
+            raise ConfigError(f"compare cell {cell.label}: {err}") from None
+    tasks = dict(open_dataset(config, config.dataset.train_split).tasks)
+    for cell in cells:
+        try:
+            method_for(cell, tasks)
+            weighting_for(cell, tuple(tasks))
+        except ConfigError as err:
+            raise ConfigError(f"compare cell {cell.label}: {err}") from None
+
+
+def write_tables(tables: Sequence[report.Table], text: str, out: Path) -> None:
+    (out / "results.md").write_text(text + "\n")
+    report.write_csv(report.table_rows(tables), out / "results.csv")
+
+
+def write_curves(results: Sequence[Mapping], out: Path) -> list[Path]:
+    """``curves.png/.pdf``: each metric over epochs, one line per method (mean over seeds)."""
+    from mtpsl.analysis.figures.curves import plot_curve_groups
+
+    several = len({r["regime"] for r in results}) > 1
+    groups: dict[str, list[Path]] = {}
+    for r in results:
+        label = f"{r['regime']}/{r['method']}" if several else r["method"]
+        groups.setdefault(label, []).append(Path(r["run_dir"]))
+    return plot_curve_groups(groups, out / "curves")
+
+
+def compare(config: Config, out: Path) -> str:
+    """Run the grid of ``config.compare`` into ``out`` and write results.md / results.csv."""
+    grid = config.compare
+    if grid.baseline not in grid.methods:
+        print(f"note: baseline {grid.baseline!r} is not in the grid; Delta_m is left out")
+    if not grid.methods or not grid.regimes or not grid.seeds:
+        raise ConfigError("compare: methods, regimes and seeds must each be non-empty")
+    check_delta_metrics(config)
+    check_cells(config)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_grid(config, out)
+    tables = report.build_tables(results, grid.baseline, grid.delta_metrics)
+    text = report.tables_markdown(tables, grid.baseline, grid.contrasts)
+    write_tables(tables, text, out)
+    write_curves(results, out)
+    plot_seeds(tables[0], out / "seeds")
+    return text

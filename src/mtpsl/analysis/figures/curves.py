@@ -1,0 +1,96 @@
+"""Training curves: per task its primary evaluation metric over epochs, and the train loss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mtpsl.analysis.figures.common import (
+    ARROWS,
+    DPI,
+    PANEL_IN,
+    FigureRequest,
+    _figure,
+    check_labels,
+    read_history,
+    save,
+)
+from mtpsl.core.errors import DataError, MtpslError
+
+
+def _mean_curve(histories: Sequence[list[dict]], key: str):
+    """(epochs, mean, std) over the runs that logged ``key`` at each epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for rows in histories:
+        for row in rows:
+            if key in row and row[key] is not None:
+                by_epoch.setdefault(int(row["epoch"]), []).append(float(row[key]))
+    epochs = sorted(by_epoch)
+    mean = np.array([np.mean(by_epoch[e]) for e in epochs])
+    std = np.array([np.std(by_epoch[e]) for e in epochs])
+    return np.array(epochs), mean, std
+
+def curve_panels(histories: Sequence[list[dict]]) -> list[str]:
+    """Keys plotted, one panel each: ``eval/<task>/<primary>`` per task, then ``train/total``."""
+    from mtpsl.analysis.report import infer_primary_keys
+
+    keys = dict.fromkeys(k for rows in histories for row in rows for k in row)
+    metric_keys = [k.removeprefix("eval/") for k in keys if k.startswith("eval/")]
+    panels = [f"eval/{k}" for k in infer_primary_keys(metric_keys)] if metric_keys else []
+    return panels + (["train/total"] if "train/total" in keys else [])
+
+def plot_curve_groups(groups: Mapping[str, Sequence[str | Path]], out_stem: str | Path
+                      ) -> list[Path]:
+    """One panel per primary metric (and the train total loss), one line per group: the mean
+    over the group's runs (seeds), shaded +- std when it has several. Where runs carve a
+    validation split, its metric (``val/...``) is drawn dashed in the same colour."""
+    from matplotlib.ticker import MaxNLocator
+
+    from mtpsl.analysis.report import metric_directions
+
+    if not groups:
+        raise MtpslError("no runs to plot")
+    histories = {label: [read_history(r) for r in runs] for label, runs in groups.items()}
+    panels = curve_panels([h for hs in histories.values() for h in hs])
+    if not panels:
+        raise DataError("the runs' metrics.jsonl hold no eval/ metric nor train/total loss")
+    better = metric_directions([p.removeprefix("eval/") for p in panels if p.startswith("eval/")])
+    fig = _figure(figsize=(PANEL_IN[0] * len(panels), PANEL_IN[1]), dpi=DPI,
+                 layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, key in zip(axes, panels, strict=True):
+        for n, (label, hs) in enumerate(histories.items()):
+            colour = f"C{n % 10}"
+            epochs, mean, std = _mean_curve(hs, key)
+            ax.plot(epochs, mean, marker="o", markersize=3, color=colour, label=label)
+            if len(hs) > 1:
+                ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2)
+            if key.startswith("eval/"):
+                val_key = "val/" + key.removeprefix("eval/")
+                epochs, mean, _ = _mean_curve(hs, val_key)
+                if len(epochs):
+                    ax.plot(epochs, mean, linestyle="--", color=colour,
+                            label=f"{label} (val split)")
+        metric = key.removeprefix("eval/")
+        ax.set_title(f"{metric} {ARROWS[better[metric]]}" if metric in better
+                     else "train total loss", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return save(fig, out_stem)
+
+def plot_curves(run_dirs: Sequence[str | Path], out_stem: str | Path,
+                labels: Sequence[str] | None = None) -> list[Path]:
+    """Training curves of individual runs, one line each: per task its primary evaluation
+    metric over epochs, and the train total loss in its own panel. Returns [png, pdf]."""
+    labels = check_labels(run_dirs, labels)
+    if len(set(labels)) != len(labels):
+        raise MtpslError(f"labels must differ, got {labels}")
+    return plot_curve_groups({lab: [r] for lab, r in zip(labels, run_dirs, strict=True)},
+                             out_stem)
+
+def curves_figure(req: FigureRequest) -> list[Path]:
+    return plot_curves(req.runs, req.out / "curves", req.labels)

@@ -1,0 +1,233 @@
+"""The ``mtpsl`` command line: train, eval, compare, data synth/check, presets.
+
+One error boundary (:func:`main`): every expected failure (an
+:class:`~mtpsl.core.errors.MtpslError`, an OSError of any kind: a full disk, a denied
+permission, a folder where a file belongs) is one line ``error: <what>`` with exit status 2,
+never a traceback. A preempted run exits 75, Ctrl-C
+130. Anything else is a bug in mtpsl: it keeps its traceback, marked as an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from mtpsl.cli.commands import add_all
+from mtpsl.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, MtpslError, strip_worker_traceback
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file or preset name (see `mtpsl presets`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.epochs=5 model.width=0.25; every key "
+                   "with its allowed values: `mtpsl config show [PRESET]`, names: `mtpsl list`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtpsl", description="Multi-task dense prediction from partially annotated images."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run folder (default: output_dir/name, made unique)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint")
+    p.add_argument("--run", help="run folder (uses its checkpoint.pt)")
+    p.add_argument("--checkpoint", help="checkpoint file (its config is stored inside)")
+    p.add_argument("--split", help="dataset split to evaluate (default: the run's eval split)")
+    p.add_argument("--root", help="evaluate on another dataset root of the same layout")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--edge-measure", choices=("bsds", "dilation"),
+                   help="score edge tasks with this measure (default: the run's)")
+    p.add_argument("--edge-workers", type=int, metavar="N",
+                   help="score edges (BSDS measure) in N processes (default: the run's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train a grid of methods x regimes x seeds; print a table")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="folder for the grid's runs and tables")
+    p.add_argument("--methods", help="comma list, overrides compare.methods")
+    p.add_argument("--regimes", help="comma list, overrides compare.regimes")
+    p.add_argument("--seeds", help="comma list, overrides compare.seeds")
+    p.set_defaults(func=cmd_compare)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_cmd",
+                                                                        required=True)
+    p = data.add_parser("synth", help="render the built-in procedural dataset to disk")
+    p.add_argument("--out", required=True)
+    p.add_argument("--layout", choices=["nyuv2", "cityscapes", "pascal_context"],
+                   default="nyuv2")
+    p.add_argument("--n-train", type=int, default=795)
+    p.add_argument("--n-val", type=int, default=654)
+    p.add_argument("--height", type=int,
+                   help="default 288 (nyuv2) / 128 (cityscapes) / 96 (pascal_context)")
+    p.add_argument("--width", type=int,
+                   help="default 384 (nyuv2) / 256 (cityscapes) / 128 (pascal_context)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", choices=["a", "b"], default="a", help="appearance domain")
+    p.add_argument("--pair", action="store_true",
+                   help="cross-domain pair: OUT/domain_a (style a) + OUT/domain_b (style b)")
+    p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("check", help="validate a dataset folder and print a summary")
+    p.add_argument("--root", required=True)
+    p.add_argument("--dataset", default="nyuv2")
+    p.add_argument("--split", default="train")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("presets", help="list shipped config presets or print one")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_presets)
+    add_all(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from mtpsl.core.config import load_config
+
+    if args.resume:
+        if args.config or args.run_dir:
+            raise MtpslError("--resume takes the run's own config and folder: drop --config "
+                             "and --run-dir (train.* overrides are allowed)")
+        from mtpsl.engine.run import resume
+
+        final = resume(args.resume, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)  # before torch: typos fail fast
+        from mtpsl.engine.run import train
+
+        final = train(config, Path(args.run_dir) if args.run_dir else None)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(json.dumps(final, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mtpsl.inference.evaluate import evaluate_checkpoint
+
+    if bool(args.run) == bool(args.checkpoint):
+        raise MtpslError("give exactly one of --run DIR or --checkpoint FILE")
+    lock = None
+    if args.out:
+        from mtpsl.core.rundir import lock_if_run_folder
+
+        lock = lock_if_run_folder(args.out)  # eval --out into a run folder: one writer
+    try:
+        metrics = evaluate_checkpoint(args.run, args.checkpoint, args.split, args.root,
+                                      args.device, args.edge_measure, args.edge_workers)
+        text = json.dumps(metrics, indent=2)
+        if args.out:
+            from mtpsl.core.files import write_text
+
+            write_text(args.out, text + "\n")
+    finally:
+        if lock is not None:
+            lock.release()
+    print(text)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from mtpsl.analysis.compare import compare
+    from mtpsl.core.config import load_config
+
+    overrides = list(args.overrides)
+    for key in ("methods", "regimes", "seeds"):
+        value = getattr(args, key)
+        if value:
+            overrides.append(f"compare.{key}=[{value}]")
+    print(compare(load_config(args.config, overrides), Path(args.out)))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from mtpsl.data import synthetic
+
+    writer = {"nyuv2": synthetic.write_nyuv2_layout,
+              "cityscapes": synthetic.write_cityscapes_layout,
+              "pascal_context": synthetic.write_pascal_layout}[args.layout]
+    size = {"nyuv2": (288, 384), "cityscapes": (128, 256), "pascal_context": (96, 128)}[
+        args.layout]
+    if args.pair:
+        from mtpsl.data.cross_domain import write_synthetic_pair
+
+        a, b = write_synthetic_pair(args.out, layout=args.layout, n_train=args.n_train,
+                                    n_val=args.n_val, height=args.height or size[0],
+                                    width=args.width or size[1], seed=args.seed)
+        print(f"wrote {args.layout} cross-domain pair to {a} and {b}")
+        return
+    writer(args.out, n_train=args.n_train, n_val=args.n_val, height=args.height or size[0],
+           width=args.width or size[1], seed=args.seed, style=args.style)
+    print(f"wrote {args.layout} layout to {args.out}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from mtpsl.data import DATASETS, RELEASE_SIZES
+
+    ds = DATASETS.get(args.dataset)(args.root, args.split)
+    print(ds)
+    expected = RELEASE_SIZES.get(args.dataset, {}).get(args.split)
+    if expected is not None and len(ds) != expected:
+        print(f"  note: the standard {args.dataset} release has {expected} {args.split} images, "
+              f"this folder {len(ds)}: an incomplete download or extraction, or a subset "
+              "(fine if intended)")
+    for task, n_missing in ds.missing_counts.items():
+        line = f"  {task}: {len(ds) - n_missing} of {len(ds)} images labelled"
+        if n_missing:
+            line += (f", {n_missing} without a label file (read as partially annotated: "
+                     "training never sees this task for them)")
+        print(line)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from importlib import resources
+
+    from mtpsl.core.config import preset_names
+
+    if args.name:
+        if args.name not in preset_names():
+            raise MtpslError(f"unknown preset {args.name!r}; presets: {preset_names()}")
+        print((resources.files("mtpsl.presets") / f"{args.name}.yaml").read_text())
+    else:
+        print("\n".join(preset_names()))
+
+
+def describe_os_error(err: OSError) -> str:
+    """``<file>: <reason>`` for an OSError (a DataLoader worker's one without its traceback)."""
+    reason = err.strerror or strip_worker_traceback(str(err))
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MtpslError as err:
+        print(f"error: {strip_worker_traceback(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except KeyError as err:  # registry lookups outside a config (e.g. `data check --dataset`)
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        print("internal error: the traceback above is a bug in mtpsl, not a problem with your "
+              "input; please report it with the command you ran", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""``mtpsl export``: a trained run as an ONNX or TorchScript file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a run's model to ONNX or TorchScript",
+        description="Write the run's model as a file that maps images [B,3,H,W] in [0,1] to "
+                    "one activated prediction per task (task names recorded with it).")
+    p.add_argument("--run", required=True, help="run folder (uses its checkpoint.pt)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", help="output file (default: RUN/model.onnx or "
+                                 "RUN/model.torchscript.pt)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset (below 18: TorchScript-based exporter; 18+: torch.export)")
+    p.add_argument("--root", help="dataset root of the run's layout, if it has moved")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from mtpsl.inference.export import export_run
+
+    path = export_run(args.run, args.format, args.out, args.opset, args.root)
+    print(f"wrote {path} (+ {path.name}.json)")

@@ -1,0 +1,397 @@
+"""Typed, validated run configuration (YAML file + ``key=value`` overrides).
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails at start-up with
+the key's dotted path and the keys that are allowed, instead of being silently ignored.
+Presets shipped in ``mtpsl/presets/*.yaml`` are named by their stem (``--config nyuv2_onelabel``).
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mtpsl.core.errors import ConfigError
+from mtpsl.core.files import write_text
+
+
+class Section(BaseModel):
+    # allow_inf_nan=False: an lr of .inf or a NaN weight is a config error, not a diverged run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
+
+
+class AugmentConfig(Section):
+    scales: list[float] = Field(default=[1.0, 1.2, 1.5], min_length=1)
+    """RandomScaleCrop zoom factors (1.0 = no zoom); [1.0] disables scale-crop."""
+    flip: bool = False
+    """Random horizontal flip (Cityscapes in the reference); normals' x is negated."""
+
+
+class DatasetConfig(Section):
+    name: str = "nyuv2"
+    """Registered dataset (its on-disk layout); see ``mtpsl list datasets``."""
+    root: str = "data/synthetic"
+    """Folder holding the dataset's splits (``mtpsl data check --root`` validates it)."""
+    tasks: list[str] | None = None
+    """Subset of the dataset's tasks, in its order; None = all."""
+    options: dict[str, Any] = {}
+    """Dataset-specific keyword arguments, e.g. ``num_classes: 19`` for Cityscapes."""
+    train_split: str = "train"
+    """Split folder the model trains on."""
+    eval_split: str = "val"
+    """Split folder the reported metrics are computed on."""
+    cache: bool = False
+    """Keep decoded arrays in memory after the first epoch."""
+    augment: AugmentConfig = AugmentConfig()
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Carve this fraction of the training images into a validation split used (only) to
+    select a best epoch; the evaluation split never selects anything."""
+
+
+class LabelsConfig(Section):
+    regime: str = "onelabel"
+    """full | onelabel | random | ratio, or another registered regime (``mtpsl list regimes``;
+    checked with the other registered names by :func:`mtpsl.engine.build.check_names`)."""
+    ratios: list[float] | None = None
+    """Per-task weights for the 'ratio' regime, in task order (e.g. [9, 1])."""
+    seed: int | None = None
+    """Seed of the split; None uses the run seed."""
+    file: str | None = None
+    """Load the split from a file (our .json or a reference .pth) instead of drawing one."""
+
+
+class BackboneConfig(Section):
+    """Encoder of the encoder + heads models (``resnet``, ``dense``; ignored by SegNet and
+    MTAN); ``mtpsl list encoders`` shows the registered ones."""
+
+    name: str = "resnet"
+    """Registered encoder: ``resnet`` (torchvision, dilated) or ``timm`` (any timm model with
+    ``features_only``)."""
+    depth: int = 50
+    """ResNet depth (18, 34, 50, 101, 152) of the ``resnet`` encoder."""
+    arch: str | None = None
+    """timm model name of the ``timm`` encoder (e.g. convnext_atto, resnet50, hrnet_w18)."""
+    weights: str | None = None
+    """Local checkpoint (torchvision / timm state dict, .safetensors for timm); None = random
+    init. Never downloaded."""
+    output_stride: Literal[8, 16, 32] = 8
+    """8 or 16 = dilated last stages (DeepLab/PSP style); 32 = the plain network."""
+    options: dict[str, Any] = {}
+    """Further encoder keyword arguments (timm: ``timm.create_model`` kwargs such as
+    out_indices or drop_path_rate)."""
+
+
+class ModelConfig(Section):
+    name: str = "segnet"
+    """Registered model; see ``mtpsl list models``."""
+    width: float = Field(default=1.0, gt=0.0)
+    """Channel multiplier (1.0 = the paper's SegNet; 0.25 for quick CPU runs)."""
+    backbone: BackboneConfig = BackboneConfig()
+    options: dict[str, Any] = {}
+    """Model-specific keyword arguments (e.g. the head type), checked by the model builder."""
+
+
+WeightingGradients = Literal["parameters", "representation", "gramian"]
+"""What a gradient strategy differentiates (``method.weighting_gradients``)."""
+
+
+class MethodConfig(Section):
+    name: str = "sl"
+    """How partial labels become losses; see ``mtpsl list methods``."""
+    options: dict[str, Any] = {}
+    """Method-specific options, validated by the method's own options model."""
+    weighting: str = "uniform"
+    """How per-task losses are combined (see mtpsl.weighting.WEIGHTINGS)."""
+    weighting_options: dict[str, Any] = {}
+    """Strategy-specific options, validated by the strategy's own options model."""
+    weighting_gradients: WeightingGradients | None = None
+    """What a gradient strategy differentiates: the shared parameters (exact; the default),
+    the shared representation the task heads read (LibMTL's ``rep_grad``, MGDA-UB's bound:
+    one backward through the heads per task instead of through the whole network), or the
+    shared parameters' Gram matrix by torchjd's autogram engine (exact, without K gradient
+    copies; one process, every forward pass of the shared layers read by a task loss). None:
+    the strategy's own default (``representation`` for ``mgda_ub``)."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: an optimiser's lr or weight decay beyond it cannot reach the weights."""
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Optimiser of the model (a method's own networks may have their own, e.g. FiLM's)."""
+    lr: float = Field(default=1e-4, gt=0.0, lt=FLOAT32_MAX)
+    """Learning rate (1e-4 with Adam in paper 001)."""
+    weight_decay: float = Field(default=0.0, ge=0.0, lt=FLOAT32_MAX)
+    """L2 penalty of the optimiser."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas."""
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """SGD's momentum."""
+    schedule: Literal["step", "poly"] = "step"
+    """step: StepLR(step_size, gamma) per epoch; poly: lr * (1 - epoch/epochs) ** poly_power."""
+    step_size: int = Field(default=100, gt=0)
+    """StepLR period in epochs."""
+    gamma: float = Field(default=0.5, gt=0.0, le=1.0)
+    """StepLR factor applied every ``step_size`` epochs."""
+    poly_power: float = Field(default=0.9, gt=0.0)
+    """Exponent of the poly schedule."""
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=200, gt=0)
+    """Training epochs (200 in paper 001)."""
+    batch_size: int = Field(default=2, gt=0)
+    """Images per step *per process*: under ``torchrun`` with N processes a step sees
+    N x batch_size images (torchrun's convention; the learning rate is not rescaled)."""
+    eval_batch_size: int = Field(default=8, gt=0)
+    """Images per evaluation batch (does not change the metrics)."""
+    eval_every: int = Field(default=10, gt=0)
+    """Evaluate every N epochs (and always after the last one)."""
+    checkpoint_every: int = Field(default=10, gt=0)
+    """Write the checkpoint every N epochs (and always after the last one)."""
+    accumulate: int = Field(default=1, gt=0)
+    """Micro-batches of ``batch_size`` per optimiser step: their gradients are summed with
+    each loss divided by the group's size, which equals one step on the larger batch for
+    weightings linear in the losses (the only ones allowed with it; BatchNorm still sees
+    micro-batches). ``max_steps_per_epoch`` counts micro-batches."""
+    clip_norm: float | None = Field(default=None, gt=0.0)
+    """Clip the global L2 norm of all trained gradients to this before each step (after the
+    fp16 unscale and the torchrun average); None = no clipping."""
+    max_steps_per_epoch: int | None = Field(default=None, gt=0)
+    """Cap on iterations per epoch (smoke tests and equal-budget comparisons)."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes (0 = load in the training process)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    deterministic: bool = True
+    """Deterministic kernels (bitwise-reproducible on CPU; may be slower on GPU)."""
+    progress: bool = True
+    """tqdm bars for the steps of each epoch when stderr is a terminal (the per-epoch line is
+    printed either way)."""
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    """Autocast the forward pass and losses: bf16 (CUDA; also CPU), or fp16 with a dynamic
+    GradScaler (only with weightings linear in the losses: uniform, dwa). Predictions and
+    task activations are kept in fp32, so losses, normalisations and metrics stay fp32."""
+    channels_last: bool = False
+    """NHWC memory format for the model, its inputs and the method's networks (faster
+    convolutions with bf16/fp16 on tensor-core GPUs)."""
+    compile: bool = False
+    """``torch.compile`` the model's forward (in place: checkpoint keys are unchanged). The
+    first steps are slow while it compiles; needs a C++ compiler on CPU."""
+    fused_optimizer: bool = True
+    """Fused Adam/SGD kernels when training on CUDA (ignored on CPU)."""
+    sync_bn: bool = False
+    """Under torchrun: BatchNorm statistics over the global batch instead of each process's
+    share (torch's SyncBatchNorm on CUDA, an all-reduce BatchNorm on CPU/gloo)."""
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare ``off`` (``train.amp=off``) as the boolean false.
+        return "off" if value is False else value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or value.startswith("cuda:"):
+            return value
+        raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
+
+
+class MethodVariant(Section):
+    method: str
+    """A registered method name."""
+    options: dict[str, Any] = {}
+    weighting: str | None = None
+    """Loss-weighting strategy of this variant; None keeps ``method.weighting``."""
+    weighting_options: dict[str, Any] | None = None
+    """Its options; None keeps the base options if the strategy is the base one, else {}."""
+    weighting_gradients: WeightingGradients | None = None
+    """Its ``method.weighting_gradients``; None keeps the base one if the strategy is the
+    base one, else the strategy's default."""
+
+
+class CompareConfig(Section):
+    methods: list[str] = ["stl", "sl"]
+    """Method names or names of ``variants``."""
+    regimes: list[str] = ["onelabel"]
+    """Regime names; ``ratio:9:1`` is the ratio regime with those weights."""
+    seeds: list[int] = [0]
+    """Seeds of each cell: three or more for a table that can draw a conclusion."""
+    baseline: str = "stl"
+    """Method (or variant) whose runs of the same set-up and seed are the reference of the
+    paired Delta_m."""
+    variants: dict[str, MethodVariant] = {}
+    """Named method + options, e.g. ``xtc_nocond: {method: xtc, options: {conditioned:
+    false}}``. A variant named like a method sets that method's options in the grid."""
+    extra_cells: list[str] = []
+    """Cells outside the grid as ``method@regime``, e.g. ``sl@full`` (paper tables' "SL
+    (full labels)" row)."""
+    delta_metrics: list[str] | None = None
+    """``task/metric`` keys that Delta_m (and the tables' columns) use, e.g. ``[semantic/miou,
+    depth/rmse]`` as in SemiMTL; None = each task's primary metric."""
+    contrasts: list[str] = []
+    """More paired comparisons than against the baseline, as ``a:b`` (method or variant
+    names): e.g. ``[xtc:sl]`` adds a verdict on XTC's Delta_m against SL, seed by seed."""
+    weightings: list[str] = []
+    """Loss weightings to sweep: every method of the grid but the baseline runs once per
+    weighting, in a cell named ``method+weighting`` (e.g. ``sl+pcgrad``); ``all`` = every
+    registered one; empty = each method's own."""
+
+    @field_validator("contrasts")
+    @classmethod
+    def _pairs(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if len(v.split(":")) != 2 or not all(v.split(":"))]
+        if bad:
+            raise ValueError(f"{bad} must each look like a:b (e.g. xtc:sl)")
+        return value
+
+
+class Config(Section):
+    name: str = "run"
+    """Run name: the run folder is ``output_dir/name`` (made unique) unless --run-dir."""
+    label: str | None = None
+    """How tables name this run; ``compare`` sets the grid cell's method or variant name.
+    None = ``method.name``."""
+    seed: int = 0
+    """Seed of weights, data order and (unless labels.seed) the label split."""
+    output_dir: str = "runs"
+    """Parent folder of run folders."""
+    dataset: DatasetConfig = DatasetConfig()
+    labels: LabelsConfig = LabelsConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    compare: CompareConfig = CompareConfig()
+
+    @model_validator(mode="after")
+    def _finite_options(self) -> Config:
+        """Free-form option mappings (method, weighting, model, dataset) hold no NaN/inf."""
+        for section, key in (("dataset", "options"), ("model", "options"),
+                             ("method", "options"), ("method", "weighting_options")):
+            where = _nonfinite_path(getattr(getattr(self, section), key), f"{section}.{key}")
+            if where:
+                raise ValueError(f"{where}: must be a finite number (NaN and inf are refused)")
+        return self
+
+
+def _nonfinite_path(value: Any, where: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for path, v in items if (found := _nonfinite_path(v, path))), None)
+
+
+def preset_names() -> list[str]:
+    names = (p.name for p in resources.files("mtpsl.presets").iterdir())
+    return sorted(n.removesuffix(".yaml") for n in names if n.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict:
+    path = Path(source)
+    if not path.exists():
+        if source in preset_names():
+            path = Path(str(resources.files("mtpsl.presets") / f"{source}.yaml"))
+        else:
+            raise ConfigError(
+                f"config {source} is neither a file nor a preset; presets: {preset_names()}"
+            )
+    try:
+        data = parse_yaml(path.read_text(encoding="utf-8"), f"config {path}") or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path} is not UTF-8 text: {err.reason} at byte "
+                          f"{err.start}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path} is a folder, not a YAML file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a mapping at the top level")
+    return data
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` whose failures are one ConfigError naming ``what``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {err}") from None
+    except RecursionError:  # pathological nesting ("[[[[..."): the parser recurses per level
+        raise ConfigError(f"{what} is nested too deeply to be a config") from None
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (numbers, lists...)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} must look like key.subkey=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+    node[leaf] = parse_yaml(raw, f"override {assignment!r}: the value") if raw else None
+
+
+def build_config(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}:\n" + _explain(err)) from None
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML file or preset (or the defaults), apply overrides, validate."""
+    data = _read_yaml(source) if source else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return build_config(data, source or "config")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    write_text(path, yaml.safe_dump(config.model_dump(), sort_keys=False))
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_at(e["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"  {loc}: unknown key; allowed: {allowed}")
+        elif not loc:  # a whole-config check: its message names the key itself
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+

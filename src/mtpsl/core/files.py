@@ -1,0 +1,74 @@
+"""Files that survive a kill: written to a temp file, fsynced, then renamed into place.
+
+A kill mid-write leaves the previous file intact plus a partial ``.NAME.XXXXXXXX.tmp`` beside
+it; the next :func:`atomic_write` of the same path removes such leftovers before writing (only
+one process writes a run folder at a time: :mod:`mtpsl.core.rundir` holds its lock). Every file gets
+the permissions an ordinary ``open()`` would give it (0666 less the umask), not the 0600 of a
+temp file. No torch here: config and run-folder code import this before anything heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from mtpsl.core.faults import fault_point
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()
+
+
+def _temp_pattern(path: Path) -> re.Pattern:
+    # exactly what mkstemp(prefix=".NAME.", suffix=".tmp") makes: 8 chars of [a-z0-9_]
+    return re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+
+
+def stale_temps(path: str | Path) -> list[Path]:
+    """Temp files a killed :func:`atomic_write` of ``path`` left behind."""
+    path = Path(path)
+    pattern = _temp_pattern(path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path`` and rename it into place.
+
+    Leftover temp files of an earlier, killed write of the same path are removed first. On
+    any failure (a full disk included) the temp file is removed and ``path`` is unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temps(path):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            fault_point(f"write:{path.name}")
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
