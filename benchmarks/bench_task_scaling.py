@@ -29,7 +29,7 @@ from bench_train import batch_for, build_run, device_name, peak_memory, sync, tr
 
 from mtpsl.core.config import load_config
 from mtpsl.data.batch import Batch
-from mtpsl.models import shared_parameters
+from mtpsl.engine.step import TrainStep
 from mtpsl.tasks import Task, build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,26 +73,25 @@ def measure_one(method: str, task_set: str, regime: str, args) -> dict:
                                 *([f"method.options.ae_width={args.width_mult}"]
                                   if method == "jtr" else [])])
     tasks = tasks_of(task_set)
-    exp, run = build_run(config, tasks, device)
-    batch = batch_for(tasks, exp.method.n_views, args, regime).to(device)
-    seconds, peak = timed_steps(exp, run, batch, args, f"{method} on {task_set}")
-    method_params = sum(p.numel() for p in exp.method.parameters())
+    step = build_run(config, tasks, device)
+    batch = batch_for(tasks, step.exp.method.n_views, args, regime).to(device)
+    seconds, peak = timed_steps(step, batch, args, f"{method} on {task_set}")
+    method_params = sum(p.numel() for p in step.exp.method.parameters())
     return {"s_per_step": seconds, "peak_gib": peak, "method_parameters": method_params}
 
 
-def timed_steps(exp, run, batch: Batch, args, what: str) -> tuple[float, float]:
+def timed_steps(step: TrainStep, batch: Batch, args, what: str) -> tuple[float, float]:
     """Seconds per training step after ``args.warmup`` steps, over ``args.steps``, and the peak
     memory in GiB (GPU allocations on CUDA, the process's resident set on CPU)."""
-    device = run.device
-    shared = shared_parameters(exp.model)
-    exp.model.train()
-    exp.method.train()
+    device = step.device
+    step.exp.model.train()
+    step.exp.method.train()
     for _ in range(args.warmup):
-        train_step(exp, run, batch, shared)
+        train_step(step, batch)
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        loss = train_step(exp, run, batch, shared)
+        loss = train_step(step, batch)
     sync(device)
     seconds = (time.perf_counter() - start) / args.steps
     assert torch.isfinite(loss), f"{what} diverged"

@@ -35,9 +35,9 @@ from mtpsl.engine.build import (
     seed_everything,
     weighting_for,
 )
-from mtpsl.engine.run import _forward_backward, _Step, after_optimiser_step, prepare_training
+from mtpsl.engine.callbacks.hooks import method_after_step, weighting_after_step
 from mtpsl.engine.speed import to_channels_last
-from mtpsl.models import shared_parameters
+from mtpsl.engine.step import TrainStep, prepare_training
 from mtpsl.tasks import Task, build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -138,22 +138,24 @@ def identity_augmentation(batch: int) -> dict[str, torch.Tensor]:
             "flip": torch.zeros(batch, dtype=torch.bool)}
 
 
-def build_run(config, tasks: dict, device: torch.device) -> tuple[Experiment, _Step]:
+def build_run(config, tasks: dict, device: torch.device) -> TrainStep:
     seed_everything(0, False)
     method = method_for(config, tasks)
     model = build_model_for(config, tasks, method)
     method.attach(model)
     weighting = weighting_for(config, tuple(tasks))
     exp = Experiment(config, tasks, None, None, None, None, model, method, weighting)
-    return exp, prepare_training(exp, DistEnv(), device)
+    return prepare_training(exp, DistEnv(), device)
 
 
-def train_step(exp: Experiment, run: _Step, batch: Batch, shared) -> torch.Tensor:
-    """The loop body of mtpsl.engine.run._train_epoch (single process, no divergence check)."""
-    terms = _forward_backward(exp, batch, run, shared)
-    run.optim.unscale(run.scaler)
-    run.optim.step(run.scaler)
-    after_optimiser_step(exp, batch, run)
+def train_step(step: TrainStep, batch: Batch) -> torch.Tensor:
+    """The loop's step (mtpsl.engine.trainer.Trainer.train_steps) in one process, without
+    the divergence check: forward/backward, unscale, update, the after-step hooks."""
+    terms = step.forward_backward(batch)
+    step.reduce_gradients()
+    step.update()
+    method_after_step(step)
+    weighting_after_step(step, batch)
     return terms["total"]
 
 
@@ -164,23 +166,23 @@ def sync(device: torch.device) -> None:
 
 def measure(config, args, device: torch.device) -> dict:
     tasks = nyuv2_tasks()
-    exp, run = build_run(config, tasks, device)
+    step = build_run(config, tasks, device)
+    exp = step.exp
     batch = batch_for(tasks, exp.method.n_views, args, args.regime).to(device)
     batch = to_channels_last(batch, config.train.channels_last)
-    shared = shared_parameters(exp.model)
     exp.model.train()
     exp.method.train()
     for _ in range(args.warmup):
-        train_step(exp, run, batch, shared)
+        train_step(step, batch)
     with FlopCounterMode(display=False) as counter:
-        train_step(exp, run, batch, shared)
+        train_step(step, batch)
     flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        loss = train_step(exp, run, batch, shared)
+        loss = train_step(step, batch)
     sync(device)
     seconds = (time.perf_counter() - start) / args.steps
     assert torch.isfinite(loss), "the benchmark step diverged"

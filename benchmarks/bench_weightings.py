@@ -76,9 +76,10 @@ def measure_one(weighting: str, args) -> dict:
                                 "train.deterministic=false",
                                 *([f"method.weighting_gradients={form}"] if form else [])])
     tasks = tasks_of(TASKS)
-    exp, run = build_run(config, tasks, device)
+    step = build_run(config, tasks, device)
+    exp = step.exp
     batch = batch_for(tasks, exp.method.n_views, args, "full").to(device)
-    seconds, peak = timed_steps(exp, run, batch, args, weighting)
+    seconds, peak = timed_steps(step, batch, args, weighting)
     return {"s_per_step": seconds, "peak_gib": peak,
             "linear_in_losses": WEIGHTINGS.get(name).linear_in_losses,
             "gradients": exp.weighting.gradients,

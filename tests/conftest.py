@@ -37,8 +37,8 @@ def load_benchmark(name: str):
 
 
 def representation_of(weighting, z) -> dict:
-    """The ``representation=`` keyword of ``weighting.backward`` when the strategy works on
-    the shared representation (``method.weighting_gradients``), as the trainer passes it."""
+    """The ``representation=`` keyword of ``GradientContext`` when the strategy works on the
+    shared representation (``method.weighting_gradients``), as the trainer fills it."""
     return {"representation": z} if weighting.gradients == "representation" else {}
 
 

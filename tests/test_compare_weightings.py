@@ -13,7 +13,7 @@ from mtpsl.cli import main
 from mtpsl.core.config import load_config
 from mtpsl.engine.build import build_experiment, train_loader
 from mtpsl.models import shared_parameters
-from mtpsl.weighting import WEIGHTINGS, build_weighting
+from mtpsl.weighting import WEIGHTINGS, GradientContext, build_weighting
 
 from conftest import make_layout, representation_of
 
@@ -99,8 +99,9 @@ def test_every_weighting_takes_a_training_step_of_the_preset(batch_of, method, w
     optimiser.zero_grad()
     losses, out = exp.method.compute(exp.model, batch)
     extra = sum(losses.extra.values(), torch.zeros(()))
-    total = strategy.backward(dict(losses.tasks), extra, shared, batch.labelled.any(0),
+    context = GradientContext(batch.labelled.any(0), shared,
                               **representation_of(strategy, out.features["shared"]))
+    total = strategy.backward(dict(losses.tasks), extra, context)
     assert torch.isfinite(total)
     assert all(torch.isfinite(p.grad).all() for p in shared if p.grad is not None)
     optimiser.step()
@@ -110,11 +111,10 @@ def test_every_weighting_takes_a_training_step_of_the_preset(batch_of, method, w
 
 
 def test_the_pass_after_the_step_changes_no_statistics(batch_of):
-    """FAMO's second look at the batch (train._losses_after_step) runs the method in training
-    mode but leaves every BatchNorm statistic of the model and the method as it was."""
-    from types import SimpleNamespace
-
-    from mtpsl.engine.run import _losses_after_step
+    """FAMO's second look at the batch (TrainStep.losses_after_step) runs the method in
+    training mode but leaves every BatchNorm statistic of the model and the method as it was."""
+    from mtpsl.core.distributed import DistEnv
+    from mtpsl.engine.step import TrainStep, build_optimisation
 
     _, exp, batch = batch_of["xtc"]
     exp.model.train()
@@ -125,7 +125,8 @@ def test_the_pass_after_the_step_changes_no_statistics(batch_of):
                 **{f"method.{k}": v.clone() for k, v in exp.method.state_dict().items()}}
 
     before = state()
-    losses, present = _losses_after_step(exp, batch, SimpleNamespace(device=torch.device("cpu")))
+    step = TrainStep(exp, build_optimisation(exp), torch.device("cpu"), DistEnv())
+    losses, present = step.losses_after_step(batch)
     assert set(losses) == set(exp.tasks) and all(torch.isfinite(v) for v in losses.values())
     assert torch.equal(present, batch.labelled.any(0))
     after = state()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mtpsl.core.distributed import DistEnv, allreduce_gradients, any_over_ranks
-from mtpsl.weighting import WEIGHTINGS, build_weighting
+from mtpsl.weighting import WEIGHTINGS, GradientContext, build_weighting
 
 from conftest import representation_of
 
@@ -63,8 +63,9 @@ def _trajectory(name: str, images: list[int], env: DistEnv) -> list[list[float]]
             p.grad = None
         losses = task_losses()
         present = any_over_ranks(mask.any(0))
-        strategy.backward(losses, torch.zeros((), dtype=torch.float64), [theta], present,
-                          **representation_of(strategy, representation))
+        context = GradientContext(present, [theta],
+                                  **representation_of(strategy, representation))
+        strategy.backward(losses, torch.zeros((), dtype=torch.float64), context)
         allreduce_gradients(params, env)
         with torch.no_grad():
             for p in params:

@@ -7,10 +7,11 @@ the checkpoint. Then ``mtpsl train --resume`` is run until the run completes, an
 checkpoint, metrics.jsonl, metrics.csv, final_metrics.json and the TensorBoard scalars must
 equal those of one uninterrupted run bitwise (CPU, one thread).
 
-Guards: train._run_epoch / _save_preempted (mid-epoch checkpoints), sampling.ResumableSampler
-(the sampler position), experiment.train_loader's own generator (the RNG stream), train.
-_tensorboard (no duplicate points), History.load (rows after the checkpoint dropped),
-files.atomic_write (a kill or ENOSPC mid-write keeps the old file).
+Guards: engine.trainer.Trainer and the Preemption / Checkpointing callbacks (mid-epoch
+checkpoints), sampling.ResumableSampler (the sampler position), engine.build.train_loader's own
+generator (the RNG stream), the TensorBoard callback (no duplicate points), History.load (rows
+after the checkpoint dropped), files.atomic_write (a kill or ENOSPC mid-write keeps the old
+file).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtpsl.weighting import build_weighting
+from mtpsl.weighting import GradientContext, build_weighting
 
 NAMES = ("a", "b", "c")
 
@@ -23,8 +23,8 @@ def _run(present):
     for k, n in enumerate(NAMES):
         if not present[k]:
             losses[n] = losses[n] * 0.0  # absent: an exact 0
-    total = build_weighting("gls", NAMES).backward(losses, torch.zeros(()), [shared],
-                                                   torch.tensor(present))
+    total = build_weighting("gls", NAMES).backward(
+        losses, torch.zeros(()), GradientContext(torch.tensor(present), [shared]))
     return total, shared, targets, values
 
 

@@ -23,10 +23,10 @@ from torch import nn
 from mtpsl.cli import main
 from mtpsl.core.distributed import DistEnv
 from mtpsl.core.errors import ConfigError
-from mtpsl.engine.run import _gramian_engine
+from mtpsl.engine.step import gramian_engine
 from mtpsl.models import HeadSpec, PerTaskModels, build_model, shared_parameters
 from mtpsl.models.encoders import EncoderSpec
-from mtpsl.weighting import WEIGHTINGS, build_weighting
+from mtpsl.weighting import WEIGHTINGS, GradientContext, build_weighting
 from mtpsl.weighting.gradient import flat_grad
 from mtpsl.weighting.gramian import SharedGramian, owning_layers
 from test_rep_grad import NAMES, TASKS, _losses, _problem
@@ -75,9 +75,10 @@ def test_every_gram_strategy_updates_as_on_the_parameters(name, present):
         strategy = build_weighting(name, NAMES, _options(name), gradients).double()
         model, image, targets = _problem()
         shared = shared_parameters(model)
-        where = {"gramian": SharedGramian(model, shared)} if gradients == "gramian" else {}
+        gramian = SharedGramian(model, shared) if gradients == "gramian" else None
         losses, _ = _losses(model, image, targets, present)
-        strategy.backward(losses, ZERO, shared, torch.tensor(present), **where)
+        strategy.backward(losses, ZERO, GradientContext(torch.tensor(present), shared,
+                                                        gramian=gramian))
         outcome[gradients] = (_grads(model), strategy.state_dict())
     for got, want in zip(*(outcome[g][0] for g in ("gramian", "parameters")), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
@@ -92,15 +93,17 @@ def test_a_step_without_tasks_leaves_no_count_behind():
     gramian = SharedGramian(model, shared)
     strategy = build_weighting("mgda", NAMES, None, "gramian").double()
     losses, _ = _losses(model, image, targets, (False, False, False))
-    strategy.backward(losses, ZERO, shared, torch.tensor([False] * 3), gramian=gramian)
+    strategy.backward(losses, ZERO, GradientContext(torch.tensor([False] * 3), shared,
+                                                    gramian=gramian))
     model.zero_grad()
     losses, _ = _losses(model, image, targets, (True, True, True))
-    strategy.backward(losses, ZERO, shared, torch.tensor([True] * 3), gramian=gramian)
+    strategy.backward(losses, ZERO, GradientContext(torch.tensor([True] * 3), shared,
+                                                    gramian=gramian))
     got = _grads(model)
     twin = build_weighting("mgda", NAMES).double()
     model.zero_grad()
     losses, _ = _losses(model, image, targets, (True, True, True))
-    twin.backward(losses, ZERO, shared, torch.tensor([True] * 3))
+    twin.backward(losses, ZERO, GradientContext(torch.tensor([True] * 3), shared))
     for g, w in zip(got, _grads(model), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
 
@@ -140,13 +143,13 @@ def test_torchrun_compile_and_models_without_shared_parameters_are_refused():
                                config=SimpleNamespace(train=SimpleNamespace(compile=compile_)))
 
     with pytest.raises(ConfigError, match="torchrun"):
-        _gramian_engine(exp(), DistEnv(rank=0, world=2))
+        gramian_engine(exp(), DistEnv(rank=0, world=2))
     with pytest.raises(ConfigError, match=r"train\.compile"):
-        _gramian_engine(exp(compile_=True), DistEnv())
-    assert isinstance(_gramian_engine(exp(), DistEnv()), SharedGramian)
+        gramian_engine(exp(compile_=True), DistEnv())
+    assert isinstance(gramian_engine(exp(), DistEnv()), SharedGramian)
     stl = PerTaskModels({n: build_model("segnet", {n: h}, width=0.0625) for n, h in heads.items()})
     with pytest.raises(ConfigError, match="needs shared parameters; PerTaskModels has none"):
-        _gramian_engine(exp(net=stl), DistEnv())
+        gramian_engine(exp(net=stl), DistEnv())
     for name in ("uniform", "graddrop", "mgda_ub"):
         with pytest.raises(ConfigError, match=r"method\.weighting_gradients"):
             build_weighting(name, NAMES, None, "gramian")

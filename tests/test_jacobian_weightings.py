@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import minimize
 
 from mtpsl.core.errors import ConfigError
-from mtpsl.weighting import build_weighting
+from mtpsl.weighting import GradientContext, build_weighting
 
 pytest.importorskip("torchjd")
 K, P = 3, 6
@@ -87,8 +87,8 @@ def test_an_absent_task_leaves_the_strategy_on_the_present_tasks(name):
                   if n in names}
         if "b" in names and not present[1]:
             losses["b"] = losses["b"] * 0.0
-        build_weighting(name, names).backward(losses, torch.zeros(()), [shared],
-                                              torch.tensor(present))
+        build_weighting(name, names).backward(
+            losses, torch.zeros(()), GradientContext(torch.tensor(present), [shared]))
         return shared.grad
 
     partial = shared_grad(("a", "b", "c"), [True, False, True])

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from mtpsl.cli import main
-from mtpsl.engine import run as train_module
+from mtpsl.engine.callbacks import divergence
 from mtpsl.methods.supervised import SupervisedMultiTask
 
 from conftest import make_layout
 
-STEPS = 12  # per epoch: more than train.CHECK_EVERY, so a bad step can fall between checks
+STEPS = 12  # per epoch: more than CHECK_EVERY, so a bad step can fall between checks
 ARGS = ["model.width=0.0625", "train.epochs=3", "train.batch_size=2", "train.eval_every=100",
         "train.checkpoint_every=1", "train.progress=false", "train.device=cpu",
         "optim.lr=1e-3"]
@@ -82,7 +82,7 @@ def test_divergence_stops_the_run_and_names_step_and_term(
     assert expect in line
     assert not any(word in line for word in absent)
     # the run stopped at the first check after the bad step: never reached epoch 3
-    assert seen["calls"] <= STEPS + min(step_in_epoch + train_module.CHECK_EVERY, STEPS)
+    assert seen["calls"] <= STEPS + min(step_in_epoch + divergence.CHECK_EVERY, STEPS)
     # the epoch-1 checkpoint is untouched, byte for byte, and nothing later was recorded
     assert (run / "checkpoint.pt").read_bytes() == seen["checkpoint"]
     rows = (run / "metrics.jsonl").read_text().splitlines()
@@ -92,8 +92,8 @@ def test_divergence_stops_the_run_and_names_step_and_term(
 
 def test_a_clean_run_is_not_flagged_and_check_is_not_per_step(root, tmp_path, monkeypatch):
     checks = []
-    original = train_module._check_finite
-    monkeypatch.setattr(train_module, "_check_finite",
+    original = divergence.check_finite
+    monkeypatch.setattr(divergence, "check_finite",
                         lambda *a: checks.append(a[1]) or original(*a))
     assert main(["train", "--run-dir", str(tmp_path / "ok"), f"dataset.root={root}", *ARGS,
                  "train.epochs=1"]) == 0
@@ -101,7 +101,7 @@ def test_a_clean_run_is_not_flagged_and_check_is_not_per_step(root, tmp_path, mo
 
 
 def test_watch_records_only_the_first_bad_step():
-    watch = train_module._DivergenceWatch("cpu")
+    watch = divergence._Flags("cpu")
     ok, nan = torch.tensor(1.0), torch.tensor(float("nan"))
     grad = [torch.ones(3)]
     watch.update(0, {"total": ok, "a": ok, "b": ok}, grad)
@@ -109,6 +109,6 @@ def test_watch_records_only_the_first_bad_step():
     watch.update(1, {"total": nan, "a": ok, "b": nan}, grad)
     watch.update(2, {"total": nan, "a": nan, "b": nan}, [torch.full((2,), float("inf"))])
     assert watch.report() == (1, ["total", "b"])
-    with pytest.raises(train_module.NonFiniteLossError, match=r"epoch 5, step 2 of 9: "
+    with pytest.raises(divergence.NonFiniteLossError, match=r"epoch 5, step 2 of 9: "
                        r"non-finite loss \(b\); stopped"):
-        train_module._check_finite(watch, 4, 9)
+        divergence.check_finite(watch, 4, 9)

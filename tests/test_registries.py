@@ -1,11 +1,18 @@
 """Every registered entry of every registry keeps its contract on tiny CPU inputs (in the manner
 of smp's BaseModelTester and timm's per-model tests): a new task, model, encoder, method,
-weighting or metric file is covered here without writing a test for the contract itself."""
+weighting or metric file is covered here without writing a test for the contract itself.
+
+No entry is named here: the tests parametrise over the registries, and an entry that needs
+construction arguments to be small gives them itself through its contract's hook
+(``Task.contract_options``, ``Metric.contract_task``, ``Encoder.contract_spec``,
+``Method.contract_options``); ``tests/test_extending.py`` checks that a new file is picked up
+and that a broken one fails here."""
 
 from __future__ import annotations
 
 import inspect
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -20,15 +27,18 @@ from mtpsl.data.transforms import build_train_transform
 from mtpsl.methods import METHODS, build_method
 from mtpsl.metrics import METRICS
 from mtpsl.models import MODELS, HeadSpec, MultiTaskModel, build_model, shared_parameters
-from mtpsl.models.encoders import ENCODERS, EncoderSpec, build_encoder
+from mtpsl.models.encoders import ENCODERS, Encoder, EncoderSpec, build_encoder
 from mtpsl.tasks import TASKS, Task, build_task
-from mtpsl.weighting import WEIGHTINGS, build_weighting
+from mtpsl.weighting import WEIGHTINGS, GradientContext, build_weighting
 
 from conftest import NYU_HEADS, make_layout, representation_of
 
 H, W = 64, 96
-ENCODER_SPECS = {"resnet": EncoderSpec(depth=18, output_stride=16),
-                 "timm": EncoderSpec(name="timm", arch="convnext_atto", output_stride=32)}
+
+
+def _task(kind: str, **options) -> Task:
+    """A small instance of a registered task type (its ``contract_options``, then ``options``)."""
+    return build_task(kind, "t", **{**TASKS.get(kind).contract_options, **options})
 
 
 def _label_like(task: Task, b: int = 2) -> torch.Tensor:
@@ -42,7 +52,7 @@ def _label_like(task: Task, b: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", TASKS.names())
 def test_task_contract(kind, tmp_path):
-    task = build_task(kind, "t")
+    task = _task(kind)
     raw = torch.randn(2, task.out_channels, H, W, requires_grad=True)
     pred = task.activate(raw)
     target = _label_like(task)
@@ -74,7 +84,7 @@ def test_task_contract(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", TASKS.names())
 def test_metric_of_every_task_type(kind):
-    task = build_task(kind, "t")
+    task = _task(kind)
     metric = METRICS.get(task.metric)(**task.metric_kwargs())
     target = _label_like(task)
     metric.update(task.activate(torch.randn(2, task.out_channels, H, W)), target)
@@ -83,12 +93,57 @@ def test_metric_of_every_task_type(kind):
     assert all(isinstance(v, float) for v in result.values())
 
 
+def _task_scored_by(name: str) -> Task:
+    """The task whose predictions and labels metric ``name`` is checked on: its
+    ``contract_task``, else the task type whose ``metric`` names it."""
+    declared = METRICS.get(name).contract_task
+    if declared is not None:
+        return _task(declared[0], **declared[1])
+    kinds = [k for k in TASKS.names() if TASKS.get(k).metric == name]
+    assert kinds, (f"metric {name!r}: no task type names it as its metric; set its "
+                   f"contract_task to the task type (and options) it scores")
+    return _task(kinds[0])
+
+
+@pytest.mark.parametrize("name", METRICS.names())
+def test_metric_contract(name):
+    """Every metric, also those no task type uses by default: float results with every
+    declared key, and accumulators that combine by a sum (what ``all_reduce(SUM)`` does across
+    processes): two halves summed score as the whole set."""
+    task = _task_scored_by(name)
+    cls = METRICS.get(name)
+    raw = torch.randn(4, task.out_channels, H, W, generator=torch.Generator().manual_seed(1))
+    pred, target = task.activate(raw), _label_like(task, b=4)
+    whole = cls(**task.metric_kwargs())
+    whole.update(pred, target)
+    result = whole.compute()
+    assert set(cls.higher_is_better) <= set(result)
+    assert all(isinstance(v, float) for v in result.values())
+    first, second = cls(**task.metric_kwargs()), cls(**task.metric_kwargs())
+    first.update(pred[:2], target[:2])
+    second.update(pred[2:], target[2:])
+    for mine, other in zip(first.state_tensors(), second.state_tensors(), strict=True):
+        mine.add_(other)
+    assert first.compute() == pytest.approx(result, rel=1e-9, abs=1e-12, nan_ok=True)
+
+
 # --- encoders and models --------------------------------------------------------------------
+
+
+def _encoder_spec(name: str) -> EncoderSpec:
+    """The encoder's own small spec: ``contract_spec`` of the class its builder returns."""
+    try:
+        cls = typing.get_type_hints(ENCODERS.get(name)).get("return")
+    except NameError:  # an annotation that names what its module only imports to type-check
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+        cls = Encoder
+    return cls.contract_spec(name)
 
 
 @pytest.mark.parametrize("name", ENCODERS.names())
 def test_encoder_contract(name):
-    enc = build_encoder(ENCODER_SPECS[name])
+    enc = build_encoder(_encoder_spec(name))
     maps = enc(torch.zeros(1, 3, H + 1, W - 1))
     assert [m.shape[1] for m in maps] == list(enc.channels)
     assert len(enc.reductions) == len(maps)
@@ -129,14 +184,9 @@ def root(tmp_path_factory):
     return make_layout(tmp_path_factory.mktemp("data"), n=4, h=H, w=W)
 
 
-TINY_OPTIONS = {"direct_map": {"mapping_width": 0.0625},
-                "perceptual_map": {"mapping_width": 0.0625}}
-"""Options that only shrink a method's own networks (their defaults are paper-sized)."""
-
-
 def _method_and_data(name, root):
     layout = DATASETS.get("nyuv2")(root, "train")
-    options = TINY_OPTIONS.get(name, {})
+    options = METHODS.get(name).contract_options
     try:
         return build_method(name, layout.tasks, options), layout
     except ConfigError:  # e.g. xtask: exactly one segmentation and one depth task
@@ -191,8 +241,8 @@ def test_weighting_contract(name):
               enumerate(zip(names, heads, strict=True))}
     present = torch.tensor([True, False, True])
     losses["b"] = losses["b"] * 0.0  # absent: an exact 0
-    total = weighting.backward(losses, torch.zeros(()), [shared], present,
-                               **representation_of(weighting, z))
+    total = weighting.backward(losses, torch.zeros(()), GradientContext(
+        present, [shared], **representation_of(weighting, z)))
     assert math.isfinite(float(total))
     assert shared.grad is not None and torch.isfinite(shared.grad).all()
     assert heads[1].grad is None or not heads[1].grad.any()  # the absent task moves nothing
@@ -230,8 +280,9 @@ class _ToyProblem:
                                                        strict=True) if p}
         flags = torch.tensor(present)
         total = self.weighting.backward(losses, torch.zeros((), dtype=torch.float64),
-                                        [self.theta], flags,
-                                        **representation_of(self.weighting, self.z))
+                                        GradientContext(flags, [self.theta],
+                                                        **representation_of(self.weighting,
+                                                                            self.z)))
         with torch.no_grad():
             for p in (self.theta, self.heads):
                 if p.grad is not None:

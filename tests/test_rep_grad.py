@@ -21,7 +21,7 @@ from mtpsl.cli import main
 from mtpsl.core.errors import ConfigError
 from mtpsl.models import build_model, shared_parameters
 from mtpsl.tasks import build_task
-from mtpsl.weighting import WEIGHTINGS, build_weighting
+from mtpsl.weighting import WEIGHTINGS, GradientContext, build_weighting
 
 from conftest import make_layout
 
@@ -66,8 +66,8 @@ def test_the_shared_update_is_alpha_from_representation_gradients(name, present)
     indices = [i for i, f in enumerate(present) if f]
 
     losses, z = _losses(model, image, targets, present)
-    strategy.backward(losses, torch.zeros((), dtype=torch.float64), shared, flags,
-                      representation=z)
+    strategy.backward(losses, torch.zeros((), dtype=torch.float64),
+                      GradientContext(flags, shared, representation=z))
     got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
            for p in model.parameters()]
 
@@ -102,8 +102,9 @@ def test_mgda_ub_takes_the_two_task_min_norm_point_of_the_representation_gradien
                                list(model.parameters()), retain_graph=True, allow_unused=True)
     strategy = build_weighting("mgda_ub", NAMES)
     assert strategy.gradients == "representation"
-    strategy.backward(losses, torch.zeros((), dtype=torch.float64), shared_parameters(model),
-                      torch.tensor(present), representation=z)
+    strategy.backward(losses, torch.zeros((), dtype=torch.float64),
+                      GradientContext(torch.tensor(present), shared_parameters(model),
+                                      representation=z))
     for p, w in zip(model.parameters(), want, strict=True):
         w = torch.zeros_like(p) if w is None else w
         g = torch.zeros_like(p) if p.grad is None else p.grad

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtpsl.cli import main
-from mtpsl.weighting import build_weighting
+from mtpsl.weighting import GradientContext, build_weighting
 
 from conftest import make_layout
 
@@ -39,7 +39,7 @@ def test_gradient_is_the_softmax_weighted_sum_of_the_present_tasks(present):
     rlw = build_weighting("rlw", NAMES, {"seed": 7})
     for step in range(1, 4):  # the stream advances one draw of T values per step
         shared, targets, losses = _toy()
-        rlw.backward(losses, torch.zeros(()), [shared], present)
+        rlw.backward(losses, torch.zeros(()), GradientContext(present, [shared]))
         w = _expected_weights(7, step, present)
         by_hand = sum(w[k] * 2 * (shared.detach() - targets[k]) for k in range(3))
         torch.testing.assert_close(shared.grad, by_hand.float(), rtol=1e-5, atol=1e-6)
@@ -53,7 +53,8 @@ def test_the_stream_does_not_depend_on_presence_and_survives_a_state_dict():
     for _ in range(3):
         for weighting, mask in ((full, [True] * 3), (partial, [False, True, True])):
             shared, _, losses = _toy()
-            weighting.backward(losses, torch.zeros(()), [shared], torch.tensor(mask))
+            weighting.backward(losses, torch.zeros(()),
+                               GradientContext(torch.tensor(mask), [shared]))
     saved = partial.state_dict()
     resumed = build_weighting("rlw", NAMES)
     resumed.load_state_dict(saved)

@@ -168,9 +168,19 @@ def test_cli_fp16_uses_a_grad_scaler_and_rejects_nonlinear_weightings(root, tmp_
     _train(root, tmp_path / "fp16", "train.amp=fp16")
     state = load_checkpoint(tmp_path / "fp16" / "checkpoint.pt")
     assert state["scaler"]["scale"] > 0
-    speed.check_options(TrainConfig(amp="fp16"), torch.device("cpu"), "dwa")
+    _check_options("dwa", amp="fp16")
     with pytest.raises(ConfigError, match=r"train.amp: fp16.*'gradnorm'"):
-        speed.check_options(TrainConfig(amp="fp16"), torch.device("cpu"), "gradnorm")
+        _check_options("gradnorm", amp="fp16")
+
+
+def _check_options(weighting: str, **train) -> None:
+    """speed.check_options for a config with ``method.weighting`` and these train keys."""
+    from mtpsl.core.config import Config
+    from mtpsl.weighting import build_weighting
+
+    config = Config(train=TrainConfig(**train))
+    config.method.weighting = weighting
+    speed.check_options(config, torch.device("cpu"), build_weighting(weighting, ("a", "b")))
 
 
 def test_fp16_asks_each_weighting_whether_it_is_linear_in_the_losses(monkeypatch):
@@ -181,19 +191,17 @@ def test_fp16_asks_each_weighting_whether_it_is_linear_in_the_losses(monkeypatch
     declared = [n for n in WEIGHTINGS.names() if WEIGHTINGS.get(n).linear_in_losses]
     assert speed.linear_weightings() == declared
     assert {"dwa", "uniform"} <= set(declared) and not {"pcgrad", "mgda"} & set(declared)
-    cfg, cpu = TrainConfig(amp="fp16"), torch.device("cpu")
     with pytest.raises(ConfigError):
-        speed.check_options(cfg, cpu, "pcgrad")
+        _check_options("pcgrad", amp="fp16")
     monkeypatch.setattr(WEIGHTINGS.get("pcgrad"), "linear_in_losses", True)
-    speed.check_options(cfg, cpu, "pcgrad")
+    _check_options("pcgrad", amp="fp16")
 
 
 def test_fp16_loss_scaling_gives_the_unscaled_gradient(root, tmp_path):
     """The scaled losses handed to the weighting, unscaled afterwards, equal plain fp32."""
     from mtpsl.core.config import load_config
     from mtpsl.engine.build import build_experiment, train_loader
-    from mtpsl.engine.run import _forward_backward, _Step, build_optimisation
-    from mtpsl.models import shared_parameters
+    from mtpsl.engine.step import TrainStep, build_optimisation
 
     grads = {}
     for amp in ["off", "fp16"]:
@@ -203,9 +211,9 @@ def test_fp16_loss_scaling_gives_the_unscaled_gradient(root, tmp_path):
         exp.config.train.amp = "off"  # same fp32 forward: isolate the scaling
         optim = build_optimisation(exp)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if amp == "fp16" else None
-        run = _Step(optim, torch.device("cpu"), DistEnv(), scaler)
+        step = TrainStep(exp, optim, torch.device("cpu"), DistEnv(), scaler)
         batch = next(iter(train_loader(exp, torch.device("cpu"))))
-        terms = _forward_backward(exp, batch, run, shared_parameters(exp.model))
+        terms = step.forward_backward(batch)
         optim.unscale(scaler)
         grads[amp] = ([p.grad.clone() for p in exp.model.parameters()], terms["total"])
     for a, b in zip(*(grads[k][0] for k in ("off", "fp16")), strict=True):

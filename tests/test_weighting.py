@@ -17,6 +17,7 @@ from mtpsl.core.config import load_config
 from mtpsl.engine.checkpoint import load_checkpoint
 from mtpsl.weighting import (
     WEIGHTINGS,
+    GradientContext,
     build_weighting,
     cagrad_coefficients,
     cagrad_dual,
@@ -117,7 +118,8 @@ def _step(strategy, toy, names, present=None, extra=None):
     flags = torch.tensor([True] * len(names) if present is None else present)
     extra = torch.zeros((), dtype=torch.float64) if extra is None else extra
     toy.zero_grad(set_to_none=True)
-    return strategy.backward(toy.losses(names, flags.tolist()), extra, [toy.theta], flags)
+    return strategy.backward(toy.losses(names, flags.tolist()), extra,
+                             GradientContext(flags, [toy.theta]))
 
 
 def test_pcgrad_projects_two_conflicting_gradients():
@@ -240,7 +242,7 @@ def test_uncertainty_log_variance_converges_to_its_closed_form(regulariser, opti
     loss = torch.tensor(3.0)
     for _ in range(1500):
         opt.zero_grad()
-        strategy.backward({"a": loss}, torch.zeros(()), [], torch.tensor([True]))
+        strategy.backward({"a": loss}, torch.zeros(()), GradientContext(torch.tensor([True])))
         opt.step()
     assert strategy.log_vars[0].item() == pytest.approx(optimum, abs=1e-3)
 
@@ -252,7 +254,8 @@ def test_uncertainty_objective_value_and_gradients():
         strategy.log_vars[1].fill_(-1.0)
     la = torch.tensor(2.0, requires_grad=True)
     lb = torch.tensor(4.0, requires_grad=True)
-    total = strategy.backward({"a": la, "b": lb}, torch.tensor(1.0), [], torch.tensor([1, 1]) > 0)
+    total = strategy.backward({"a": la, "b": lb}, torch.tensor(1.0),
+                              GradientContext(torch.tensor([1, 1]) > 0))
     expected = 0.5 * math.exp(-0.5) * 2 + 0.25 + 0.5 * math.exp(1.0) * 4 - 0.5 + 1.0
     assert total.item() == pytest.approx(expected, rel=1e-6)
     assert la.grad.item() == pytest.approx(0.5 * math.exp(-0.5), rel=1e-6)
@@ -312,7 +315,7 @@ def test_gradnorm_step_matches_a_hand_written_implementation():
         strategy.weights[0].fill_(1.5)
         strategy.weights[1].fill_(0.5)
     # First step: records the initial losses (ratios are 1).
-    strategy.backward(model.losses(), torch.zeros(()), shared, present)
+    strategy.backward(model.losses(), torch.zeros(()), GradientContext(present, shared))
     initial = [v.item() for v in model.losses().values()]
     np.testing.assert_allclose(strategy.initial_losses.numpy(), initial)
     # Second step after a change to the model: compare with the reference.
@@ -321,7 +324,7 @@ def test_gradnorm_step_matches_a_hand_written_implementation():
     model.zero_grad()
     for p in strategy.weights:
         p.grad = None
-    strategy.backward(model.losses(), torch.zeros(()), shared, present)
+    strategy.backward(model.losses(), torch.zeros(()), GradientContext(present, shared))
     w_grad, (g_shared, g_heads) = _gradnorm_reference(model, [1.5, 0.5], initial, 0.5)
     np.testing.assert_allclose(
         [p.grad.item() for p in strategy.weights], w_grad.numpy(), rtol=1e-10
@@ -335,7 +338,7 @@ def test_gradnorm_step_matches_a_hand_written_implementation():
         strategy.weights[0].fill_(3.0)
         strategy.weights[1].fill_(1.0)
     np.testing.assert_allclose(strategy.current_weights().numpy(), [1.5, 0.5])
-    strategy.backward(model.losses(), torch.zeros(()), shared, present)
+    strategy.backward(model.losses(), torch.zeros(()), GradientContext(present, shared))
     np.testing.assert_allclose([p.item() for p in strategy.weights], [1.5, 0.5])
 
 
@@ -344,11 +347,13 @@ def test_gradnorm_first_observed_loss_waits_for_the_task():
     strategy = build_weighting("gradnorm", ["a", "b"]).double()
     losses = model.losses()
     losses["b"] = losses["b"] * 0.0
-    strategy.backward(losses, torch.zeros(()), [model.shared], torch.tensor([True, False]))
+    strategy.backward(losses, torch.zeros(()),
+                      GradientContext(torch.tensor([True, False]), [model.shared]))
     assert strategy.observed.tolist() == [True, False]
     assert strategy.weights[1].grad is None and strategy.weights[0].grad is not None
     model.zero_grad()
-    strategy.backward(model.losses(), torch.zeros(()), [model.shared], torch.tensor([True, True]))
+    strategy.backward(model.losses(), torch.zeros(()),
+                      GradientContext(torch.tensor([True, True]), [model.shared]))
     assert strategy.observed.tolist() == [True, True]
     assert strategy.initial_losses[1].item() == pytest.approx(model.losses()["b"].item())
 
@@ -375,7 +380,8 @@ def test_dwa_weights_follow_the_formula():
     expected = 3 * np.exp(r / 2) / np.exp(r / 2).sum()
     np.testing.assert_allclose(strategy.lambdas.numpy(), expected, rtol=1e-6)
     losses = {"a": torch.tensor(1.0), "b": torch.tensor(2.0), "c": torch.tensor(3.0)}
-    total = strategy.backward(losses, torch.zeros(()), [], torch.ones(3, dtype=torch.bool))
+    total = strategy.backward(losses, torch.zeros(()),
+                              GradientContext(torch.ones(3, dtype=torch.bool)))
     assert total.item() == pytest.approx(expected @ [1, 2, 3], rel=1e-6)
     # b absent from the batch: the softmax runs over a and c, scaled by 2
     w = strategy.step_weights(torch.tensor([True, False, True])).numpy()
@@ -455,7 +461,7 @@ def test_gradient_strategies_fall_back_to_the_plain_sum_without_shared_parameter
     strategy = build_weighting(name, ["a", "b"]).double()
     toy.zero_grad()
     total = strategy.backward(
-        toy.losses(["a", "b"]), torch.zeros(()), [], torch.tensor([True, True])
+        toy.losses(["a", "b"]), torch.zeros(()), GradientContext(torch.tensor([True, True]))
     )
     np.testing.assert_allclose(toy.theta.grad.numpy().ravel(), [0.0, 1.0])
     assert total.item() == pytest.approx(4.0)

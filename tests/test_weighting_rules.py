@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mtpsl.core.errors import ConfigError
-from mtpsl.weighting import build_weighting
+from mtpsl.weighting import GradientContext, build_weighting
 from mtpsl.weighting.nash_mtl import nash_weights
 
 from conftest import load_benchmark
@@ -31,7 +31,7 @@ def _applied(name: str, losses: list[torch.Tensor], theta: torch.nn.Parameter,
     present = torch.ones(len(losses), dtype=torch.bool) if present is None else present
     theta.grad = None
     strategy.backward(dict(zip(NAMES, losses, strict=False)), torch.zeros((), dtype=torch.float64),
-                      [theta], present)
+                      GradientContext(present, [theta]))
     return theta.grad.clone()
 
 
@@ -178,7 +178,8 @@ def test_gradvac_raises_a_pair_to_its_target_cosine():
 def test_constant_weights_the_losses_and_names_unknown_tasks():
     strategy = build_weighting("constant", NAMES, {"weights": {"a": 2.0, "c": 0.5}})
     losses = {"a": torch.tensor(1.0), "b": torch.tensor(3.0), "c": torch.tensor(4.0)}
-    total = strategy.backward(losses, torch.zeros(()), [], torch.ones(3, dtype=torch.bool))
+    total = strategy.backward(losses, torch.zeros(()),
+                              GradientContext(torch.ones(3, dtype=torch.bool)))
     assert total.item() == pytest.approx(2.0 + 3.0 + 2.0)
     with pytest.raises(ConfigError, match=r"weights: unknown task\(s\) \['depht'\]"):
         build_weighting("constant", NAMES, {"weights": {"depht": 1.0}})
@@ -223,7 +224,7 @@ def test_stch_sums_log_losses_in_warm_up_then_smooths_the_max_of_log_ratios():
     def run(scale: float) -> float:
         x.grad = None
         losses = {"a": scale * x[0] ** 2, "b": scale * x[1] ** 2}
-        return float(strategy.backward(losses, zero, [], on))
+        return float(strategy.backward(losses, zero, GradientContext(on)))
 
     assert run(1.0) == pytest.approx(np.log(1.0) + np.log(4.0))
     strategy.end_epoch({})
@@ -330,7 +331,7 @@ def test_famo_weights_log_losses_and_learns_from_the_decrease():
     x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     losses = {"a": x[0] ** 2, "b": x[1] ** 2}
     on = torch.ones(2, dtype=torch.bool)
-    strategy.backward(losses, torch.zeros(()), [], on)
+    strategy.backward(losses, torch.zeros(()), GradientContext(on))
     before = np.array([1.0, 4.0])
     c = (0.5 / before).sum()
     np.testing.assert_allclose(x.grad.numpy(), 0.5 / (c * before) * 2 * x.detach().numpy(),
@@ -353,12 +354,12 @@ def test_famo_logits_are_its_own_and_survive_a_checkpoint():
     assert a.trained_parameters() == []
     on = torch.ones(3, dtype=torch.bool)
     for _ in range(2):
-        a.backward({t: torch.tensor(2.0) for t in NAMES}, torch.zeros(()), [], on)
+        a.backward({t: torch.tensor(2.0) for t in NAMES}, torch.zeros(()), GradientContext(on))
         a.after_step({t: torch.tensor(v) for t, v in zip(NAMES, [1.0, 1.5, 1.9], strict=True)}, on)
     b = build_weighting("famo", NAMES)
     b.load_state_dict(a.state_dict())
     for s in (a, b):
-        s.backward({t: torch.tensor(2.0) for t in NAMES}, torch.zeros(()), [], on)
+        s.backward({t: torch.tensor(2.0) for t in NAMES}, torch.zeros(()), GradientContext(on))
         s.after_step({t: torch.tensor(v) for t, v in zip(NAMES, [1.0, 1.2, 1.9], strict=True)}, on)
     torch.testing.assert_close(torch.stack(list(a.logits)), torch.stack(list(b.logits)))
 

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder (uses its checkpoint.pt)")
     p.add_argument("--checkpoint", help="checkpoint file (its config is stored inside)")
     p.add_argument("--split", help="dataset split to evaluate (default: the run's eval split)")
-    p.add_argument("--root", help="evaluate on another dataset root of the same layout")
+    p.add_argument("--data", "--root", dest="root", metavar="DIR",
+                   help="evaluate on another dataset folder of the same layout (the training "
+                   "data need not exist; --root is an alias)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--edge-measure", choices=("bsds", "dilation"),

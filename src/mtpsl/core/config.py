@@ -150,6 +150,20 @@ class OptimConfig(Section):
     """Exponent of the poly schedule."""
 
 
+class CallbackConfig(Section):
+    class_path: str = Field(pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
+    """``package.module:Class``: a subclass of ``mtpsl.engine.callbacks.Callback``,
+    importable where the run starts."""
+    options: dict[str, Any] = {}
+    """Keyword arguments of its constructor."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: object) -> object:
+        # ``train.callbacks=[pkg.mod:Class]`` on the command line
+        return {"class_path": value} if isinstance(value, str) else value
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=200, gt=0)
     """Training epochs (200 in paper 001)."""
@@ -196,6 +210,10 @@ class TrainConfig(Section):
     sync_bn: bool = False
     """Under torchrun: BatchNorm statistics over the global batch instead of each process's
     share (torch's SyncBatchNorm on CUDA, an all-reduce BatchNorm on CPU/gloo)."""
+    callbacks: list[CallbackConfig] = []
+    """Callbacks of your own (``{class_path: pkg.mod:Class, options: {...}}`` or just
+    ``pkg.mod:Class``), run after the built-in hooks and before the run's files are written;
+    see docs/extending.md. Part of the set-up when given."""
 
     @field_validator("amp", mode="before")
     @classmethod

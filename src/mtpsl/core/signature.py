@@ -25,6 +25,9 @@ NOT_SETUP = {"top": ("name", "label", "seed", "output_dir", "compare"),
                        "checkpoint_every", "fused_optimizer")}
 """Config keys that do not change what is learned (where files go, how progress is shown)
 or that vary between the seeds of one set-up; everything else defines the experiment."""
+UNSET_IS_ABSENT: dict[str, dict[str, Any]] = {"train": {"callbacks": []}}
+"""Keys added after runs were recorded, dropped from the set-up while they hold this value: a
+run that does not use them keeps the signature it had before they existed."""
 RUN_SEED = "run seed"
 """``labels.seed`` of a set-up whose split is drawn from each run's own seed."""
 METHOD_SECTION = "method"
@@ -39,6 +42,11 @@ def setup_from_config(config: Mapping[str, Any]) -> dict:
     for section in ("dataset", "train"):
         for key in NOT_SETUP[section]:
             (data.get(section) or {}).pop(key, None)
+    for section, defaults in UNSET_IS_ABSENT.items():
+        values = data.get(section) or {}
+        for key, default in defaults.items():
+            if key in values and values[key] == default:
+                del values[key]
     labels = data.get("labels")
     if isinstance(labels, dict) and labels.get("seed") is None:
         labels["seed"] = RUN_SEED

@@ -10,6 +10,8 @@ dataset fingerprint. Cross-dataset data also says which source each image comes 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -34,6 +36,9 @@ class TaskDataset(torch.utils.data.Dataset, ABC):
     domain_ids: np.ndarray | None = None
     """Source of each image (int ``[N]``) for cross-dataset data; None for one source."""
     domain_names: tuple[str, ...] | None = None
+    class_names: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+    """Names of the classes of each class-map task (by task name) where the layout defines
+    them; checkpoints record them, so a model's outputs stay readable without the data."""
 
     def __len__(self) -> int:
         return int(self.available.shape[0])

@@ -290,6 +290,24 @@ def _select(requested: Iterable[str], allowed: Sequence[str], dataset: str) -> l
 
 ExtraTasks = Mapping[str, Mapping[str, Any]] | None
 
+NYUV2_CLASSES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture",
+                 "sofa", "table", "tv", "wall", "window")
+"""The 13 NYUv2 classes of Couprie et al. in label order (MTAN's ``label`` 0..12)."""
+CITYSCAPES_CLASSES = {
+    7: ("flat", "construction", "object", "nature", "sky", "human", "vehicle"),
+    19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+         "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
+         "bus", "train", "motorcycle", "bicycle"),
+}
+"""Cityscapes' 7 categories (MTAN's ``label_7``) and 19 train ids (``label_19``), in order."""
+
+
+def known_names(
+    task_names: Iterable[str], names: Mapping[str, tuple[str, ...]]
+) -> dict[str, tuple[str, ...]]:
+    """The class names (``TaskDataset.class_names``) of those of ``task_names`` in ``names``."""
+    return {task: names[task] for task in task_names if task in names}
+
 
 def with_extra_tasks(
     allowed: dict[str, tuple[Task, str]], extra: ExtraTasks, dataset: str
@@ -334,7 +352,9 @@ def nyuv2(
     }, extra_tasks, "nyuv2")
     names = _select(list(allowed) if tasks is None else tasks, list(allowed), "nyuv2")
     folders = {"image": "image", **{n: allowed[n][1] for n in names}}
-    return LayoutDataset(root, split, {n: allowed[n][0] for n in names}, folders, cache=cache)
+    ds = LayoutDataset(root, split, {n: allowed[n][0] for n in names}, folders, cache=cache)
+    ds.class_names = known_names(ds.task_names, {"semantic": NYUV2_CLASSES})
+    return ds
 
 
 @DATASETS.register("cityscapes")
@@ -360,4 +380,6 @@ def cityscapes(
     }, extra_tasks, "cityscapes")
     names = _select(list(allowed) if tasks is None else tasks, list(allowed), "cityscapes")
     folders = {"image": "image", **{n: allowed[n][1] for n in names}}
-    return LayoutDataset(root, split, {n: allowed[n][0] for n in names}, folders, cache=cache)
+    ds = LayoutDataset(root, split, {n: allowed[n][0] for n in names}, folders, cache=cache)
+    ds.class_names = known_names(ds.task_names, {"semantic": CITYSCAPES_CLASSES[num_classes]})
+    return ds

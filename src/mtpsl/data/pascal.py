@@ -53,7 +53,7 @@ from torch import Tensor
 
 from mtpsl.core.errors import DataError
 from mtpsl.data.base import TaskDataset
-from mtpsl.data.layout import DATASETS, _ls, _select
+from mtpsl.data.layout import DATASETS, _ls, _select, known_names
 from mtpsl.data.transforms import fit_to_size
 from mtpsl.tasks import Task, build_task
 
@@ -99,6 +99,11 @@ PART_OF_NAME: dict[str, int] = {
     **dict.fromkeys(["llleg", "rlleg", "lfoot", "rfoot"], 6),
 }
 """Pascal-Part part names -> the 7 part classes (neck counts as head)."""
+SEMANTIC_CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor")
+"""The 21 classes of ``semantic`` in label order (background + the 20 PASCAL VOC classes)."""
 PERSON_CLASS = 15  # Pascal VOC class index of "person"
 SEMANTIC_CLASSES = 21
 IGNORE_PNG = 255
@@ -453,7 +458,7 @@ def pascal_context(
         raise ValueError(f"pascal_context size must be [height, width] or null, got {size!r}")
     if os.fspath(root) == "":
         raise ValueError("pascal_context root is empty")
-    return PascalContextDataset(
+    ds = PascalContextDataset(
         root,
         split,
         pascal_tasks(names, loss_weights, edge_measure, edge_workers),
@@ -461,3 +466,6 @@ def pascal_context(
         cache=cache,
         normal_classes=normal_classes,
     )
+    ds.class_names = known_names(
+        ds.task_names, {"semantic": SEMANTIC_CLASS_NAMES, "parts": tuple(PART_CLASSES)})
+    return ds

@@ -8,11 +8,15 @@ A checkpoint is a ``torch.save``-d dict of tensors and plain containers (so it l
 - ``sha256``: a digest of every other entry (each tensor's dtype, shape and bytes, every plain
   value), so flipped bytes inside tensor data are found before the weights are used;
 - what identifies the experiment: the config, the split's digest and the datasets'
-  fingerprints (checked by :func:`mtpsl.engine.run.resume`).
+  fingerprints (checked by :func:`mtpsl.engine.run.resume`);
+- ``model_card`` (:mod:`mtpsl.engine.card`): the tasks (kinds, parameters, class names and
+  colours) and the input the model takes, so inference needs no dataset. Checkpoints written
+  before it existed lack it; they still load, taking the tasks from their dataset.
 
 :func:`load_checkpoint` checks all of that plus the structure (a dict with the keys the caller
-needs, of the right types); :func:`load_module_state` checks that tensors fit the module they
-are loaded into, and :func:`nonfinite_entries` finds NaN/inf weights. Every failure is a
+needs, of the right types, and a well-formed model card where there is one);
+:func:`load_module_state` checks that tensors fit the module they are loaded into, and
+:func:`nonfinite_entries` finds NaN/inf weights. Every failure is a
 :class:`~mtpsl.core.errors.CheckpointError` naming the file and what is wrong.
 """
 
@@ -29,9 +33,12 @@ from torch import nn
 
 from mtpsl.core.errors import CheckpointError
 from mtpsl.core.files import atomic_write, stale_temps
+from mtpsl.engine.card import CARD_KEY, check_card
 
 __all__ = ["FORMAT", "atomic_write", "load_checkpoint", "save_checkpoint", "stale_temps"]
 
+CHECKPOINT = "checkpoint.pt"
+"""A run folder's checkpoint file."""
 FORMAT = 2
 """Version of the checkpoint layout; 1 was the unversioned layout of mtpsl 0.1 (no digest)."""
 DIGEST_KEY = "sha256"
@@ -139,6 +146,8 @@ def check_structure(
         odd = [k for k, v in model.items() if not isinstance(v, torch.Tensor)]
         if odd:
             raise CheckpointError(f"{path}: model entry {odd[0]!r} is not a tensor")
+    if CARD_KEY in state:
+        check_card(state[CARD_KEY], path, state.get("task_names"))
 
 
 def load_module_state(module: nn.Module, state: Mapping[str, Any], path: Path, what: str) -> None:

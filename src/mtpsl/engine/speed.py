@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtpsl.core.config import TrainConfig
+from mtpsl.core.config import Config, TrainConfig
 from mtpsl.core.errors import ConfigError
 from mtpsl.models import ModelOutput, MultiTaskModel
+from mtpsl.weighting import WEIGHTINGS, Weighting
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_BACKEND = "inductor"
@@ -25,32 +26,30 @@ def linear_weightings() -> list[str]:
     """Registered weightings whose gradient is linear in the task losses within a step, so
     scaling the losses by the fp16 loss scale scales the gradient alike (GradScaler's
     contract): each declares ``linear_in_losses``."""
-    from mtpsl.weighting import WEIGHTINGS
-
     return [n for n in WEIGHTINGS.names() if WEIGHTINGS.get(n).linear_in_losses]
 
 
 def accumulable_weightings() -> list[str]:
     """Linear weightings that draw nothing per step: k summed micro-batches equal one step on
     k times the batch."""
-    from mtpsl.weighting import WEIGHTINGS
-
     return [n for n in linear_weightings() if not WEIGHTINGS.get(n).draws_per_step]
 
 
-def check_options(cfg: TrainConfig, device: torch.device, weighting: str) -> None:
-    """Reject combinations that cannot work, naming the config keys."""
-    if cfg.amp == "fp16" and weighting not in linear_weightings():
+def check_options(config: Config, device: torch.device, weighting: Weighting) -> None:
+    """Reject combinations that cannot work, naming the config keys (``weighting`` is the
+    configured strategy, built)."""
+    cfg, name = config.train, config.method.weighting
+    if cfg.amp == "fp16" and not weighting.linear_in_losses:
         raise ConfigError(
             f"train.amp: fp16 needs a loss scale, which is exact only for weightings linear "
             f"in the losses ({', '.join(linear_weightings())}); method.weighting is "
-            f"{weighting!r}: use train.amp=bf16 or off"
+            f"{name!r}: use train.amp=bf16 or off"
         )
-    if cfg.accumulate > 1 and weighting not in accumulable_weightings():
+    if cfg.accumulate > 1 and (not weighting.linear_in_losses or weighting.draws_per_step):
         raise ConfigError(
             f"train.accumulate: summing micro-batch gradients equals a larger batch only for "
             f"weightings linear in the losses with fixed weights within a step "
-            f"({', '.join(accumulable_weightings())}); method.weighting is {weighting!r}: use "
+            f"({', '.join(accumulable_weightings())}); method.weighting is {name!r}: use "
             f"a larger train.batch_size instead"
         )
     if cfg.amp != "off" and not torch.amp.autocast_mode.is_autocast_available(device.type):

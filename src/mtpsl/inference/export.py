@@ -5,7 +5,8 @@ run's training size) and returns one tensor per task, in task order, already act
 (segmentation log-probabilities, depth, unit normals, saliency/edge sigmoid probabilities)
 exactly like ``ModelOutput.preds``.
 
-Task names, types, channels, activations and the input size travel with the file: ONNX output
+Task names, types, channels, activations, class names and colours (where the checkpoint's
+model card records them) and the input size travel with the file: ONNX output
 names are the task names and the model's metadata holds ``mtpsl`` (JSON); TorchScript files
 carry the same JSON as the extra file ``mtpsl.json``; both formats also get a sidecar
 ``<file>.json``. A task's ``activation`` is read off the task itself (:func:`activation_name`
@@ -137,13 +138,21 @@ def export_metadata(loaded: LoadedRun, input_size: tuple[int, int]) -> dict:
                   "range": [0.0, 1.0]},
         "tasks": [
             {"name": name, "type": type(task).__name__, "kind": task_kind(task),
-             "channels": task.out_channels, "activation": activation_name(task)}
+             "channels": task.out_channels, "activation": activation_name(task),
+             **_class_info(loaded.card, name)}
             for name, task in loaded.tasks.items()
         ],
         "input_size": list(input_size),
         "epoch": loaded.epoch,
         "checkpoint": str(loaded.checkpoint),
     }
+
+
+def _class_info(card: dict | None, name: str) -> dict:
+    """The task's class names and colours from the run's model card, where it records them."""
+    entry: dict = next(
+        (t for t in (card or {}).get("tasks", []) if t.get("name") == name), {})
+    return {k: entry[k] for k in ("class_names", "colours") if entry.get(k) is not None}
 
 
 def export_run(

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from mtpsl.core.config import Config, build_config
-from mtpsl.core.errors import DataError
+from mtpsl.core.errors import CheckpointError, DataError
 from mtpsl.engine.build import build_model_for, open_dataset
+from mtpsl.engine.card import CARD_KEY, card_input_size, tasks_from_card
 from mtpsl.engine.checkpoint import load_checkpoint, load_module_state, require_finite
 from mtpsl.methods import build_method
 from mtpsl.methods.base import Method
@@ -27,8 +28,11 @@ class LoadedRun:
     model: nn.Module
     epoch: int
     checkpoint: Path
-    input_size: tuple[int, int] | None
-    """(H, W) of the training images, if the checkpoint records it."""
+    input_size: tuple[int, int]
+    """(H, W) of the training images."""
+    card: dict | None = None
+    """The checkpoint's model card (:mod:`mtpsl.engine.card`); None in checkpoints older than
+    it, whose tasks came from the dataset."""
 
 
 def checkpoint_path(run: str | Path | None, checkpoint: str | Path | None) -> Path:
@@ -48,8 +52,10 @@ def load_run(
 ) -> LoadedRun:
     """Rebuild the model of a run (in eval mode, on ``device``) from its checkpoint.
 
-    The task definitions come from the run's dataset (``root`` may point to another copy of
-    the same layout); the checkpoint alone is enough when it records them.
+    The tasks and the input size come from the checkpoint's model card, so no dataset is
+    opened. A checkpoint older than the card takes them from the run's dataset instead
+    (``root`` may point to another copy of the same layout; ``config.dataset.root`` becomes
+    ``root`` either way).
     """
     path = checkpoint_path(run, checkpoint)
     state = load_checkpoint(path)
@@ -57,14 +63,43 @@ def load_run(
     config = build_config(state["config"], str(path))
     if root:
         config.dataset.root = root
-    tasks = dict(open_dataset(config, config.dataset.eval_split).tasks)
+    card = state.get(CARD_KEY)
+    if card is not None:
+        tasks = tasks_from_card(card, path)
+        size = card_input_size(card, path)
+    else:
+        tasks, size = _from_dataset(config, state, path)
     method = build_method(config.method.name, tasks, config.method.options)
-    model = build_model_for(config, tasks, method)
+    model = build_model_for(_without_weight_files(config), tasks, method)
     load_module_state(model, state["model"], path, "the model")
     model.to(device).eval()
-    size = state.get("input_size")
-    return LoadedRun(config, tasks, model, int(state["epoch"]), path,
-                     tuple(size) if size is not None else None)
+    return LoadedRun(config, tasks, model, int(state["epoch"]), path, size, card)
+
+
+def _from_dataset(config: Config, state: dict, path: Path) -> tuple[dict[str, Task],
+                                                                     tuple[int, int]]:
+    """Tasks and input size of a checkpoint without a model card, from the run's dataset."""
+    try:
+        dataset = open_dataset(config, config.dataset.eval_split)
+    except DataError as err:
+        raise CheckpointError(
+            f"{path}: checkpoint has no '{CARD_KEY}' (written by an older mtpsl), so its task "
+            f"definitions must come from its {config.dataset.name} dataset, which cannot be "
+            f"opened ({err}); pass --data DIR (or --root DIR) pointing at a copy of that "
+            "dataset's layout"
+        ) from None
+    size = state.get("input_size") or (dataset.height, dataset.width)
+    return dict(dataset.tasks), (int(size[0]), int(size[1]))
+
+
+def _without_weight_files(config: Config) -> Config:
+    """``config`` without a pretrained backbone file: the checkpoint's weights replace it, so
+    inference must not need (or read) that file."""
+    if config.model.backbone.weights is None:
+        return config
+    config = config.model_copy(deep=True)
+    config.model.backbone.weights = None
+    return config
 
 
 def load_method(run: LoadedRun) -> Method:

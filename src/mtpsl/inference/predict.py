@@ -220,13 +220,9 @@ def write_outputs(out_dir: Path, stem: str, tasks: dict[str, Task],
 
 
 def run_input_size(loaded: LoadedRun) -> tuple[int, int]:
-    """(H, W) the run was trained at: recorded in the checkpoint, else the dataset's."""
-    if loaded.input_size is not None:
-        return (int(loaded.input_size[0]), int(loaded.input_size[1]))
-    from mtpsl.engine.build import open_dataset
-
-    ds = open_dataset(loaded.config, loaded.config.dataset.eval_split)
-    return (int(ds.height), int(ds.width))
+    """(H, W) the run was trained at (:func:`~mtpsl.inference.load.load_run` reads it from the
+    checkpoint; only checkpoints older than the model card take it from the dataset)."""
+    return (int(loaded.input_size[0]), int(loaded.input_size[1]))
 
 
 def predict_files(

@@ -55,6 +55,10 @@ class Method(nn.Module):
     per_task_networks: ClassVar[bool] = False
     """True for single-task learning: one independent network per task."""
     Options: ClassVar[type[BaseModel]] = NoOptions
+    contract_options: ClassVar[Mapping[str, Any]] = {}
+    """``method.options`` with which ``tests/test_registries.py`` checks this method against
+    this contract: values that only shrink its own networks (their defaults are paper-sized),
+    or that a required option needs; validated like a config's."""
 
     def __init__(self, tasks: Mapping[str, Task], options: BaseModel) -> None:
         super().__init__()

@@ -52,6 +52,7 @@ Departures from the papers and reference code, with the options and tests that p
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -98,6 +99,7 @@ class PairwiseMappings(Method):
     """Shared machinery: one SegNet mapping per ordered task pair, run per selected sub-batch."""
 
     Options = MapOptions
+    contract_options: ClassVar[Mapping[str, Any]] = {"mapping_width": 0.0625}  # not 25M each
     options: MapOptions
 
     def __init__(self, tasks: Mapping[str, Task], options: MapOptions) -> None:

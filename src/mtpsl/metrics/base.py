@@ -93,6 +93,12 @@ class Metric(ABC):
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    contract_task: ClassVar[tuple[str, Mapping[str, Any]] | None] = None
+    """The task type (registered name) and task options whose predictions and labels
+    ``tests/test_registries.py`` scores with this metric, built with that task's
+    ``metric_kwargs()``, to check it against this contract. None: the task type whose
+    ``metric`` names this one; set it for a metric no task type names by default (an
+    alternative measure, a metric offered to the API only)."""
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self._device = torch.device("cpu") if device is None else torch.device(device)

@@ -137,6 +137,7 @@ class DilationEdgeMetric(Metric):
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {"odsf_dilation": True}
+    contract_task = ("edge", {"measure": "dilation"})  # the task's fast measure
 
     def __init__(
         self, max_dist: float = 0.0075, num_bins: int = 100,

@@ -111,6 +111,7 @@ class PooledSaliencyMetric(Metric):
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {"maxf_pooled": True, "miou_pooled": True}
+    contract_task = ("saliency", {})  # no task type names it: offered to the API
 
     def __init__(
         self, num_bins: int = 100, beta_sq: float = 0.3, device: torch.device | str | None = None

@@ -18,9 +18,9 @@ invalid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -56,6 +56,10 @@ class Task:
     continuous: ClassVar[bool] = False
     """A scalar on a continuous scale (depth), where robust regression losses such as BerHu
     apply."""
+    contract_options: ClassVar[Mapping[str, Any]] = {}
+    """Options of a small instance, which ``tests/test_registries.py`` builds this task type
+    with to check it against this contract: a task type with a required option names a value
+    here, so a new file is checked without editing the test."""
 
     @property
     def out_channels(self) -> int:
@@ -194,6 +198,11 @@ class Task:
     def save_prediction(self, array: np.ndarray, files: OutputFiles) -> None:
         """Write a :meth:`finalise`-d prediction as this task's files (default: ``.npy``)."""
         files.npy(array, self.name)
+
+    def prediction_palette(self) -> np.ndarray | None:
+        """uint8 ``[C, 3]``: the colour of each class id in the picture :meth:`save_prediction`
+        writes, for a task that predicts a class map (recorded in checkpoints); else None."""
+        return None
 
     def panels(self, target: Tensor | None, preds: Sequence[Tensor]) -> list[Cell]:
         """Figure cells of one image: the label's (unless None), then one per prediction

@@ -116,6 +116,10 @@ class SegmentationTask(Task):
         files.png(array.astype(np.uint8 if self.num_classes <= 256 else np.uint16),
                   f"{self.name}_index")
 
+    def prediction_palette(self) -> np.ndarray:
+        """The VOC colours of ids ``0..C-1``, as :meth:`save_prediction` paints them."""
+        return voc_colours(256)[np.arange(self.num_classes) % 256]
+
     def panels(self, target: Tensor | None, preds: Sequence[Tensor]) -> list[Cell]:
         labels = [] if target is None else [target.numpy()]
         labels += [p.numpy().argmax(0) for p in preds]

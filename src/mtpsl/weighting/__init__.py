@@ -6,7 +6,9 @@ method combines with any strategy. A strategy owns the backward pass because sev
 strategy may hold learnable parameters (optimised with the model, or in its own optimiser
 group) and must cope with a task absent from a batch: its loss is then an exact 0 that does
 not depend on the parameters, and the strategy must neither divide by it nor let it disturb
-its state.
+its state. Besides the losses and the method's ``extra`` terms, its backward pass receives one
+:class:`GradientContext` filled by the loop: which tasks are present, the shared parameters,
+and what ``method.weighting_gradients`` asks to differentiate instead of them.
 
 Strategies: each has its own file in this package (``mtpsl list weightings``; the README's
 "Loss weighting" table cites each paper). Loss-level ones weight the losses (``uniform``,
@@ -23,16 +25,22 @@ strategies that only need the Gram matrix: the gradients of the shared represent
 (``representation``) and the shared parameters' Gram matrix from torchjd's autogram engine
 without the gradients (``gramian``, :mod:`.gramian`).
 
-Strategies that need to know which tasks are present read ``present`` on the host (one device
-sync per step): an absent task's parameters are then left out of the graph, so their gradient
-stays ``None`` and the optimiser (Adam's momentum included) does not move them.
+Strategies that need to know which tasks are present read ``context.present`` on the host (one
+device sync per step): an absent task's parameters are then left out of the graph, so their
+gradient stays ``None`` and the optimiser (Adam's momentum included) does not move them.
 
 Adding a strategy is adding a file to this package: subclass :class:`Weighting`, set
 ``Options`` if it takes any, register it (see ``docs/extending.md``).
 """
 
 from mtpsl.core.registry import discover
-from mtpsl.weighting.base import WEIGHTINGS, NoOptions, Weighting, build_weighting
+from mtpsl.weighting.base import (
+    WEIGHTINGS,
+    GradientContext,
+    NoOptions,
+    Weighting,
+    build_weighting,
+)
 from mtpsl.weighting.cagrad import cagrad_coefficients, cagrad_dual, project_simplex
 from mtpsl.weighting.dwa import dwa_weights
 from mtpsl.weighting.mgda import min_norm_coefficients
@@ -42,6 +50,7 @@ discover(__name__, __path__)
 
 __all__ = [
     "WEIGHTINGS",
+    "GradientContext",
     "NoOptions",
     "Weighting",
     "build_weighting",

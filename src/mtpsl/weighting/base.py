@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -14,8 +15,23 @@ from mtpsl.core.distributed import mean_over_ranks
 from mtpsl.core.errors import ConfigError
 from mtpsl.core.param_groups import OptimGroup
 from mtpsl.core.registry import Registry
+from mtpsl.weighting.gramian import SharedGramian
 
 WEIGHTINGS: Registry[type[Weighting]] = Registry("weighting")
+
+
+@dataclass(frozen=True)
+class GradientContext:
+    """What a weighting's backward pass may differentiate besides the losses (the loop fills it)."""
+
+    present: Tensor
+    """bool [T] in ``task_names`` order, on the device: tasks with a labelled image in the batch."""
+    shared: Sequence[nn.Parameter] = ()
+    """The parameters every task's loss flows through, in forward order (empty for STL)."""
+    representation: Tensor | None = None
+    """The model's ``features["shared"]`` (``method.weighting_gradients=representation``)."""
+    gramian: SharedGramian | None = None
+    """The shared layers' Gram engine (``method.weighting_gradients=gramian``)."""
 
 
 class NoOptions(BaseModel):
@@ -36,10 +52,10 @@ class Weighting(nn.Module):
     (``train.accumulate``) would average several draws, not take one larger step."""
     gradients: str = "parameters"
     """What a gradient strategy differentiates (``method.weighting_gradients``): with
-    ``representation`` the loop passes the model's ``features["shared"]`` to :meth:`backward`
-    as ``representation=``; with ``gramian`` it passes the Gram engine of the shared layers
-    (:class:`~mtpsl.weighting.gramian.SharedGramian`) as ``gramian=``; only strategies whose
-    :meth:`supports_representation` is true accept either."""
+    ``representation`` the loop puts the model's ``features["shared"]`` in the
+    :class:`GradientContext`'s ``representation``; with ``gramian`` it puts the Gram engine of
+    the shared layers (:class:`~mtpsl.weighting.gramian.SharedGramian`) in its ``gramian``;
+    only strategies whose :meth:`supports_representation` is true accept either."""
     wants_losses_after_step: ClassVar[bool] = False
     """True when the strategy learns from how the step changed the batch's losses (FAMO): the
     loop then evaluates them again after the optimiser step (no gradient, BatchNorm
@@ -63,16 +79,14 @@ class Weighting(nn.Module):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
         """Backpropagate the training objective; return the (detached) total for logging.
 
         ``extra`` is the sum of the method's already-weighted extra terms (consistency,
-        adversarial...); ``shared`` lists the parameters every task's loss flows through, in
-        forward order (empty for single-task learning), for gradient-based strategies;
-        ``present`` is bool ``[T]`` (``task_names`` order, on the device): which tasks have at
-        least one labelled image in this batch.
+        adversarial...); ``context`` holds which tasks are present and what a gradient-based
+        strategy differentiates (the shared parameters, or their representation or Gram
+        engine).
         """
         return backward_total(self.combine(task_losses) + extra)
 

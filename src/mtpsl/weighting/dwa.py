@@ -7,9 +7,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_total, weighted_sum
+from mtpsl.weighting.base import (
+    WEIGHTINGS,
+    GradientContext,
+    Weighting,
+    backward_total,
+    weighted_sum,
+)
 
 
 class DWAOptions(BaseModel):
@@ -57,10 +63,9 @@ class DWA(Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
-        weights = self.step_weights(present)
+        weights = self.step_weights(context.present)
         return backward_total(weighted_sum(weights, task_losses, self.task_names) + extra)
 
     @torch.no_grad()

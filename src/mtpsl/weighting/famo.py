@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from mtpsl.core.distributed import mean_over_ranks
-from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_linearised, backward_total
+from mtpsl.weighting.base import (
+    WEIGHTINGS,
+    GradientContext,
+    Weighting,
+    backward_linearised,
+    backward_total,
+)
 
 OFFSET = 1e-8
 
@@ -88,10 +94,9 @@ class FAMO(Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
-        indices = self._present_indices(present)
+        indices = self._present_indices(context.present)
         if not indices:
             return backward_total(extra)
         losses = self._stacked(task_losses, indices)

@@ -5,13 +5,19 @@ task losses, ``(prod_k L_k)^(1/K)``, so each task's gradient is weighted by ``GL
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_linearised, backward_total
+from mtpsl.weighting.base import (
+    WEIGHTINGS,
+    GradientContext,
+    Weighting,
+    backward_linearised,
+    backward_total,
+)
 
 
 class GLSOptions(BaseModel):
@@ -46,10 +52,9 @@ class GLS(Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
-        indices = self._present_indices(present)
+        indices = self._present_indices(context.present)
         if not indices:
             return backward_total(extra)
         losses = self._stacked(task_losses, indices)

@@ -12,8 +12,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from mtpsl.core.distributed import group_size, mean_over_ranks
-from mtpsl.weighting.base import Weighting, backward_total, plain_sum
-from mtpsl.weighting.gramian import SharedGramian
+from mtpsl.weighting.base import GradientContext, Weighting, backward_total, plain_sum
 
 
 class GradientWeighting(Weighting):
@@ -77,26 +76,23 @@ class GradientWeighting(Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
-        representation: Tensor | None = None,
-        gramian: SharedGramian | None = None,
+        context: GradientContext,
     ) -> Tensor:
-        params = [p for p in shared if p.requires_grad]
-        indices = self._present_indices(present)
+        params = [p for p in context.shared if p.requires_grad]
+        indices = self._present_indices(context.present)
         if not params or not indices:
-            if gramian is not None:
-                gramian.discard()
+            if context.gramian is not None:
+                context.gramian.discard()
             return backward_total(self.combine(task_losses) + extra)
         losses = self._stacked(task_losses, indices)
         if self.gradients == "representation":
-            if representation is None:
+            if context.representation is None:
                 raise ValueError("gradients='representation' needs the shared representation")
-            return self._backward_representation(losses, extra, representation, indices)
+            return self._backward_representation(losses, extra, context.representation, indices)
         if self.gradients == "gramian":
-            if gramian is None:
+            if context.gramian is None:
                 raise ValueError("gradients='gramian' needs the shared layers' Gram engine")
-            return self._backward_gramian(losses, extra, params, gramian(losses), indices)
+            return self._backward_gramian(losses, extra, params, context.gramian(losses), indices)
         grads = torch.stack([flat_grad(loss, params) for loss in losses])
         # under torchrun: the weights come from the global batch's gradients and losses
         heads, correction = self.update(mean_over_ranks(grads), mean_over_ranks(losses), indices)

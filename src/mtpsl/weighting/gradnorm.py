@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from mtpsl.core.distributed import mean_over_ranks
 from mtpsl.core.param_groups import OptimGroup
-from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_total, weighted_sum
+from mtpsl.weighting.base import (
+    WEIGHTINGS,
+    GradientContext,
+    Weighting,
+    backward_total,
+    weighted_sum,
+)
 
 
 class GradNormOptions(BaseModel):
@@ -83,19 +89,18 @@ class GradNorm(Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
         self.renormalise()
         losses = torch.stack([task_losses[t] for t in self.task_names])
         weights = torch.stack([p.detach() for p in self.weights])
         total = (weights * losses).sum() + extra
-        layer = _last_conv_weight(shared)
-        indices = self._present_indices(present)
+        layer = _last_conv_weight(context.shared)
+        indices = self._present_indices(context.present)
         if layer is None or not indices:
             return backward_total(total)
         values = mean_over_ranks(losses.detach())  # under torchrun: the global batch's
-        self._observe(values, present)
+        self._observe(values, context.present)
         grads = self._weight_gradients(losses, values, layer, indices)
         result = backward_total(total)
         for i, g in zip(indices, grads, strict=True):

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtpsl.weighting.base import WEIGHTINGS, SeededDraws, Weighting, backward_total
+from mtpsl.weighting.base import WEIGHTINGS, GradientContext, SeededDraws, Weighting, backward_total
 
 
 class RLWOptions(BaseModel):
@@ -54,9 +54,8 @@ class RLW(SeededDraws, Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
         losses = torch.stack([task_losses[t] for t in self.task_names])
-        self.last_weights = self.draw(present)
+        self.last_weights = self.draw(context.present)
         return backward_total((self.last_weights.to(losses.device) * losses).sum() + extra)

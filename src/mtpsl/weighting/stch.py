@@ -23,10 +23,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtpsl.core.distributed import mean_over_ranks
-from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_linearised, backward_total
+from mtpsl.weighting.base import (
+    WEIGHTINGS,
+    GradientContext,
+    Weighting,
+    backward_linearised,
+    backward_total,
+)
 
 LOG_EPS = 1e-20
 
@@ -64,10 +70,9 @@ class STCH(Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
-        indices = self._present_indices(present)
+        indices = self._present_indices(context.present)
         if not indices:
             return backward_total(extra)
         losses = self._stacked(task_losses, indices)

@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from mtpsl.weighting.base import WEIGHTINGS, Weighting, backward_total
+from mtpsl.weighting.base import WEIGHTINGS, GradientContext, Weighting, backward_total
 
 
 class UncertaintyOptions(BaseModel):
@@ -52,8 +52,7 @@ class Uncertainty(Weighting):
         self,
         task_losses: Mapping[str, Tensor],
         extra: Tensor,
-        shared: Sequence[nn.Parameter],
-        present: Tensor,
+        context: GradientContext,
     ) -> Tensor:
-        indices = self._present_indices(present)
+        indices = self._present_indices(context.present)
         return backward_total(self.objective(task_losses, indices) + extra)

@@ -16,7 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                  "RUN/model.torchscript.pt)")
     p.add_argument("--opset", type=int, default=17,
                    help="ONNX opset (below 18: TorchScript-based exporter; 18+: torch.export)")
-    p.add_argument("--root", help="dataset root of the run's layout, if it has moved")
+    p.add_argument("--data", "--root", dest="root", metavar="DIR",
+                   help="a copy of the run's dataset layout: only checkpoints written before "
+                   "the model card need it (--root is an alias)")
     p.set_defaults(func=run)
 
 

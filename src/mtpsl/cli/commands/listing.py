@@ -45,6 +45,7 @@ def _registries() -> dict[str, tuple[str, Callable[[], Registry]]]:
         return REGIMES
 
     def metrics():
+        import mtpsl.tasks  # noqa: F401  (metrics registered beside their task: keypoints)
         from mtpsl.metrics import METRICS
         return METRICS
 

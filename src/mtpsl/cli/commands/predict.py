@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="images (resize mode) or tiles (tile mode) per forward pass")
     p.add_argument("--mode", choices=["resize", "tile"], default="resize",
                    help="resize to the training size and back, or average overlapping tiles")
-    p.add_argument("--root", help="dataset root of the run's layout, if it has moved")
+    p.add_argument("--data", "--root", dest="root", metavar="DIR",
+                   help="a copy of the run's dataset layout: only checkpoints written before "
+                   "the model card need it (--root is an alias)")
     p.set_defaults(func=run)
 
 

@@ -46,6 +46,14 @@ class Encoder(nn.Module, ABC):
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the last map for an input of this size."""
 
+    @classmethod
+    def contract_spec(cls, name: str) -> EncoderSpec:
+        """A small spec of this encoder registered as ``name``: ``tests/test_registries.py``
+        builds it from this to check it against this contract (it finds the class from the
+        builder's return annotation). Default: the config's defaults; an encoder that needs
+        more (timm's ``arch``) or is large by default overrides it."""
+        return EncoderSpec(name=name)
+
     def set_in_channels(self, in_channels: int) -> None:
         """Take ``in_channels``-channel inputs (a fresh first layer; pretrained RGB filters
         do not apply). Encoders that cannot change it refuse."""

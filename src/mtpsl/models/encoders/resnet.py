@@ -42,6 +42,11 @@ class ResNetTrunk(Encoder):
         self.channels = (64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
         self.reductions = (4, 8, min(16, output_stride), output_stride)
 
+    @classmethod
+    def contract_spec(cls, name: str) -> EncoderSpec:
+        """ResNet-18 (BasicBlock stages, the ones dilated here) at output stride 16."""
+        return EncoderSpec(name=name, depth=18, output_stride=16)
+
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
         """Every strided layer of a ResNet rounds up."""
         r = self.reductions[-1]

@@ -37,6 +37,11 @@ class TimmEncoder(Encoder):
         self.reductions = tuple(int(r) for r in info.reduction())
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
 
+    @classmethod
+    def contract_spec(cls, name: str) -> EncoderSpec:
+        """ConvNeXt-atto, the smallest timm ConvNeXt (an architecture must be named)."""
+        return EncoderSpec(name=name, arch="convnext_atto", output_stride=32)
+
     def forward(self, x: Tensor) -> list[Tensor]:
         return list(self.net(x))
 
