@@ -21,7 +21,7 @@ from mtpsl.methods.jtr import JTRLoss, JTROptions
 from mtpsl.methods.terms import map_cosine_distance as latent_distance
 from mtpsl.tasks import build_task
 
-from conftest import assert_same_state, load_benchmark, make_layout
+from conftest import TINY, assert_same_state, load_benchmark, train_cli
 
 H, W = 64, 96
 TASK_SETS = {
@@ -39,7 +39,7 @@ def _tasks(name):
     return {n: build_task(kind, n, **kw) for n, (kind, kw) in TASK_SETS[name].items()}
 
 
-def _deterministic(task, pred):
+def _deterministic(task, pred, draw=""):
     """A differentiable, noise-free stand-in for the hard Gumbel sample (so both forms see
     the same 'sample')."""
     return task.encode_pred_eval(pred) + 0.1 * torch.tanh(pred)
@@ -113,8 +113,10 @@ def test_gradient_flow_follows_the_code():
 
 
 def test_encodings_match_scipy_and_masks_predictions_only():
+    """``pred_mask=after_encoding`` (mtpsl before issue 29): masked prediction pixels are 0.
+    The default, the code's masking before encoding: tests/test_jtr_reference.py."""
     tasks = _tasks("nyuv2-like")
-    o = JTROptions(ae_width=0.0625)
+    o = JTROptions(ae_width=0.0625, pred_mask="after_encoding")
     loss = JTRLoss(tasks, o).double()
     preds, targets = _view(tasks, 2, 6)
     labelled = torch.tensor([[True, True, False], [False, False, True]])
@@ -134,9 +136,8 @@ def test_encodings_match_scipy_and_masks_predictions_only():
 
 # --- end to end ----------------------------------------------------------------------------
 
-ARGS = ["method.name=jtr", "method.options.ae_width=0.0625", "model.width=0.0625",
-        "train.epochs=2", "train.batch_size=2", "train.eval_every=1", "train.progress=false",
-        "train.device=cpu", "optim.lr=1e-3", "labels.regime=onelabel"]
+ARGS = [*TINY, "method.name=jtr", "method.options.ae_width=0.0625", "train.epochs=2",
+        "train.eval_every=1", "train.device=cpu", "optim.lr=1e-3", "labels.regime=onelabel"]
 
 
 def _mtpsl(*args, fault=None):
@@ -148,8 +149,9 @@ def _mtpsl(*args, fault=None):
                           text=True, timeout=300)
 
 
-def test_trains_from_the_cli_and_resumes_bitwise(tmp_path):
-    root = make_layout(tmp_path / "data", n=8, h=H, w=W)
+@pytest.mark.slow  # three subprocess runs; the cheaper CLI run is the joint-space test below
+def test_trains_from_the_cli_and_resumes_bitwise(tmp_path, shared_layout):
+    root = shared_layout(n=8, h=H, w=W)
     reference, run = tmp_path / "reference", tmp_path / "run"
     done = _mtpsl("train", "--run-dir", str(reference), f"dataset.root={root}", *ARGS)
     assert done.returncode == 0, done.stderr
@@ -183,16 +185,15 @@ def test_the_task_scaling_benchmark_runs_every_method_on_five_tasks():
         assert row["s_per_step"] > 0 and (row["method_parameters"] > 0) == (method != "sl")
 
 
-def test_joint_space_figure_of_a_jtr_run(tmp_path):
+def test_joint_space_figure_of_a_jtr_run(tmp_path, shared_layout):
     """The figure draws the latents of the stacked predictions and labels; its per-image
     number is 1 - the latent distance computed here from the loaded method."""
     from mtpsl.analysis.figures.joint import collect_joint_space
     from mtpsl.cli import main
 
-    root = make_layout(tmp_path / "data", n=4, h=H, w=W)
     run = tmp_path / "run"
     args = [a for a in ARGS if not a.startswith("train.epochs")] + ["train.epochs=1"]
-    assert main(["train", "--run-dir", str(run), f"dataset.root={root}", *args]) == 0
+    train_cli(run, shared_layout(n=4, h=H, w=W), *args)
     data = collect_joint_space(run, "semantic,depth", [0, 1], device="cpu")
     assert data.titles == ("E(predictions)", "E(labels)")
     distance = latent_distance(data.mapped_source, data.mapped_target)

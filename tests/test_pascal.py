@@ -416,6 +416,7 @@ def synth_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # six runs; the reference-split test below trains on the layout from the CLI
 def test_cli_compare_sl_ssl_xtc_both_regimes_and_eval(synth_root, tmp_path, capsys):
     out = tmp_path / "grid"
     code = main(

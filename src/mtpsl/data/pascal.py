@@ -409,26 +409,34 @@ class PascalContextDataset(TaskDataset):
 
 def pascal_tasks(
     names: Iterable[str], loss_weights: Mapping[str, float] | None = None,
-    edge_measure: str = "bsds", edge_workers: int = 0,
+    edge_measure: str = "bsds", edge_workers: int = 0, scoring: str = "mtpsl",
 ) -> dict[str, Task]:
     """The benchmark's task instances (losses and reference loss weights) for ``names``;
     ``edge_measure`` and ``edge_workers`` as :class:`~mtpsl.tasks.binary.EdgeTask`'s
-    ``measure`` and ``workers``."""
+    ``measure`` and ``workers``; ``scoring="benchmark"`` scores as the benchmark's evaluation
+    code does (an absent class counts 0 in mIoU, SEISM's odsF)."""
     if edge_measure not in ("bsds", "dilation"):
         raise ValueError(f"edge_measure must be 'bsds' (the published odsF) or 'dilation' "
                          f"(fast, for monitoring), got {edge_measure!r}")
+    if scoring not in ("mtpsl", "benchmark"):
+        raise ValueError(f"scoring must be 'mtpsl' or 'benchmark', got {scoring!r}")
+    bench = scoring == "benchmark"
+    absent = "zero" if bench else "skip"
     weights = dict(REFERENCE_LOSS_WEIGHTS)
     unknown = sorted(set(loss_weights or {}) - set(PASCAL_TASKS))
     if unknown:
         raise ValueError(f"loss_weights names unknown task(s) {unknown}; tasks: {PASCAL_TASKS}")
     weights.update({k: float(v) for k, v in (loss_weights or {}).items()})
     make = {
-        "semantic": lambda w: build_task("segmentation", "semantic", num_classes=21, loss_weight=w),
-        "parts": lambda w: build_task("segmentation", "parts", num_classes=7, loss_weight=w),
+        "semantic": lambda w: build_task("segmentation", "semantic", num_classes=21,
+                                         loss_weight=w, absent_class=absent),
+        "parts": lambda w: build_task("segmentation", "parts", num_classes=7, loss_weight=w,
+                                      absent_class=absent),
         "normal": lambda w: build_task("normal", "normal", loss_kind="l1", loss_weight=w),
         "saliency": lambda w: build_task("saliency", "saliency", loss_weight=w),
         "edges": lambda w: build_task("edge", "edges", loss_weight=w, measure=edge_measure,
-                                      workers=edge_workers),
+                                      workers=edge_workers,
+                                      protocol="seism" if bench else "bsds"),
     }
     return {n: make[n](weights[n]) for n in names}
 
@@ -445,12 +453,14 @@ def pascal_context(
     edge_measure: str = "bsds",
     edge_workers: int = 0,
     normal_classes: list[int] | None = None,
+    scoring: str = "mtpsl",
 ) -> PascalContextDataset:
     """PASCAL-Context, five tasks (see the module docstring); ``loss_weights`` overrides the
     reference weights per task (e.g. all 1.0 for an unweighted sum); ``edge_measure``
     ``"dilation"`` scores edges with the fast approximation (monitoring, not comparable with
     published odsF); ``edge_workers`` scores edges in that many processes during evaluation;
-    ``normal_classes`` makes normal validity follow the label map."""
+    ``normal_classes`` makes normal validity follow the label map; ``scoring="benchmark"``
+    scores semantic/parts mIoU and edges exactly as the benchmark's evaluation code does."""
     names = _select(tasks, list(PASCAL_TASKS), "pascal_context")
     if size is not None and (
         len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
@@ -461,7 +471,7 @@ def pascal_context(
     ds = PascalContextDataset(
         root,
         split,
-        pascal_tasks(names, loss_weights, edge_measure, edge_workers),
+        pascal_tasks(names, loss_weights, edge_measure, edge_workers, scoring),
         size=None if size is None else (int(size[0]), int(size[1])),
         cache=cache,
         normal_classes=normal_classes,

@@ -6,7 +6,9 @@ Three methods share one implementation:
 - ``jtl_stl``: the same losses with one independent network per task (the STL baseline).
 - ``jtl``: joint task learning. The supervised losses only, on the domain-balanced batches the
   trainer draws from a ``cross_domain`` dataset (labels a source does not have are blanked by
-  its availability mask). Depth uses the BerHu loss by default.
+  its availability mask). Depth uses the BerHu loss by default. ``supervised_mean`` reduces
+  them over the whole batch (default) or over each source's images (the paper's per-dataset
+  objective, twice the former with two balanced sources).
 - ``semisd``: JTL + one 2-way discriminator per task, ground truth (class 0) vs prediction
   (class 1). The generator's adversarial loss pushes the predictions of the images NOT
   labelled for the task towards the ground-truth class.
@@ -49,7 +51,8 @@ decay 0.9); the discriminators share one group "discriminator": Adam with betas 
 learning rate ``disc_lr`` and no weight decay, on the config's schedule.
 
 Values the seed text does not give legibly (D's learning rate, the lambdas) default to those of
-the adversarial methods it builds on (AdvEnt, AdvSemiSeg): ``disc_lr`` 1e-4, lambdas 1e-3.
+AdaptSegNet (Tsai et al., CVPR 2018, the paper's [56], whose D betas it quotes): ``disc_lr``
+1e-4, lambdas 1e-3.
 
 Departures from the papers and reference code, with the options and tests that pin them:
 ``docs/fidelity.md``, section "SemiMTL".
@@ -101,9 +104,12 @@ def berhu_per_image(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
 
 
 def task_losses(
-    tasks: Mapping[str, Task], batch: Batch, preds: Mapping[str, Tensor], depth_loss: str
+    tasks: Mapping[str, Task], batch: Batch, preds: Mapping[str, Tensor], depth_loss: str,
+    mean: str = "batch",
 ) -> dict[str, Tensor]:
-    """Eq. 1 with BerHu for depth tasks when asked: a labelled image's loss, summed / B."""
+    """Eq. 1 with BerHu for depth tasks when asked: the labelled images' losses summed and
+    divided by the batch size (``mean="batch"``) or, per source, by that source's images in
+    the batch, the sources' means summed (``"domain"``: each dataset's objective, Eq. 8)."""
     losses = {}
     for name, task in tasks.items():
         target = batch.targets[name]
@@ -111,8 +117,22 @@ def task_losses(
             per_image = berhu_per_image(preds[name], target, task.valid(target))
         else:
             per_image = task.loss(preds[name], target)
-        losses[name] = labelled_sum(per_image, batch, name)
+        if mean == "domain" and batch.domain is not None:
+            losses[name] = per_domain_mean(per_image, batch, name)
+        else:
+            losses[name] = labelled_sum(per_image, batch, name)
     return losses
+
+
+def per_domain_mean(per_image: Tensor, batch: Batch, task: str) -> Tensor:
+    """``sum_d (1 / |B_d|) sum_{i in B_d, labelled} l_i`` over the sources ``d`` of the batch
+    (a source without images in the batch adds nothing)."""
+    assert batch.domain is not None
+    labelled = batch.labelled_for(task).to(per_image.dtype)
+    n = int(batch.domain.max()) + 1
+    sums = per_image.new_zeros(n).index_add(0, batch.domain, per_image * labelled)
+    counts = per_image.new_zeros(n).index_add(0, batch.domain, torch.ones_like(per_image))
+    return (sums / counts.clamp(min=1)).sum()
 
 
 # ----------------------------------------------------------------------------- discriminator
@@ -183,6 +203,10 @@ class JTLOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     depth_loss: Literal["berhu", "l1"] = "berhu"
     """Supervised depth loss: BerHu (the paper's) or the task's own L1."""
+    supervised_mean: Literal["batch", "domain"] = "batch"
+    """Reduction of the supervised losses over a cross-domain batch: the whole batch (every
+    mtpsl method's; with two sources each task's loss is half its sources' mean) or each
+    source's own images, summed over sources (the paper's per-dataset objective)."""
 
 
 class AdversarialOptions(JTLOptions):
@@ -215,7 +239,9 @@ class JointTaskLearning(Method):
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
         out = model(batch.image)
-        return Losses(task_losses(self.tasks, batch, out.preds, self.options.depth_loss)), out
+        o = self.options
+        return Losses(task_losses(self.tasks, batch, out.preds, o.depth_loss,
+                                  o.supervised_mean)), out
 
 
 @METHODS.register("jtl_stl")
@@ -270,7 +296,9 @@ class _Adversarial(JointTaskLearning):
 
     def compute(self, model: nn.Module, batch: Batch) -> tuple[Losses, ModelOutput]:
         out = model(batch.image)
-        losses = Losses(task_losses(self.tasks, batch, out.preds, self.options.depth_loss))
+        o = self.options
+        losses = Losses(task_losses(self.tasks, batch, out.preds, o.depth_loss,
+                                    o.supervised_mean))
         pred_cls = self.pred_classes(batch)
         for name, task in self.tasks.items():
             d_term, g_term = self.task_terms(name, task, out.preds[name], batch, pred_cls)

@@ -27,10 +27,11 @@ Normalize = Literal["sum", "mean"]
 Distance = Literal["task", "cosine"]
 
 
-def map_cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+def map_cosine_distance(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     """1 - cosine over channels, averaged over positions: ``[N, C, h, w]`` x2 -> ``[N]`` (the
-    distance between two joint-space maps: XTC's pair term, JTR's latent distance)."""
-    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8).flatten(1).mean(1)
+    distance between two joint-space maps: XTC's pair term, JTR's latent distance; ``eps``
+    bounds the norms from below, 1e-8 in the XTC code, 1e-12 in JTR's)."""
+    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=eps).flatten(1).mean(1)
 
 
 def _cosine_distance(a: Tensor, b: Tensor) -> Tensor:

@@ -222,9 +222,40 @@ def _rates(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (matched_r / np.where(n_gt > 0, n_gt, 1), matched_p / np.where(n_pred > 0, n_pred, 1))
 
 
-def _own_best(counts: np.ndarray) -> int:
-    """The threshold index where one image's ``[4, T]`` counts score best (the first)."""
-    return int(_f1(*_rates(counts)).argmax())
+def _own_best(counts: np.ndarray, decimals: int | None = None) -> int:
+    """The threshold index where one image's ``[4, T]`` counts score best (the first), the F
+    values rounded to ``decimals`` first when given (SEISM reads them back from its ``%f``
+    text files)."""
+    f = _f1(*_rates(counts))
+    return int((f if decimals is None else np.round(f, decimals)).argmax())
+
+
+def seism_rates(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) of pooled ``[4, T]`` counts as SEISM's ``gather_measure.m`` (lines
+    72-81) sets them: (1, 0) without ground truth and matches, (0, 1) without predictions and
+    matches, the ratios where both denominators and the matches are non-zero, else (0, 0)."""
+    matched_r, n_gt, matched_p, n_pred = counts.astype(np.float64)
+    recall, precision = np.zeros_like(n_gt), np.zeros_like(n_gt)
+    no_gt = (n_gt == 0) & (matched_p == 0)
+    recall[no_gt], precision[no_gt] = 1.0, 0.0
+    no_pred = (n_pred == 0) & (matched_r == 0)
+    recall[no_pred], precision[no_pred] = 0.0, 1.0
+    both = (n_pred != 0) & (matched_r != 0)
+    recall[both], precision[both] = matched_r[both] / n_gt[both], matched_p[both] / n_pred[both]
+    return recall, precision
+
+
+def seism_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """SEISM's ``general_ap.m``, the AP that the benchmark's ``eval_edge.py`` writes: the
+    precision interpolated linearly in recall at ``0:0.01:1`` inside the recall range, summed
+    and divided by 100. Repeated recall values keep their first threshold's point (MATLAB's
+    ``unique``, R2013a and later); 0 with fewer than two distinct recall values."""
+    values, first = np.unique(recall, return_index=True)
+    if len(values) < 2:
+        return 0.0
+    grid = np.arange(101) / 100.0
+    inside = (grid >= values[0]) & (grid <= values[-1])
+    return float(np.interp(grid[inside], values, precision[first]).sum() / 100.0)
 
 
 def interpolated_best(thresholds: np.ndarray, recall: np.ndarray,
@@ -243,10 +274,13 @@ def interpolated_best(thresholds: np.ndarray, recall: np.ndarray,
     return float(f[k]), float(t[k]), float(p[k]), float(r[k])
 
 
+EDGE_PROTOCOLS = ("bsds", "seism")
+
+
 @METRICS.register("edge")
 class EdgeMetric(Metric):
     """Edge detection as the BSDS benchmark scores it, the protocol of the multi-task
-    PASCAL-Context benchmark (SEISM, ``maxDist = 0.0075``): ``odsf`` and ``oisf``.
+    PASCAL-Context benchmark (SEISM, ``maxDist = 0.0075``): ``odsf``, ``oisf`` and ``ap``.
 
     Thresholds ``k / (n + 1)``, ``k = 1..n`` with ``n = num_thresholds = 99``, and the
     prediction is an edge where ``pb >= t``; ``levels=255`` reads ``pb`` as the benchmark does,
@@ -255,11 +289,13 @@ class EdgeMetric(Metric):
     so the tolerance ``max_dist`` times the image diagonal means what it means in BSDS.
     Unlabelled pixels inside the box are no edge in the label and none in the prediction.
     Per threshold the thresholded map is thinned and matched one to one with the label
-    (:mod:`mtpsl.metrics.bsds`); the counts are summed over images. ``odsf`` is BSDS's
-    interpolated best F of the pooled recall and precision, ``oisf`` the F of the counts summed
-    at each image's own best threshold. AP is not computed: two definitions circulate (the
-    MATLAB code's interpolated area and an 11-point-style average) and the benchmark reports
-    odsF only.
+    (:mod:`mtpsl.metrics.bsds`); the counts are summed over images. ``oisf`` is the F of the
+    counts summed at each image's own best threshold; ``ap`` is SEISM's (:func:`seism_ap`, the
+    one the benchmark's ``eval_edge.py`` writes beside odsF and oisF). ``protocol`` picks the
+    odsF: ``bsds`` (default) BSDS's interpolated best F of the pooled recall and precision
+    (``findBestRPF``); ``seism`` the benchmark's, the best F over the thresholds themselves
+    (SEISM's ``general_ods.m``), with each image's own best threshold for oisF picked from F
+    values rounded to 6 decimals as SEISM reads them back (``general_ois.m``).
 
     Cost: host-side (numpy/scipy), about ``num_thresholds`` thinnings and matchings per image
     (seconds for a 512 x 512 image, see the README); ``workers > 0`` scores images in that
@@ -267,12 +303,15 @@ class EdgeMetric(Metric):
     ``EdgeTask(measure="dilation")`` switches to the fast approximation for monitoring.
     """
 
-    higher_is_better: ClassVar[dict[str, bool]] = {"odsf": True, "oisf": True}
+    higher_is_better: ClassVar[dict[str, bool]] = {"odsf": True, "oisf": True, "ap": True}
 
     def __init__(
         self, max_dist: float = 0.0075, num_thresholds: int = 99, levels: int | None = 255,
-        workers: int = 0, device: torch.device | str | None = None,
+        workers: int = 0, device: torch.device | str | None = None, protocol: str = "bsds",
     ) -> None:
+        if protocol not in EDGE_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {EDGE_PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol
         if not max_dist > 0:
             raise ValueError(f"max_dist must be > 0, got {max_dist!r}")
         if num_thresholds < 1:
@@ -328,7 +367,7 @@ class EdgeMetric(Metric):
                 self._add(self._pending.popleft().result())
 
     def _add(self, counts: np.ndarray) -> None:
-        best = _own_best(counts)
+        best = _own_best(counts, 6 if self.protocol == "seism" else None)
         self._state["counts"] += torch.from_numpy(counts).to(self._device)
         self._state["at_best"] += torch.from_numpy(counts[:, best]).to(self._device)
 
@@ -347,9 +386,16 @@ class EdgeMetric(Metric):
         if state["counts"][3].sum() + state["counts"][1].sum() == 0:
             return dict.fromkeys(self.higher_is_better, math.nan)
         recall, precision = _rates(state["counts"])
-        ods, threshold, p, r = interpolated_best(self.thresholds, recall, precision)
+        if self.protocol == "seism":
+            f = _f1(precision, recall)
+            k = int(f.argmax())
+            ods, threshold, p, r = (float(f[k]), float(self.thresholds[k]), float(precision[k]),
+                                    float(recall[k]))
+        else:
+            ods, threshold, p, r = interpolated_best(self.thresholds, recall, precision)
         self.best = {"threshold": threshold, "precision": p, "recall": r}
-        return {"odsf": ods, "oisf": float(_f1(*_rates(state["at_best"])))}
+        return {"odsf": ods, "oisf": float(_f1(*_rates(state["at_best"]))),
+                "ap": seism_ap(*seism_rates(state["counts"]))}
 
     def best_map(self, pred: Tensor, target: Tensor) -> np.ndarray:
         """The thinned 0/1 map of one image (``[1, 1, H, W]``) at the threshold where it
@@ -358,7 +404,7 @@ class EdgeMetric(Metric):
         out = np.zeros(pred.shape[-2:], dtype=np.float32)
         for box, prob, gt in self._images(pred, target):
             counts = boundary_counts(prob, gt, self.thresholds, self.max_dist)
-            best = _own_best(counts)
+            best = _own_best(counts, 6 if self.protocol == "seism" else None)
             cut = self.thresholds[best] if _f1(*_rates(counts[:, best])) > 0 else 0.5
             out[box] = thin((prob >= cut)[None])[0]
         return out

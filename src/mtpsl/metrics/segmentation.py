@@ -16,6 +16,8 @@ from mtpsl.metrics.base import (
     argmax_classes,
 )
 
+ABSENT_CLASS_RULES = ("skip", "zero")
+
 
 @METRICS.register("segmentation")
 class SegmentationMetric(Metric):
@@ -25,8 +27,12 @@ class SegmentationMetric(Metric):
     class map; ``target`` is ``[B, H, W]`` integer, any value outside ``[0, C)`` (e.g. -1)
     is ignored. A predicted class id outside ``[0, C)`` counts as a miss for its gt class
     (an extra confusion column) rather than being dropped, so it cannot inflate accuracy.
-    After ``compute``: ``absent_classes`` (ids with no gt pixel) and ``per_class_iou``
-    (NaN where a class is absent from both gt and pred; such classes are skipped by mIoU).
+    After ``compute``: ``absent_classes`` (ids with no gt pixel) and ``per_class_iou``.
+
+    ``absent_class`` says how a class absent from both gt and pred enters mIoU: ``skip``
+    (default: its IoU is NaN and the mean skips it) or ``zero`` (the multi-task PASCAL-Context
+    benchmark's ``eval_semseg.py`` / ``eval_human_parts.py``: ``tp / max(tp + fp + fn, 1e-8)``
+    = 0, averaged over every class).
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {
@@ -35,10 +41,15 @@ class SegmentationMetric(Metric):
         "n_absent_classes": False,
     }
 
-    def __init__(self, num_classes: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_classes: int, device: torch.device | str | None = None,
+                 absent_class: str = "skip") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if absent_class not in ABSENT_CLASS_RULES:
+            raise ValueError(f"absent_class must be one of {ABSENT_CLASS_RULES}, "
+                             f"got {absent_class!r}")
         self.num_classes = num_classes
+        self.absent_class = absent_class
         self.absent_classes: list[int] = []
         self.per_class_iou: list[float] = []
         super().__init__(device)
@@ -98,7 +109,8 @@ class SegmentationMetric(Metric):
         gt_count = conf.sum(dim=1)
         pred_count = conf[:, :c].sum(dim=0)
         union = gt_count + pred_count - tp
-        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+        absent = 0.0 if self.absent_class == "zero" else math.nan
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, absent))
         self.per_class_iou = [float(v) for v in iou]
         self.absent_classes = [i for i in range(c) if gt_count[i] == 0]
         total = float(gt_count.sum())

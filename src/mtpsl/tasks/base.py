@@ -170,13 +170,16 @@ class Task:
         """A hole-free label in the input space of :meth:`critic_input`."""
         return self.encode_target(target)
 
-    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor,
+                            count: Tensor | None = None) -> Tensor:
         """Per-image loss ``[N]`` of decoder ``logits`` reconstructing an encoded map ``target``
-        (:meth:`encode_target`'s space), averaged over the pixels of ``mask`` ``[N, H, W]``: a
-        joint-task auto-encoder's (JTR's) reconstruction term. Default: L1 between the
-        sigmoid of the logits (kept 1e-5 inside (0, 1)) and the target, summed over channels."""
-        squeezed = torch.sigmoid(logits) * (1.0 - 2e-5) + 1e-5
-        return masked_pixel_mean((squeezed - target).abs().sum(dim=1), mask)
+        (:meth:`encode_target`'s space) over the pixels of ``mask`` ``[N, H, W]``: a joint-task
+        auto-encoder's (JTR's) reconstruction term. Summed over the mask and divided by
+        ``count`` ``[N]`` when given (JTR's code divides by the target's non-zero elements),
+        else averaged over the mask's pixels. Default: L1 between the sigmoid of the logits
+        (squeezed by 1e-5 about 0.5, as JTR's code) and the target, summed over channels."""
+        squeezed = (torch.sigmoid(logits) - 0.5) * (1.0 - 1e-5) + 0.5
+        return masked_pixel_mean((squeezed - target).abs().sum(dim=1), mask, count)
 
     def after_interpolation(self, target: Tensor) -> Tensor:
         """Restore a label's invariants after interpolation blended its values (unit
@@ -210,10 +213,12 @@ class Task:
         raise MtpslError(f"task {self.name!r} ({type(self).__name__}) has no figure display")
 
 
-def masked_pixel_mean(per_pixel: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``[N, H, W]`` values over each image's ``mask`` pixels (0 where it has none)."""
+def masked_pixel_mean(per_pixel: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:
+    """Mean of ``[N, H, W]`` values over each image's ``mask`` pixels (0 where it has none);
+    with ``count`` ``[N]``, their sum divided by it instead."""
     mask = mask.to(per_pixel.dtype)
-    return (per_pixel * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+    total = (per_pixel * mask).flatten(1).sum(1)
+    return total / (mask.flatten(1).sum(1).clamp(min=1) if count is None else count)
 
 
 def broadcast_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:

@@ -107,6 +107,9 @@ class EdgeTask(BinaryTask):
     one-to-one matching, odsF and oisF; host-side, seconds per 512 x 512 image);
     ``"dilation"`` with the fast on-device approximation ``edge_dilation`` (key
     ``odsf_dilation``, not comparable with published numbers), for monitoring in training.
+    ``protocol`` picks the BSDS measure's odsF: ``"bsds"`` (BSDS's interpolated best F) or
+    ``"seism"`` (the PASCAL-Context benchmark's ``eval_edge.py``: the best F over its 99
+    thresholds); see :class:`~mtpsl.metrics.edge.EdgeMetric`.
     """
 
     pos_weight: float | None = 0.95
@@ -115,6 +118,8 @@ class EdgeTask(BinaryTask):
     measure: Literal["bsds", "dilation"] = "bsds"
     workers: int = 0
     """Processes scoring images with the BSDS measure during evaluation (0: in process)."""
+    protocol: Literal["bsds", "seism"] = "bsds"
+    """odsF of the BSDS measure: BSDS's interpolated one or SEISM's (the benchmark's)."""
 
     metric: ClassVar[str] = "edge"
     primary_metric: ClassVar[str] = "odsf"
@@ -127,6 +132,9 @@ class EdgeTask(BinaryTask):
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"edge task {self.name!r}: workers must be an integer >= 0, "
                              f"got {self.workers!r}")
+        if self.protocol not in ("bsds", "seism"):
+            raise ValueError(f"edge task {self.name!r}: protocol must be 'bsds' or 'seism', "
+                             f"got {self.protocol!r}")
 
     def metric_name(self) -> str:
         return self.metric if self.measure == "bsds" else "edge_dilation"
@@ -139,7 +147,9 @@ class EdgeTask(BinaryTask):
     def metric_kwargs(self) -> dict:
         if self.measure == "dilation":
             return {"max_dist": self.max_dist}
-        return {"max_dist": self.max_dist, "workers": self.workers}
+        if self.protocol == "bsds":
+            return {"max_dist": self.max_dist, "workers": self.workers}
+        return {"max_dist": self.max_dist, "workers": self.workers, "protocol": self.protocol}
 
     def panels(self, target: Tensor | None, preds: Sequence[Tensor]) -> list[Cell]:
         """Predictions as the 0/1 maps their per-image score is taken at (:func:`edge_map`);

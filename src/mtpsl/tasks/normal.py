@@ -60,10 +60,15 @@ class NormalTask(Task):
         """
         return (1.0 - (pred * ref).sum(dim=1)).flatten(1).mean(dim=1)
 
-    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        """``1 - cos`` between the normalised logits and the unit normal ``2 target - 1``."""
+    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor,
+                            count: Tensor | None = None) -> Tensor:
+        """``1 - cos`` between the normalised logits and the normal ``2 target - 1``; with
+        ``count``, JTR's code's form ``1 - (sum of the cosines over the mask) / count``."""
         unit = F.normalize(logits, p=2, dim=1, eps=1e-12)
-        return masked_pixel_mean(1.0 - (unit * (2.0 * target - 1.0)).sum(dim=1), mask)
+        cos = (unit * (2.0 * target - 1.0)).sum(dim=1)
+        if count is None:
+            return masked_pixel_mean(1.0 - cos, mask)
+        return 1.0 - masked_pixel_mean(cos, mask, count)
 
     def after_interpolation(self, target: Tensor) -> Tensor:
         """L2-normalise non-zero vectors; zero (invalid) pixels stay zero."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -18,9 +18,14 @@ from mtpsl.tasks.base import TASKS, Interpolation, Task, masked_pixel_mean
 @TASKS.register("segmentation")
 @dataclass(frozen=True)
 class SegmentationTask(Task):
-    """Per-pixel classification; the head outputs log-probabilities (NLL loss, -1 ignored)."""
+    """Per-pixel classification; the head outputs log-probabilities (NLL loss, -1 ignored).
+
+    ``absent_class`` is the metric's rule for a class absent from labels and predictions:
+    ``skip`` (left out of mIoU) or ``zero`` (an IoU of 0, the PASCAL-Context benchmark's).
+    """
 
     num_classes: int = 13
+    absent_class: Literal["skip", "zero"] = "skip"
 
     channels: ClassVar[int] = 0  # overridden by out_channels
     interpolation: ClassVar[Interpolation] = "nearest"
@@ -33,8 +38,15 @@ class SegmentationTask(Task):
     def out_channels(self) -> int:
         return self.num_classes
 
+    def __post_init__(self) -> None:
+        if self.absent_class not in ("skip", "zero"):
+            raise ValueError(f"segmentation task {self.name!r}: absent_class must be 'skip' or "
+                             f"'zero', got {self.absent_class!r}")
+
     def metric_kwargs(self) -> dict:
-        return {"num_classes": self.num_classes}
+        if self.absent_class == "skip":
+            return {"num_classes": self.num_classes}
+        return {"num_classes": self.num_classes, "absent_class": self.absent_class}
 
     def activate(self, raw: Tensor) -> Tensor:
         return F.log_softmax(raw, dim=1)
@@ -83,11 +95,12 @@ class SegmentationTask(Task):
         onehot = F.one_hot(pred.argmax(dim=1), pred.shape[1])
         return onehot.permute(0, 3, 1, 2).to(pred.dtype)
 
-    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    def reconstruction_loss(self, logits: Tensor, target: Tensor, mask: Tensor,
+                            count: Tensor | None = None) -> Tensor:
         """Binary cross-entropy of each class channel's logit against the (one-hot or soft)
         class map, summed over classes."""
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)
-        return masked_pixel_mean(bce, mask)
+        return masked_pixel_mean(bce, mask, count)
 
     def hard_label(self, pred: Tensor) -> Tensor:
         return pred.argmax(dim=1)
