@@ -1,9 +1,13 @@
 """Grids of runs (methods x label regimes x seeds) and the tables that summarise them.
 
-Each cell is an ordinary run in ``OUT/<regime>/<method>/seed<k>``; a cell whose
-``final_metrics.json`` exists is not trained again, so an interrupted grid resumes. Tables
-(built by :mod:`mtpsl.analysis.report`, the one implementation of the tables) have one row per
-set-up, with the mean and 95% interval over seeds of each task's primary metric (or of
+Each cell is an ordinary run in ``OUT/<regime>/<method>/seed<k>`` (see
+:mod:`mtpsl.analysis.grid`); a cell whose ``final_metrics.json`` exists is not trained again,
+so an interrupted grid resumes. ``compare.launcher`` says where the cells train (see
+:mod:`mtpsl.analysis.launch`): in this process one after another, N at once on this machine,
+or as cluster jobs through submitit; ``compare --status OUT`` lists the cells' states. Tables
+(built by :mod:`mtpsl.analysis.report`, the one implementation of the tables) are written
+when the last cell ends, the same however the cells were run: one row per set-up, with the
+mean and 95% interval over seeds of each task's primary metric (or of
 ``compare.delta_metrics``), and the paired multi-task gain Delta_m against the baseline method
 (STL) of the same set-up, with its verdict; cross-dataset grids get one more table per source,
 from the runs' ``metrics@<source>``. ``curves.png/.pdf`` plots each task's primary metric over
@@ -13,199 +17,105 @@ epochs, one line per method (mean over seeds); ``seeds.png/.pdf`` every seed's v
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mtpsl.analysis import report
-from mtpsl.analysis.figures.seeds import plot_seeds
-from mtpsl.core.config import Config, MethodVariant, build_config
-from mtpsl.core.errors import ConfigError, RunFolderError
-from mtpsl.core.rundir import holds_run
-from mtpsl.engine.build import check_names, method_for, open_dataset, weighting_for
-from mtpsl.engine.run import resume, saved_config_difference, train
-from mtpsl.tasks.scoring import higher_is_better
-from mtpsl.weighting import WEIGHTINGS
+from mtpsl.analysis.grid import (
+    Cell,
+    all_cells,
+    cell_config_for,
+    check_cells,
+    check_delta_metrics,
+    check_folders,
+    grid_cells,
+    sweep_weightings,
+    train_or_continue,
+    write_curves,
+    write_tables,
+)
+from mtpsl.analysis.launch.cell import finish_if_complete
+from mtpsl.analysis.launch.cluster import cluster_of, submit, wait
+from mtpsl.analysis.launch.local import run_local
+from mtpsl.analysis.launch.state import grid_status, launch_lock, status_text, write_manifest
+from mtpsl.core.config import Config
+from mtpsl.core.errors import ConfigError, MtpslError
 
 ARROWS = report.ARROWS
+__all__ = ["ARROWS", "Cell", "all_cells", "cell_config_for", "check_cells", "compare",
+           "grid_cells", "status_text", "sweep_weightings", "train_or_continue",
+           "write_curves", "write_tables"]
+
+POLL_S = {"local": 1.0, "slurm": 30.0}
+"""How often ``compare --wait`` looks at the cells of each submitit cluster."""
 
 
-def sweep_weightings(names: list[str]) -> list[str]:
-    """``compare.weightings`` checked, with ``all`` standing for every registered one."""
-    if "all" in names:
-        names = [n for n in names if n != "all"] + WEIGHTINGS.names()
-    for name in names:
-        if name not in WEIGHTINGS:
-            raise ConfigError(f"compare.weightings: unknown weighting {name!r}; known: all, "
-                              f"{', '.join(WEIGHTINGS.names())}")
-    return list(dict.fromkeys(names))
-
-
-def grid_cells(config: Config) -> list[tuple[str, str]]:
-    """(regime, method) cells: the grid (each method crossed with ``compare.weightings``
-    when given), then the extra cells, without repeats."""
-    grid = config.compare
-    weightings = sweep_weightings(grid.weightings)
-    methods = [m if not weightings or m == grid.baseline else f"{m}+{w}"
-               for m in grid.methods for w in (weightings or [""])]
-    cells = [(regime, method) for regime in grid.regimes for method in dict.fromkeys(methods)]
-    for extra in grid.extra_cells:
-        method, sep, regime = extra.partition("@")
-        if not sep or not method or not regime:
-            raise ConfigError(f"compare.extra_cells: {extra!r} must look like method@regime")
-        cells.append((regime, method))
-    return list(dict.fromkeys(cells))
-
-
-def run_grid(config: Config, out: Path) -> list[dict]:
-    """Train every (regime, method, seed) cell; return their final metrics."""
-    results = []
-    cells = [(r, m, s) for r, m in grid_cells(config) for s in config.compare.seeds]
-    pending = sum(not (_cell_dir(out, *c) / "final_metrics.json").exists() for c in cells)
-    trained: list[float] = []
-    for k, (regime, method, seed) in enumerate(cells, 1):
-        cell = _cell_dir(out, regime, method, seed)
-        final_path = cell / "final_metrics.json"
-        if not final_path.exists():
-            cell_config = cell_config_for(config, regime, method, seed)
-            left = pending - len(trained)
-            eta = f", ETA {sum(trained) / len(trained) * left / 60:.1f} min" if trained else ""
-            print(f"== run {k} of {len(cells)}: {regime} / {method} / seed {seed} -> {cell}"
-                  f"{eta}", file=sys.stderr, flush=True)
-            began = time.perf_counter()
-            train_or_continue(cell_config, cell)
-            trained.append(time.perf_counter() - began)
-        results.append(report.load_result(cell))
-    return results
-
-
-def train_or_continue(config: Config, cell: Path) -> dict:
-    """Train a cell, or continue it where an interrupted grid left it (its config must be
-    the cell's: a changed grid does not silently mix two set-ups in one cell)."""
-    if not holds_run(cell):
-        return train(config, cell)
-    differing = saved_config_difference(cell / "config.yaml", config)
-    if differing:
-        raise RunFolderError(
-            f"grid cell {cell} holds a run whose config differs at {differing} from the "
-            "grid's; move or remove that folder to train the cell anew")
-    return resume(cell, [f"train.epochs={config.train.epochs}"])
-
-
-def _cell_dir(out: Path, regime: str, method: str, seed: int) -> Path:
-    return out / _slug(regime) / method / f"seed{seed}"
-
-
-def _slug(regime: str) -> str:
-    return regime.replace(":", "-")
-
-
-def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Config:
-    """The run config of one cell: the base config with the cell's regime, method and seed."""
-    data = config.model_dump()
-    data["name"] = f"{_slug(regime)}-{method}-seed{seed}"
-    data["label"] = method
-    method, _, weighting = method.partition("+")  # a compare.weightings cell: method+weighting
-    data["seed"] = seed
-    name, _, ratios = regime.partition(":")
-    data["labels"]["regime"] = name
-    if ratios:
-        try:
-            data["labels"]["ratios"] = [float(r) for r in ratios.split(":")]
-        except ValueError:
-            raise ConfigError(f"compare.regimes: {regime!r} must look like ratio:9:1") from None
-    variant = config.compare.variants.get(method)
-    if variant is not None:
-        data["method"]["name"] = variant.method
-        data["method"]["options"] = dict(variant.options)
-        _apply_variant_weighting(data["method"], variant)
-    elif method != config.method.name:
-        data["method"]["name"] = method
-        data["method"]["options"] = {}  # the base options belong to the base method
-    if weighting:
-        data["method"]["weighting"] = weighting
-        data["method"]["weighting_options"] = {}
-    return build_config(data, f"compare cell {regime} / {data['label']}")
-
-
-def _apply_variant_weighting(method: dict, variant: MethodVariant) -> None:
-    """A variant's weighting (its options, what it differentiates) replace the base ones
-    where it names them."""
-    if variant.weighting is not None and variant.weighting != method["weighting"]:
-        method["weighting"] = variant.weighting
-        method["weighting_options"] = {}  # the base options belong to the base strategy
-        method["weighting_gradients"] = None
-    if variant.weighting_options is not None:
-        method["weighting_options"] = dict(variant.weighting_options)
-    if variant.weighting_gradients is not None:
-        method["weighting_gradients"] = variant.weighting_gradients
-
-
-def check_delta_metrics(config: Config) -> None:
-    """``compare.delta_metrics`` must name metrics of the dataset's tasks; checked before any
-    training so a typo cannot cost a grid."""
-    chosen = config.compare.delta_metrics
-    if chosen is None:
-        return
-    known = higher_is_better(open_dataset(config, config.dataset.eval_split).tasks)
-    unknown = [k for k in chosen if k not in known]
-    if unknown or not chosen:
-        what = f"{unknown} are not task/metric keys of the dataset" if unknown else "is empty"
-        raise ConfigError(f"compare.delta_metrics: {what}; allowed: {', '.join(known)} "
-                          "(or null for each task's primary metric)")
-
-
-def check_cells(config: Config) -> None:
-    """Every cell's config, method and weighting built before any training (a variant's
-    option typo, a swept strategy that cannot take the grid's ``weighting_gradients``), so
-    that a bad cell cannot stop a grid halfway, after hours of the cells before it."""
-    cells = [cell_config_for(config, regime, method, config.compare.seeds[0])
-             for regime, method in grid_cells(config)]
-    for cell in cells:
-        try:
-            check_names(cell)
-        except ConfigError as err:
-            raise ConfigError(f"compare cell {cell.label}: {err}") from None
-    tasks = dict(open_dataset(config, config.dataset.train_split).tasks)
-    for cell in cells:
-        try:
-            method_for(cell, tasks)
-            weighting_for(cell, tuple(tasks))
-        except ConfigError as err:
-            raise ConfigError(f"compare cell {cell.label}: {err}") from None
-
-
-def write_tables(tables: Sequence[report.Table], text: str, out: Path) -> None:
-    (out / "results.md").write_text(text + "\n")
-    report.write_csv(report.table_rows(tables), out / "results.csv")
-
-
-def write_curves(results: Sequence[Mapping], out: Path) -> list[Path]:
-    """``curves.png/.pdf``: each metric over epochs, one line per method (mean over seeds)."""
-    from mtpsl.analysis.figures.curves import plot_curve_groups
-
-    several = len({r["regime"] for r in results}) > 1
-    groups: dict[str, list[Path]] = {}
-    for r in results:
-        label = f"{r['regime']}/{r['method']}" if several else r["method"]
-        groups.setdefault(label, []).append(Path(r["run_dir"]))
-    return plot_curve_groups(groups, out / "curves")
-
-
-def compare(config: Config, out: Path) -> str:
-    """Run the grid of ``config.compare`` into ``out`` and write results.md / results.csv."""
+def check_grid(config: Config, out: Path) -> None:
+    """Everything that can be checked before a cell trains."""
     grid = config.compare
     if grid.baseline not in grid.methods:
         print(f"note: baseline {grid.baseline!r} is not in the grid; Delta_m is left out")
     if not grid.methods or not grid.regimes or not grid.seeds:
         raise ConfigError("compare: methods, regimes and seeds must each be non-empty")
+    if grid.launcher.name == "submitit" and grid.launcher.jobs != 1:
+        raise ConfigError(f"compare.launcher.jobs: {grid.launcher.jobs} is for the local "
+                          "launcher; submitit runs each cell as a job of its own (allowed: 1)")
     check_delta_metrics(config)
     check_cells(config)
+    check_folders(config, out)
+
+
+def compare(config: Config, out: Path, wait_for_jobs: bool = False) -> str:
+    """Train (or submit) the cells of ``config.compare`` missing in ``out``; returns the
+    tables (results.md) once every cell is done, else what was submitted."""
+    check_grid(config, out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_grid(config, out)
-    tables = report.build_tables(results, grid.baseline, grid.delta_metrics)
-    text = report.tables_markdown(tables, grid.baseline, grid.contrasts)
-    write_tables(tables, text, out)
-    write_curves(results, out)
-    plot_seeds(tables[0], out / "seeds")
+    cells = all_cells(config)
+    launcher = config.compare.launcher
+    with launch_lock(out):
+        write_manifest(out, config.model_dump(mode="json"),
+                       [{"key": c.key, "regime": c.regime, "method": c.method, "seed": c.seed}
+                        for c in cells])
+        statuses = {s.key: s for s in grid_status(out)}
+        todo = [c for c in cells if statuses[c.key].state != "done"
+                and not statuses[c.key].active]
+        if launcher.name == "local":
+            run_local(config, out, cells, todo)
+            return _tables(out)
+        jobs = submit(launcher, out, todo, f"mtpsl-{config.name}") if todo else []
+    cluster = cluster_of(launcher)
+    if jobs:
+        ids = [str(j.job_id) for j in jobs]
+        print(f"submitted {len(jobs)} cell(s) to {cluster} (job{'s' * (len(ids) > 1)} "
+              f"{_span(ids)}); logs in {out / 'launch' / 'submitit'}", file=sys.stderr,
+              flush=True)
+    if wait_for_jobs:
+        statuses = {s.key: s for s in wait(out, jobs, POLL_S[cluster])}
+    else:
+        statuses = {s.key: s for s in grid_status(out)}
+    failed = [s for s in statuses.values() if s.state == "failed"]
+    if all(s.state == "done" for s in statuses.values()):
+        return _tables(out)
+    if failed:
+        raise MtpslError(f"{len(failed)} cell(s) failed: "
+                         + "; ".join(f"{s.key} ({s.detail})" for s in failed)
+                         + "; run the same compare again to resubmit only those")
+    return (f"{len(jobs)} cell(s) submitted, "
+            f"{sum(s.state == 'done' for s in statuses.values())} of {len(cells)} done; "
+            f"follow them with `mtpsl compare --status {out}`; the tables are written to "
+            f"{out / 'results.md'} when the last cell ends")
+
+
+def _tables(out: Path) -> str:
+    text = finish_if_complete(out)
+    if text is None:
+        waiting = [s.key for s in grid_status(out) if s.state != "done"]
+        return (f"{len(waiting)} cell(s) are still queued or running from an earlier launch "
+                f"({', '.join(waiting)}); the tables are written to {out / 'results.md'} "
+                f"when the last of them ends (see `mtpsl compare --status {out}`)")
+    print(f"wrote {out / 'results.md'}, results.csv, curves.png/.pdf and seeds.png/.pdf",
+          file=sys.stderr, flush=True)
     return text
+
+
+def _span(ids: list[str]) -> str:
+    return ids[0] if len(ids) == 1 else f"{ids[0]} … {ids[-1]}"
