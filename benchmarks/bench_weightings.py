@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--width-mult", type=float, default=0.25, help="SegNet width")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="train.amp of every row, one precision for all (bf16 leaves the "
+                        "gramian rows out: the Gram engine runs in fp32 only)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", help="comma-separated strategies (default: every registered one)")
@@ -73,7 +76,7 @@ def measure_one(weighting: str, args) -> dict:
     name, _, form = weighting.partition("@")
     config = load_config(None, [f"method.weighting={name}", f"model.width={args.width_mult}",
                                 f"train.batch_size={args.batch_size}", f"train.device={device}",
-                                "train.deterministic=false",
+                                "train.deterministic=false", f"train.amp={args.amp}",
                                 *([f"method.weighting_gradients={form}"] if form else [])])
     tasks = tasks_of(TASKS)
     step = build_run(config, tasks, device)
@@ -89,7 +92,8 @@ def measure_one(weighting: str, args) -> dict:
 def measure_all(args) -> list[dict]:
     names = args.only.split(",") if args.only else WEIGHTINGS.names()
     names = ["uniform", *[n for n in names if n != "uniform"]]  # the baseline first
-    names += [f"{n}@{form}" for form in FORMS
+    forms = FORMS if args.amp == "off" else ("representation",)  # the Gram engine: fp32 only
+    names += [f"{n}@{form}" for form in forms
               for n in filter(None, getattr(args, form).split(","))]
     rows = []
     for name in names:
@@ -120,7 +124,7 @@ def _measure_alone(name: str, args) -> dict:
 def _forwarded(args) -> list[str]:
     return [f"--device={args.device}", f"--height={args.height}", f"--width={args.width}",
             f"--batch-size={args.batch_size}", f"--width-mult={args.width_mult}",
-            f"--steps={args.steps}", f"--warmup={args.warmup}",
+            f"--steps={args.steps}", f"--warmup={args.warmup}", f"--amp={args.amp}",
             f"--representation={args.representation}", f"--gramian={args.gramian}"]
 
 
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "setup": {"height": args.height, "width": args.width, "batch_size": args.batch_size,
                   "model": f"segnet width {args.width_mult}", "method": "sl",
-                  "tasks": TASKS, "labels": "full"},
+                  "tasks": TASKS, "labels": "full", "amp": args.amp},
         "rows": rows,
         "table": table(rows),
     }

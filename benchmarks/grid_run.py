@@ -21,7 +21,6 @@ import json
 import platform
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,10 @@ from mtpsl.analysis.compare import compare
 from mtpsl.core.config import load_config
 from mtpsl.data.cross_domain import write_synthetic_pair
 from mtpsl.data.synthetic import write_cityscapes_layout, write_nyuv2_layout, write_pascal_layout
+from mtpsl.engine.speed import probe_hardware
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quiet import measured, wait_quiet  # a sibling script (on the path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +52,11 @@ def main() -> int:
     # Defaults: the demo's data, as `make demo` renders it.
     parser.add_argument("--n-train", type=int, default=160)
     parser.add_argument("--n-val", type=int, default=50)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=96)
+    parser.add_argument("--height", type=int, default=48)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--work", default="/tmp/mtpsl-grid", help="scratch folder")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--suffix", default="", help="appended to the record's name, e.g. _fp32")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -76,13 +80,13 @@ def main() -> int:
             return 2
         writer(data, n_train=args.n_train, n_val=args.n_val, height=args.height,
                width=args.width, progress=False)
-    started = time.perf_counter()
-    table = compare(config, work / f"runs-{args.device}")
-    seconds = time.perf_counter() - started
+    runs_dir = work / f"runs-{args.device}{args.suffix}"  # finished cells are kept
+    if args.device == "cpu":
+        wait_quiet(0.3)  # timings on a shared machine: see quiet.py
+    table, seconds, others = measured(lambda: compare(config, runs_dir))
     print(table)
     cuda = args.device == "cuda"
     device_name = torch.cuda.get_device_name(0) if cuda else _cpu_name()
-    runs_dir = work / f"runs-{args.device}"
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.rglob("final_metrics.json"))]
     record = {
         "benchmark": args.preset,
@@ -91,11 +95,13 @@ def main() -> int:
                  "size": [args.height, args.width]},
         "overrides": overrides,
         "device": device_name,
+        "cpu_class": None if cuda else cpu_class(runs),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "wall_seconds": round(seconds, 1),
+        "others_cpu_cores": round(others, 3),
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
         "table_markdown": table,
         "runs": runs,
@@ -103,11 +109,19 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"cuda_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}" if cuda else "cpu"
-    path = out / f"{args.preset}_{tag}.json"
+    path = out / f"{args.preset}_{tag}{args.suffix}.json"
     path.write_text(json.dumps(record, indent=2))
     path.with_suffix(".md").write_text(f"`{record['command']}` on {device_name}\n\n{table}\n")
     print(f"wrote {path}")
     return 0
+
+
+def cpu_class(runs: list[dict]) -> dict:
+    """Which class of CPU wrote the record: its vector capability and whether it has bf16
+    natively, which decide what ``train.amp: auto`` trained in (the runs' precision)."""
+    hw = probe_hardware(torch.device("cpu"))
+    return {"isa": hw.isa, "native_bf16": hw.native_bf16,
+            "amp": sorted({r["setup"]["train"]["amp"] for r in runs})}
 
 
 def _cpu_name() -> str:

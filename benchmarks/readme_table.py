@@ -27,6 +27,11 @@ from mtpsl.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "results" / "synthetic_demo_cpu.json"
+FP32_RECORD = ROOT / "benchmarks" / "results" / "synthetic_demo_cpu_fp32.json"
+"""The same grid in fp32 (``grid_run.py --device cpu --suffix _fp32 train.amp=off``): what
+``auto`` trains in on a CPU without native bf16."""
+EPOCH_RECORD = ROOT / "benchmarks" / "results" / "demo_epoch_cpu.json"
+"""One demo epoch here and on issue 27's CPU (``bench_demo_epoch.py``): the scale between them."""
 README = ROOT / "README.md"
 BEGIN, END = "<!-- demo-table -->", "<!-- /demo-table -->"
 WEIGHTINGS_TABLES = {name: (ROOT / "benchmarks" / "results" / f"{name}.json",
@@ -47,16 +52,57 @@ def block(record: dict) -> str:
     results = [report.result_of(run, None, run["name"]) for run in record["runs"]]
     tables = report.build_tables(results, config.compare.baseline, config.compare.delta_metrics)
     text = report.tables_markdown(tables, config.compare.baseline, config.compare.contrasts)
+    minutes, per_method = training_minutes(record)
+    timing = (f"Measured: {minutes:.1f} min of training in all ({len(record['runs'])} runs; "
+              f"per run {per_method}) and {record['wall_seconds'] / 60:.1f} min wall time with "
+              f"evaluation, on {record['device']}{cpu_class(record)} with "
+              f"{record['cpu_threads']} threads, torch {record['torch']}.")
+    return f"{BEGIN}\n{text}\n\n{timing}\n{other_class()}{END}"
+
+
+def training_minutes(record: dict) -> tuple[float, str]:
+    """Total training minutes of a record's runs and the mean seconds per run of each method."""
     seconds: dict[str, list[float]] = {}
     for run in record["runs"]:
         seconds.setdefault(run["label"], []).append(run["train_seconds_this_session"])
     per_method = ", ".join(f"{m} {statistics.mean(s):.0f} s" for m, s in seconds.items())
-    total = sum(sum(s) for s in seconds.values())
-    timing = (f"Measured: {total / 60:.1f} min of training in all ({len(record['runs'])} runs; "
-              f"per run {per_method}) and {record['wall_seconds'] / 60:.1f} min wall time with "
-              f"evaluation, on {record['device']} with {record['cpu_threads']} threads, torch "
-              f"{record['torch']}.")
-    return f"{BEGIN}\n{text}\n\n{timing}\n{END}"
+    return sum(sum(s) for s in seconds.values()) / 60, per_method
+
+
+def other_class() -> str:
+    """The paragraph on CPUs without native bf16: the fp32 grid measured here, its verdicts,
+    and the estimate for issue 27's CPU ('' until both records exist)."""
+    if not (FP32_RECORD.exists() and EPOCH_RECORD.exists()):
+        return ""
+    fp32, epoch = json.loads(FP32_RECORD.read_text()), json.loads(EPOCH_RECORD.read_text())
+    minutes, per_method = training_minutes(fp32)
+    config = demo_config(fp32)
+    results = [report.result_of(run, None, run["name"]) for run in fp32["runs"]]
+    tables = report.build_tables(results, config.compare.baseline, config.compare.delta_metrics)
+    text = report.tables_markdown(tables, config.compare.baseline, config.compare.contrasts)
+    verdicts = "; ".join(line.removeprefix("- ") for line in text.splitlines()
+                         if line.startswith("- "))
+    scale, ours = epoch["scale_to_reference"], epoch["cells"]["off/true"]
+    ref = epoch["reference"]
+    return (f"\nOn a CPU without native bf16 `train.amp: auto` trains in fp32. The same grid in "
+            f"fp32, measured on the machine above: {minutes:.1f} min of training ({per_method});"
+            f" its verdicts: {verdicts}. Estimated on {ref['cpu']}: at most {minutes * scale:.1f} "
+            f"min of training, the fp32 time here x {scale:.2f}, the ratio of one SL epoch of "
+            f"the demo preset at 64x96 in fp32, channels-last, there (its whole process, "
+            f"{ref['seconds']['off/true']} s, {ref['source'].split(' (')[0]}, less the start-up "
+            f"measured here) and here ({ours['epoch_s']:.1f} s after a "
+            f"{ours['one_epoch_process_s'] - ours['epoch_s']:.1f} s start-up, "
+            f"`{epoch['command']}`).\n")
+
+
+def cpu_class(record: dict) -> str:
+    """`` (AVX512, avx512_bf16: bf16 by train.amp=auto)``: the class of CPU that wrote the
+    record, which decides the precision ``auto`` trained in ('' for older records)."""
+    cls = record.get("cpu_class")
+    if not cls:
+        return ""
+    amp = " and ".join("fp32" if a == "off" else a for a in cls["amp"])
+    return f" ({cls['isa']}: {amp} by train.amp=auto)"
 
 
 def weightings_block(record: dict, begin: str, end: str) -> str:

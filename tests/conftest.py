@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny random datasets in the standard ``.npy`` layouts."""
+"""Shared fixtures: tiny random datasets in the standard ``.npy`` layouts, the overrides and the
+helper of tiny CLI training runs, and the test tiers.
+
+Tiers: ``make test`` runs ``-m "not slow"`` on every core (pytest-xdist), ``make test-all`` (and
+CI) that and then the slow tier (``-m slow --dist loadfile``: a file's tests on one worker, so
+its module fixtures, chains of subprocess runs among them, are built once). Plain ``pytest``
+runs everything, serially. Under xdist each worker gets its share of the CPU threads.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -120,15 +128,102 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-TINY_TRAIN = [
-    "model.width=0.0625",
-    "train.epochs=1",
-    "train.batch_size=2",
-    "train.eval_batch_size=4",
-    "train.max_steps_per_epoch=1",
-    "train.progress=false",
-]
-"""Overrides for a one-step CLI training run on tiny data."""
+TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.progress=false",
+        "train.amp=off", "train.channels_last=false"]
+"""What every tiny CLI training run shares: a 1/16-width model, one epoch of batches of two, no
+progress bar, fp32 in NCHW on every machine (``auto`` trains bf16 where the CPU has it natively,
+and the tests' tolerances are fp32's). A module adds what its tests need after these (a later
+override wins)."""
+
+TINY_TRAIN = [*TINY, "train.eval_batch_size=4", "train.max_steps_per_epoch=1"]
+"""TINY cut to one step per epoch: the cheapest run that trains, evaluates and saves."""
+
+
+def train_cli(run: Path, root: Path, *overrides: str, config: str | None = None) -> Path:
+    """``mtpsl train`` in this process (the user's entry point without a subprocess's start-up)
+    into ``run`` on the layout at ``root``; asserts it succeeded and returns ``run``."""
+    from mtpsl.cli import main
+
+    preset = ["--config", config] if config else []
+    argv = ["train", *preset, "--run-dir", str(run), f"dataset.root={root}", *overrides]
+    assert main(argv) == 0, f"mtpsl {' '.join(argv)} failed"
+    return run
+
+
+def final_metrics(run: Path) -> dict:
+    """A finished run's ``final_metrics.json``."""
+    return json.loads((run / "final_metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_layout(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_layout`` built once per session (per xdist worker) for each set of arguments.
+
+    Shared between modules, so read-only: a test that adds, changes or removes files of its
+    layout builds its own with ``make_layout`` or ``layout_factory``."""
+    base = tmp_path_factory.mktemp("layouts")
+    built: dict[tuple, Path] = {}
+
+    def get(family: str = "nyuv2", n: int = 4, h: int = 32, w: int = 48, seed: int = 0,
+            splits: Sequence[str] = ("train", "val")) -> Path:
+        key = (family, n, h, w, seed, tuple(splits))
+        if key not in built:
+            built[key] = make_layout(base, family, n, h, w, seed, splits)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_root(shared_layout: Callable[..., Path]) -> Path:
+    """The usual tiny NYUv2 layout: 4 train and 4 val images of 32x48, built once; read-only."""
+    return shared_layout(n=4, h=32, w=48)
+
+
+# --- tiers -----------------------------------------------------------------------------------
+
+_XTASK = "tests/test_xtask.py::test_cli_"
+SLOW = {
+    # A SIGKILL mid-epoch of a subprocess run, then resume (three runs); the fast tier keeps
+    # the kill during a checkpoint write, and test_faults' Ctrl-C run.
+    "tests/test_resume_kill.py::test_sigkill_mid_epoch_then_resume_is_bitwise_identical",
+    # A 2x2 compare grid; test_compare_prints_a_table_with_delta_m and test_report's rows of
+    # two weightings and two models stay.
+    "tests/test_training.py::test_grids_of_two_weightings_and_two_models_report_separate_"
+    "labelled_rows",
+    # TaskTransferNet through the CLI, a full-width ResNet-18 per run: one run per family
+    # (uniform weighting, the l1 option set, the NYUv2 preset) stays in the fast tier.
+    f"{_XTASK}trains_synthetic_xtask_with_each_kind_of_weighting[uncertainty]",
+    f"{_XTASK}trains_synthetic_xtask_with_each_kind_of_weighting[gradnorm]",
+    f"{_XTASK}trains_synthetic_xtask_with_each_kind_of_weighting[pcgrad]",
+    f"{_XTASK}trains_with_each_option_value[mse]",
+    f"{_XTASK}trains_with_each_option_value[logl1]",
+    f"{_XTASK}trains_with_each_option_value[smoothl1]",
+    f"{_XTASK}runs_the_published_presets_at_tiny_size[xtask_cityscapes-cityscapes]",
+}
+"""Node ids of files kept byte-identical that run in the slow tier, marked here instead of in
+their files (the other files mark theirs with ``@pytest.mark.slow``)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker uses its share of the CPUs: two workers with two intra-op threads each on
+    two cores ran the tiny-tensor tests 5x slower than with one thread each (threads spin while
+    they wait). Subprocesses inherit the setting; an explicit OMP_NUM_THREADS wins."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cpus or 1) // int(workerinput["workercount"]))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests of ``SLOW``."""
+    for item in items:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 PASCAL_TASKS = ["semantic", "parts", "normal", "saliency", "edges"]

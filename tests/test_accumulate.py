@@ -44,7 +44,7 @@ class NoNorm(MultiTaskModel):
 MODELS.register("test_no_norm")(NoNorm)
 COMMON = ["model.name=test_no_norm", "optim.optimizer=sgd", "optim.momentum=0", "optim.lr=0.5",
           "train.epochs=1", "train.progress=false", "dataset.augment.scales=[1.0]",
-          "dataset.augment.flip=false", "labels.regime=random"]
+          "dataset.augment.flip=false", "labels.regime=random", "train.amp=off"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ parameter counts against closed forms, head selection, local weights, CLI runs a
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -18,7 +17,7 @@ from mtpsl.models.dense import resolve_heads
 from mtpsl.models.heads import ASPP_RATES
 from mtpsl.tasks import build_task
 
-from conftest import NYU_HEADS, NYU_TASKS, make_layout
+from conftest import NYU_HEADS, NYU_TASKS, TINY, final_metrics, train_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,27 +154,14 @@ def test_local_torchvision_weights_load_and_wrong_files_fail(tmp_path):
 
 # --- end to end from the CLI -------------------------------------------------------------
 
-TINY = [
+RESNET = [
+    *TINY,
     "model.name=resnet",
     "model.backbone.depth=18",
     "model.backbone.output_stride=32",
-    "model.width=0.0625",
-    "train.epochs=1",
-    "train.batch_size=2",
     "train.max_steps_per_epoch=1",
-    "train.progress=false",
     "optim.lr=1e-3",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_layout(tmp_path_factory.mktemp("data"), n=4, h=32, w=48)
-
-
-def _train(root, run_dir, *extra) -> dict:
-    assert main(["train", "--run-dir", str(run_dir), f"dataset.root={root}", *TINY, *extra]) == 0
-    return json.loads((run_dir / "final_metrics.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -189,7 +175,7 @@ def _train(root, run_dir, *extra) -> dict:
     ids=["sl", "stl", "ssl", "xtc"],
 )
 def test_train_resnet_end_to_end(tiny_root, tmp_path, extra):
-    final = _train(tiny_root, tmp_path / "run", *extra)
+    final = final_metrics(train_cli(tmp_path / "run", tiny_root, *RESNET, *extra))
     assert all(math.isfinite(v) for v in final["metrics"].values())
     if "method.name=stl" in extra:  # one trunk per task, each with the head asked for
         heads = {"semantic": "deeplab", "depth": "aspp", "normal": "conv"}
@@ -217,7 +203,7 @@ def test_train_resnet_end_to_end(tiny_root, tmp_path, extra):
 )
 def test_cli_errors_name_the_key(tiny_root, tmp_path, capsys, override, message):
     code = main(
-        ["train", "--run-dir", str(tmp_path / "r"), f"dataset.root={tiny_root}", *TINY, override]
+        ["train", "--run-dir", str(tmp_path / "r"), f"dataset.root={tiny_root}", *RESNET, override]
     )
     assert code == 2
     assert message in capsys.readouterr().err
@@ -232,7 +218,7 @@ def test_segnet_takes_no_options_and_xtc_segnet_mapper_refuses_a_resnet(
             "--run-dir",
             str(tmp_path / "a"),
             f"dataset.root={tiny_root}",
-            *TINY,
+            *RESNET,
             "model.name=segnet",
             "model.options.head=psp",
         ]
@@ -247,7 +233,7 @@ def test_segnet_takes_no_options_and_xtc_segnet_mapper_refuses_a_resnet(
             "--run-dir",
             str(tmp_path / "b"),
             f"dataset.root={tiny_root}",
-            *TINY,
+            *RESNET,
             "method.name=xtc",
         ]
     )

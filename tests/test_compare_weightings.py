@@ -15,19 +15,18 @@ from mtpsl.engine.build import build_experiment, train_loader
 from mtpsl.models import shared_parameters
 from mtpsl.weighting import WEIGHTINGS, GradientContext, build_weighting
 
-from conftest import make_layout, representation_of
+from conftest import TINY, representation_of
 
-TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2",
-        "train.max_steps_per_epoch=1", "train.progress=false", "train.eval_every=1",
-        "compare.seeds=[0]"]
+GRID = [*TINY, "train.max_steps_per_epoch=1", "train.eval_every=1", "compare.seeds=[0]"]
 
 
-def test_the_preset_runs_every_method_with_every_weighting(tmp_path):
+@pytest.mark.slow  # ~50 runs; each strategy's step is checked below and compare's CLI elsewhere
+def test_the_preset_runs_every_method_with_every_weighting(tmp_path, shared_layout):
     """The whole synthetic_weightings grid (every registered strategy with SL and XTC)."""
-    root = make_layout(tmp_path / "data", n=4, h=64, w=96)
+    root = shared_layout(n=4, h=64, w=96)
     out = tmp_path / "grid"
     code = main(["compare", "--config", "synthetic_weightings", "--out", str(out),
-                 f"dataset.root={root}", *TINY])
+                 f"dataset.root={root}", *GRID])
     assert code == 0
     cells = sorted(p.parent.name for p in out.glob("onelabel/*/seed0"))
     assert cells == sorted(["stl", *(f"{m}+{w}" for m in ("sl", "xtc")
@@ -57,24 +56,24 @@ def test_an_unknown_weighting_names_the_key(tmp_path, capsys):
     (["compare.weightings=[]", "compare.variants.xtc.options={con_weight: 2.0, conweight: 1}"],
      "compare cell xtc: "),
 ], ids=["gradients", "variant-option"])
-def test_a_bad_cell_stops_the_grid_before_any_training(tmp_path, capsys, bad, message):
-    root = make_layout(tmp_path / "data", n=4, h=64, w=96)
+def test_a_bad_cell_stops_the_grid_before_any_training(tmp_path, capsys, shared_layout, bad,
+                                                       message):
+    root = shared_layout(n=4, h=64, w=96)
     out = tmp_path / "grid"
     code = main(["compare", "--config", "synthetic_weightings", "--out", str(out),
-                 f"dataset.root={root}", *TINY, *bad])
+                 f"dataset.root={root}", *GRID, *bad])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not list(out.glob("*/*/seed0"))  # not one cell trained
 
 
 @pytest.fixture(scope="module")
-def batch_of(tmp_path_factory):
+def batch_of(tiny_root):
     """A real training batch of the synthetic_weightings set-up (one label per image), and the
     experiment for each method, built at a tiny size once."""
-    root = make_layout(tmp_path_factory.mktemp("data"), n=4, h=32, w=48)
     built = {}
     for method in ("sl", "xtc"):
-        config = load_config("synthetic_weightings", [f"dataset.root={root}", *TINY,
+        config = load_config("synthetic_weightings", [f"dataset.root={tiny_root}", *GRID,
                                                       f"method.name={method}"])
         exp = build_experiment(config)
         batch = next(iter(train_loader(exp, torch.device("cpu"))))

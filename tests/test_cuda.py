@@ -23,19 +23,18 @@ from mtpsl.cli import main
 from mtpsl.core import distributed
 from mtpsl.engine.checkpoint import load_checkpoint
 
-from conftest import make_layout
+from conftest import TINY, final_metrics, train_cli
 
 pytestmark = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = ["model.width=0.0625", "train.batch_size=2", "train.eval_batch_size=4",
-        "train.progress=false", "train.device=cuda", "train.eval_every=1",
+ARGS = [*TINY, "train.eval_batch_size=4", "train.device=cuda", "train.eval_every=1",
         "train.checkpoint_every=1", "optim.lr=1e-3"]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_layout(tmp_path_factory.mktemp("cuda"), n=6, h=32, w=48)
+@pytest.fixture
+def root(shared_layout):
+    return shared_layout(n=6, h=32, w=48)
 
 
 @pytest.fixture
@@ -48,8 +47,7 @@ def exact_fp32():
 
 
 def _train(root: Path, run: Path, *extra: str) -> dict:
-    assert main(["train", "--run-dir", str(run), f"dataset.root={root}", *TINY, *extra]) == 0
-    return json.loads((run / "final_metrics.json").read_text())
+    return final_metrics(train_cli(run, root, *ARGS, *extra))
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

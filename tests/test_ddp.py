@@ -33,14 +33,12 @@ import torch.multiprocessing as mp
 from mtpsl.cli import main
 from mtpsl.engine.checkpoint import load_checkpoint
 
-from conftest import make_layout
+from conftest import TINY
 
 RATIO = 1e-3
 ARGS = [
-    "model.width=0.0625",
-    "train.epochs=1",
+    *TINY,  # each run sets its train.batch_size
     "train.max_steps_per_epoch=2",
-    "train.progress=false",
     "train.eval_batch_size=4",
     "optim.optimizer=sgd",
     "optim.lr=1e-6",
@@ -51,8 +49,8 @@ XTC = ["method.name=xtc", "method.options.film_lr=1e-6"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_layout(tmp_path_factory.mktemp("ddp"), n=8, h=32, w=48)
+def root(shared_layout):
+    return shared_layout(n=8, h=32, w=48)
 
 
 def _free_port() -> int:
@@ -104,6 +102,7 @@ def _single(root, run_dir, *extra) -> dict[str, torch.Tensor]:
     return _params(run_dir)
 
 
+@pytest.mark.slow  # five runs; the torchrun test below keeps two-process training in the fast tier
 def test_two_spawned_processes_match_one_process_sl_xtc_and_resume(root, tmp_path):
     d = tmp_path
     common = [f"dataset.root={root}", *ARGS, "train.batch_size=2", "train.sync_bn=true"]

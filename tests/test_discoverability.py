@@ -59,7 +59,7 @@ def test_config_show_is_the_resolved_config_as_commented_yaml(capsys):
     epochs = next(x for x in out.splitlines() if x.startswith("  epochs: 3"))
     assert "int > 0" in epochs and "Training epochs" in epochs
     amp = next(x for x in out.splitlines() if x.startswith("  amp:"))
-    assert "one of off, bf16, fp16" in amp
+    assert "one of auto, off, bf16, fp16" in amp
     # The chosen method's own options, with their bounds and meaning.
     con = next(x for x in out.splitlines() if "#   con_weight: 2.0" in x)
     assert "float ≥ 0.0" in con and "consistency" in con

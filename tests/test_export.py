@@ -14,23 +14,15 @@ from mtpsl.cli import main
 from mtpsl.inference.export import ExportWrapper, ScatterUnpool2d, exportable, load_torchscript
 from mtpsl.inference.load import load_run
 
-from conftest import PASCAL_TASKS, make_layout
-
-TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.progress=false",
-        "train.eval_every=1"]
+from conftest import PASCAL_TASKS, TINY, train_cli
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_root):
     base = tmp_path_factory.mktemp("export")
-    root = make_layout(base, n=4, h=32, w=48)
-    out = {}
-    for method in ("sl", "stl"):
-        run_dir = base / f"run-{method}"
-        assert main(["train", "--run-dir", str(run_dir), f"dataset.root={root}", *TINY,
-                     f"method.name={method}"]) == 0
-        out[method] = run_dir
-    return out
+    return {method: train_cli(base / f"run-{method}", tiny_root, *TINY, "train.eval_every=1",
+                              f"method.name={method}")
+            for method in ("sl", "stl")}
 
 
 def _reference(run_dir, x):

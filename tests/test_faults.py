@@ -32,15 +32,14 @@ from mtpsl.core.errors import EXIT_ERROR, EXIT_PREEMPTED
 from mtpsl.core.files import stale_temps
 from mtpsl.engine.checkpoint import load_checkpoint
 
-from conftest import assert_same_state, make_layout
+from conftest import TINY, assert_same_state
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
 
 # 12 images, batch 2: 6 steps per epoch; 3 epochs; checkpoints after epochs 2 and 3 only, so
 # a kill in epoch 3 has logged a row (epoch 3's, from a killed try) the checkpoint has not.
-ARGS = ["model.width=0.0625", "train.epochs=3", "train.batch_size=2", "train.eval_every=1",
-        "train.checkpoint_every=2", "train.progress=false", "train.device=cpu",
-        "optim.lr=1e-3", "train.eval_batch_size=4"]
+ARGS = [*TINY, "train.epochs=3", "train.eval_every=1", "train.checkpoint_every=2",
+        "train.device=cpu", "optim.lr=1e-3", "train.eval_batch_size=4"]
 TIMEOUT = 300
 
 
@@ -73,8 +72,8 @@ def _final(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_layout(tmp_path_factory.mktemp("faults"), n=12, h=32, w=32)
+def data(shared_layout) -> Path:
+    return shared_layout(n=12, h=32, w=32)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +187,9 @@ def fault_runs(data, tmp_path_factory) -> dict[str, dict]:
         return dict(zip(names, pool.map(run_job, enumerate(names)), strict=True))
 
 
+# The tests of fault_runs are the slow tier (16 chains of subprocess runs); the Ctrl-C test
+# below keeps a faulted subprocess run in the fast tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_fault_then_resume_equals_an_uninterrupted_run(name, fault_runs, reference):
     fault, status = CASES[name]
@@ -211,6 +213,7 @@ def test_fault_then_resume_equals_an_uninterrupted_run(name, fault_runs, referen
     _assert_same_run(run, reference)
 
 
+@pytest.mark.slow
 def test_preempted_twice_then_resumed_equals_an_uninterrupted_run(fault_runs, reference):
     chain = fault_runs["preempted twice"]
     first, second = chain["hits"]
@@ -238,6 +241,7 @@ def _check_preempted_with_own_reference(chain: dict) -> None:
     _assert_same_run(chain["run"], chain["reference"])
 
 
+@pytest.mark.slow
 def test_preempting_a_method_that_draws_random_numbers_keeps_its_stream(fault_runs):
     """direct_map draws Gumbel samples from the global RNG every step: the resumed stream
     must continue where the preempted one stopped (guards the mid-epoch RNG state and
@@ -245,6 +249,7 @@ def test_preempting_a_method_that_draws_random_numbers_keeps_its_stream(fault_ru
     _check_preempted_with_own_reference(fault_runs["direct_map draws random numbers"])
 
 
+@pytest.mark.slow
 def test_preempted_inside_an_accumulation_group_stops_after_its_optimiser_step(fault_runs):
     """With train.accumulate=3 a stop requested after micro-batch 1 is honoured after
     micro-batch 2, the group's last (the summed gradient is never lost), and resuming from

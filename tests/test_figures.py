@@ -21,21 +21,20 @@ from mtpsl.inference.load import load_run
 from mtpsl.metrics import EdgeMetric
 from mtpsl.tasks import binary
 
-from conftest import make_layout
+from conftest import TINY
 
 H, W = 32, 48
-TINY = ["model.width=0.0625", "train.epochs=2", "train.batch_size=2", "train.eval_every=1",
-        "train.checkpoint_every=1", "train.progress=false", "optim.lr=1e-3",
-        "train.eval_batch_size=4"]
+ARGS = [*TINY, "train.epochs=2", "train.eval_every=1", "train.checkpoint_every=1",
+        "optim.lr=1e-3", "train.eval_batch_size=4"]
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    root = make_layout(tmp_path_factory.mktemp("data"), n=4, h=H, w=W)
+def grid(tmp_path_factory, shared_layout):
+    root = shared_layout(n=4, h=H, w=W)
     out = tmp_path_factory.mktemp("grid")
     code = main(["compare", "--config", "synthetic_demo", "--out", str(out), "--methods",
                  "stl,sl", "--regimes", "onelabel", "--seeds", "0", f"dataset.root={root}",
-                 *TINY])
+                 *ARGS])
     assert code == 0
     return out
 

@@ -19,21 +19,16 @@ from mtpsl.inference.load import load_method, load_run
 from mtpsl.methods.joint_space import JointSpaceMapper, pair_index
 from mtpsl.models.segnet import scaled_filters
 
-from conftest import PASCAL_TASKS, make_layout
+from conftest import PASCAL_TASKS, TINY, train_cli
 
 H, W = 64, 96
 INDICES = [0, 3]
 
 
 @pytest.fixture(scope="module")
-def xtc_run(tmp_path_factory):
-    root = make_layout(tmp_path_factory.mktemp("data"), n=4, h=H, w=W)
+def xtc_run(tmp_path_factory, shared_layout):
     run = tmp_path_factory.mktemp("runs") / "xtc"
-    code = main(["train", "--run-dir", str(run), f"dataset.root={root}", "method.name=xtc",
-                 "model.width=0.0625", "train.epochs=1", "train.batch_size=2",
-                 "train.progress=false"])
-    assert code == 0
-    return run
+    return train_cli(run, shared_layout(n=4, h=H, w=W), "method.name=xtc", *TINY)
 
 
 @pytest.fixture(scope="module")

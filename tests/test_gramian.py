@@ -12,7 +12,6 @@ next step).
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +19,6 @@ import pytest
 import torch
 from torch import nn
 
-from mtpsl.cli import main
 from mtpsl.core.distributed import DistEnv
 from mtpsl.core.errors import ConfigError
 from mtpsl.engine.step import gramian_engine
@@ -31,7 +29,7 @@ from mtpsl.weighting.gradient import flat_grad
 from mtpsl.weighting.gramian import SharedGramian, owning_layers
 from test_rep_grad import NAMES, TASKS, _losses, _problem
 
-from conftest import make_layout
+from conftest import TINY, final_metrics, train_cli
 
 ABLE = [n for n in WEIGHTINGS.names()
         if WEIGHTINGS.get(n).supports_representation() and WEIGHTINGS.get(n).gradients
@@ -155,18 +153,12 @@ def test_torchrun_compile_and_models_without_shared_parameters_are_refused():
             build_weighting(name, NAMES, None, "gramian")
 
 
-TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.progress=false",
-        "train.eval_every=1"]
-
-
 @pytest.mark.parametrize("method", ["sl", "xtc", "mean_teacher"])  # one, pairs, two views
-def test_trains_from_the_cli(tmp_path, method):
-    root = make_layout(tmp_path / "data", n=4, h=32, w=48)
-    run = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run), f"dataset.root={root}", *TINY,
-                 f"method.name={method}", "method.weighting=pcgrad",
-                 "method.weighting_gradients=gramian"]) == 0
-    final = json.loads((run / "final_metrics.json").read_text())
+def test_trains_from_the_cli(tiny_root, tmp_path, method):
+    run = train_cli(tmp_path / "run", tiny_root, *TINY, "train.eval_every=1",
+                    f"method.name={method}", "method.weighting=pcgrad",
+                    "method.weighting_gradients=gramian")
+    final = final_metrics(run)
     assert np.isfinite(list(final["metrics"].values())).all()
     config = (run / "config.yaml").read_text()
     assert "weighting_gradients: gramian" in config

@@ -4,7 +4,6 @@ figure from the CLI on a layout dataset that carries a folder of heatmap labels.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -17,7 +16,7 @@ from mtpsl.metrics import METRICS
 from mtpsl.tasks import build_task
 from mtpsl.tasks.heatmap import peaks
 
-from conftest import make_layout
+from conftest import TINY, final_metrics, make_layout, train_cli
 
 K, H, W = 3, 32, 48
 
@@ -96,15 +95,12 @@ def heatmap_root(tmp_path_factory):
 
 
 EXTRA = "dataset.options={extra_tasks: {kp: {type: heatmap, num_keypoints: 3}}}"
-TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.progress=false",
-        "train.eval_every=1", "optim.lr=1e-3"]
+ARGS = [*TINY, "train.eval_every=1", "optim.lr=1e-3"]
 
 
 def test_trains_predicts_and_draws_from_the_cli(heatmap_root, tmp_path):
-    run = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run), f"dataset.root={heatmap_root}", EXTRA,
-                 "dataset.tasks=[semantic, kp]", *TINY]) == 0
-    final = json.loads((run / "final_metrics.json").read_text())
+    run = train_cli(tmp_path / "run", heatmap_root, EXTRA, "dataset.tasks=[semantic, kp]", *ARGS)
+    final = final_metrics(run)
     assert {"kp/pck", "kp/dist", "semantic/miou"} <= set(final["metrics"])
     assert final["split_detail"]["labelled_by_regime"]["kp"] >= 1
     image = tmp_path / "photo.png"
@@ -124,7 +120,7 @@ def test_trains_predicts_and_draws_from_the_cli(heatmap_root, tmp_path):
 
 def test_a_bad_extra_task_names_the_key(heatmap_root, tmp_path, capsys):
     code = main(["train", "--run-dir", str(tmp_path / "r"), f"dataset.root={heatmap_root}",
-                 "dataset.options={extra_tasks: {kp: {type: heatmapp}}}", *TINY])
+                 "dataset.options={extra_tasks: {kp: {type: heatmapp}}}", *ARGS])
     assert code == 2
     err = capsys.readouterr().err
     assert "dataset.options.extra_tasks.kp.type" in err and "heatmap" in err

@@ -3,16 +3,14 @@ attention isolation, shapes on odd sizes, and CLI runs."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from mtpsl.cli import main
 from mtpsl.models import SegNet, build_model, count_parameters
 
-from conftest import NYU_HEADS, NYU_TASKS, make_layout
+from conftest import NYU_HEADS, NYU_TASKS, TINY, final_metrics, train_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,20 +124,7 @@ def test_shared_parameters_get_every_tasks_gradient(tiny):
 
 # --- end to end from the CLI -------------------------------------------------------------
 
-TINY = [
-    "model.name=mtan",
-    "model.width=0.0625",
-    "train.epochs=1",
-    "train.batch_size=2",
-    "train.max_steps_per_epoch=2",
-    "train.progress=false",
-    "optim.lr=1e-3",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_layout(tmp_path_factory.mktemp("data"), n=4, h=32, w=48)
+MTAN = [*TINY, "model.name=mtan", "train.max_steps_per_epoch=2", "optim.lr=1e-3"]
 
 
 @pytest.mark.parametrize(
@@ -152,9 +137,7 @@ def tiny_root(tmp_path_factory):
     ids=["sl", "xtc", "xtc-resnet18-mapper"],
 )
 def test_train_mtan_end_to_end(tiny_root, tmp_path, extra):
-    run = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run), f"dataset.root={tiny_root}", *TINY, *extra]) == 0
-    final = json.loads((run / "final_metrics.json").read_text())
+    final = final_metrics(train_cli(tmp_path / "run", tiny_root, *MTAN, *extra))
     assert all(math.isfinite(v) for v in final["metrics"].values())
     with torch.device("meta"):
         expected = count_parameters(build_model("mtan", HEADS, width=0.0625))

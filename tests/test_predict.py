@@ -19,19 +19,15 @@ from mtpsl.inference.predict import (
     tile_starts,
 )
 
-from conftest import make_layout
+from conftest import TINY, train_cli
 
-TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.progress=false",
-        "train.eval_every=1"]
 SIZES = {"a.png": (37, 53), "b.jpg": (100, 61), "c.JPEG": (20, 30)}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("predict")
-    root = make_layout(base, n=4, h=32, w=48)
-    assert main(["train", "--run-dir", str(base / "run"), f"dataset.root={root}", *TINY]) == 0
-    return base / "run"
+def run_dir(tmp_path_factory, tiny_root):
+    run = tmp_path_factory.mktemp("predict") / "run"
+    return train_cli(run, tiny_root, *TINY, "train.eval_every=1")
 
 
 def _write_image(path, size, seed=0):

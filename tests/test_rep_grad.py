@@ -11,8 +11,6 @@ both tested), float64, with a task absent from the batch.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -23,7 +21,7 @@ from mtpsl.models import build_model, shared_parameters
 from mtpsl.tasks import build_task
 from mtpsl.weighting import WEIGHTINGS, GradientContext, build_weighting
 
-from conftest import make_layout
+from conftest import TINY, final_metrics, train_cli
 
 TASKS = {"semantic": build_task("segmentation", "semantic", num_classes=5),
          "depth": build_task("depth", "depth"), "normal": build_task("normal", "normal")}
@@ -125,13 +123,7 @@ def test_strategies_that_cannot_use_the_representation_are_refused_by_name():
     assert build_weighting("mgda", NAMES, None, "parameters").gradients == "parameters"
 
 
-TINY = ["model.width=0.0625", "train.epochs=1", "train.batch_size=2", "train.progress=false",
-        "train.eval_every=1"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_layout(tmp_path_factory.mktemp("rep"), n=4, h=32, w=48)
+ARGS = [*TINY, "train.eval_every=1"]
 
 
 @pytest.mark.parametrize("extra", [
@@ -141,20 +133,18 @@ def root(tmp_path_factory):
     ["method.weighting=cagrad", "method.weighting_gradients=representation",
      "method.name=xtc"],
 ], ids=["mgda_ub-segnet", "pcgrad-dense", "cagrad-xtc"])
-def test_trains_from_the_cli(root, tmp_path, extra):
-    run = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run), f"dataset.root={root}", *TINY, *extra]) == 0
-    final = json.loads((run / "final_metrics.json").read_text())
+def test_trains_from_the_cli(tiny_root, tmp_path, extra):
+    final = final_metrics(train_cli(tmp_path / "run", tiny_root, *ARGS, *extra))
     assert np.isfinite(list(final["metrics"].values())).all()
 
 
-def test_a_model_without_one_shared_map_is_a_config_error(root, tmp_path, capsys):
-    code = main(["train", "--run-dir", str(tmp_path / "run"), f"dataset.root={root}", *TINY,
+def test_a_model_without_one_shared_map_is_a_config_error(tiny_root, tmp_path, capsys):
+    code = main(["train", "--run-dir", str(tmp_path / "run"), f"dataset.root={tiny_root}", *ARGS,
                  "method.weighting=mgda_ub", "model.name=mtan"])
     assert code == 2
     err = capsys.readouterr().err
     assert "method.weighting_gradients" in err and "'parameters'" in err
-    code = main(["train", "--run-dir", str(tmp_path / "bad"), f"dataset.root={root}", *TINY,
+    code = main(["train", "--run-dir", str(tmp_path / "bad"), f"dataset.root={tiny_root}", *ARGS,
                  "method.weighting_gradients=features"])
     assert code == 2
     assert "representation" in capsys.readouterr().err

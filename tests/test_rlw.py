@@ -11,7 +11,7 @@ import torch
 from mtpsl.cli import main
 from mtpsl.weighting import GradientContext, build_weighting
 
-from conftest import make_layout
+from conftest import TINY
 
 NAMES = ("a", "b", "c")
 
@@ -63,10 +63,8 @@ def test_the_stream_does_not_depend_on_presence_and_survives_a_state_dict():
     torch.testing.assert_close(nxt[0], nxt[2])
 
 
-def test_trains_from_the_cli_and_refuses_accumulation(tmp_path, capsys):
-    root = make_layout(tmp_path / "data", n=4, h=32, w=48)
-    args = [f"dataset.root={root}", "method.weighting=rlw", "model.width=0.0625",
-            "train.epochs=1", "train.batch_size=2", "train.progress=false"]
+def test_trains_from_the_cli_and_refuses_accumulation(tiny_root, tmp_path, capsys):
+    args = [f"dataset.root={tiny_root}", "method.weighting=rlw", *TINY]
     assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 0
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["metrics"]

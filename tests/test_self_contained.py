@@ -71,7 +71,8 @@ def test_the_card_records_tasks_classes_and_input(trained):
         "semantic", "depth", "normal"]
     semantic, depth, normal = card["tasks"]
     assert semantic["kind"] == "segmentation" and semantic["out_channels"] == 13
-    assert semantic["params"] == {"loss_weight": 1.0, "num_classes": 13}
+    assert semantic["params"] == {"loss_weight": 1.0, "num_classes": 13,
+                                  "absent_class": "skip"}
     assert semantic["class_names"] == list(NYUV2_CLASSES)
     assert semantic["colours"] == voc_colours(13).tolist()
     assert (depth["kind"], depth["class_names"], depth["colours"]) == ("depth", None, None)

@@ -33,7 +33,7 @@ from mtpsl.tasks import SegmentationTask
 
 from conftest import make_layout
 
-TINY = [
+TINY_AUTO = [
     "model.width=0.0625",
     "train.epochs=1",
     "train.batch_size=2",
@@ -41,6 +41,8 @@ TINY = [
     "train.max_steps_per_epoch=2",
     "train.eval_batch_size=4",
 ]
+TINY = [*TINY_AUTO, "train.amp=off", "train.channels_last=false"]
+"""fp32 NCHW on every CI machine (``auto`` is bf16 only where the CPU has it natively)."""
 LABELLED = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1], [1, 1, 1], [0, 0, 0]], dtype=bool)
 
 
@@ -286,3 +288,164 @@ def test_fused_default_reaches_the_optimiser_and_groups_override_it():
     assert speed.optimizer_extra(TrainConfig(), torch.device("cpu")) == {}
     assert speed.optimizer_extra(TrainConfig(), torch.device("cuda")) == {"fused": True}
     assert speed.optimizer_extra(TrainConfig(fused_optimizer=False), torch.device("cuda")) == {}
+
+
+# -- auto: precision, layout, threads and workers from the hardware --------------------------
+
+NATIVE = speed.Hardware("cpu", "Test CPU with bf16", True, False, "AVX512, avx512_bf16")
+EMULATED = speed.Hardware("cpu", "Test CPU without bf16", False, False,
+                          "AVX2, no avx512_bf16 or amx_bf16")
+
+
+@pytest.fixture
+def hardware(monkeypatch):
+    """Pretend to run on a given CPU: ``hardware(NATIVE)``; each test starts with nothing
+    said yet (the start-up line and the emulation warning are once per process)."""
+    monkeypatch.setattr(speed, "_SAID", set())
+
+    def use(hw: speed.Hardware) -> None:
+        monkeypatch.setattr(speed, "probe_hardware", lambda device: hw)
+
+    return use
+
+
+def _resolved(**train) -> tuple[TrainConfig, speed.SpeedChoice]:
+    from mtpsl.core.config import Config
+
+    config = Config(train=TrainConfig(**train))
+    choice = speed.resolve_speed(config, torch.device("cpu"))
+    choice.announce(torch.device("cpu"))  # as a run does once its set-up is checked
+    return config.train, choice
+
+
+@pytest.mark.parametrize(("hw", "amp"), [(NATIVE, "bf16"), (EMULATED, "off")])
+def test_auto_precision_is_bf16_only_where_it_is_native(hardware, capsys, hw, amp):
+    hardware(hw)
+    cfg, choice = _resolved()
+    assert (cfg.amp, cfg.channels_last, choice.amp) == (amp, True, amp)
+    assert hw.name in choice.reasons["amp"] and choice.reasons["amp"].startswith("auto")
+    err = capsys.readouterr().err
+    assert err.count("speed: ") == 1 and hw.name in err and "warning" not in err
+    _resolved()  # a second run in the process (a compare grid) says nothing new
+    assert capsys.readouterr().err == ""
+
+
+def test_explicit_values_are_kept_and_emulated_bf16_warns_once(hardware, capsys):
+    hardware(EMULATED)
+    cfg, _ = _resolved(amp="bf16", channels_last=False)
+    assert (cfg.amp, cfg.channels_last) == ("bf16", False)
+    _resolved(amp="bf16")
+    err = capsys.readouterr().err
+    assert err.count("warning: train.amp=bf16") == 1
+    warning = next(x for x in err.splitlines() if x.startswith("warning"))
+    assert EMULATED.name in warning and "ms in bf16" in warning and "ms in fp32" in warning
+    hardware(NATIVE)
+    assert _resolved(amp="bf16")[0].amp == "bf16"  # native: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_gramian_form_trains_in_fp32(hardware):
+    """torchjd's autogram engine fails under autocast (a dtype error deep in its vmapped
+    backward): auto picks fp32 for it even where bf16 is native, an explicit bf16 is refused."""
+    from mtpsl.core.config import Config, MethodConfig
+    from mtpsl.weighting import build_weighting
+
+    hardware(NATIVE)
+    method = MethodConfig(weighting="mgda", weighting_gradients="gramian")
+    config = Config(method=method)
+    choice = speed.resolve_speed(config, torch.device("cpu"))
+    assert config.train.amp == "off" and "gramian" in choice.reasons["amp"]
+    weighting = build_weighting("mgda", ["a", "b"], gradients="gramian")
+    explicit = Config(method=method, train=TrainConfig(amp="bf16"))
+    with pytest.raises(ConfigError, match=r"train\.amp: bf16: the Gram engine"):
+        speed.check_options(explicit, torch.device("cpu"), weighting)
+
+
+def test_channels_last_auto_follows_device_and_precision():
+    gpu_old = speed.Hardware("cuda", "T4", False, True, "compute capability 7.5")
+    gpu_new = speed.Hardware("cuda", "H100", True, True, "compute capability 9.0", tf32=True)
+    assert speed.choose_channels_last("auto", "off", NATIVE)[0] is True
+    assert speed.choose_channels_last("auto", "off", EMULATED)[0] is True
+    assert speed.choose_channels_last("auto", "off", gpu_old)[0] is False
+    assert speed.choose_channels_last("auto", "fp16", gpu_old)[0] is True
+    assert speed.choose_channels_last("auto", "off", gpu_new)[0] is True
+    assert speed.choose_channels_last(False, "bf16", gpu_new)[0] is False
+    assert speed.choose_amp("auto", gpu_old)[0] == "off"
+    assert speed.choose_amp("auto", gpu_new)[0] == "bf16"
+    mps = speed.Hardware("mps", "mps", False, False, "not probed")
+    assert speed.choose_amp("auto", mps)[0] == "off"
+
+
+def test_threads_and_workers_auto_take_the_usable_cores(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(speed, "usable_cpus", lambda: (1, "cgroup quota"))
+    try:
+        assert speed.choose_threads("auto")[0] == 1  # capped: a container's quota
+        assert speed.choose_threads(3)[0] == 3
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert speed.choose_threads("auto")[0] == 1
+        monkeypatch.setattr(speed, "usable_cpus", lambda: (32, "affinity"))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert speed.loader_workers("auto", torch.device("cuda")) == 7
+        assert speed.loader_workers("auto", torch.device("cpu")) == 0
+        assert speed.loader_workers(3, torch.device("cpu")) == 3
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert speed.loader_workers("auto", torch.device("cuda")) == 8
+        # auto never raises torch's count (OMP_NUM_THREADS, or a count set before)
+        assert speed.choose_threads("auto")[0] == before
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_auto(root, run_dir, *extra) -> dict:
+    argv = ["train", "--run-dir", str(run_dir), f"dataset.root={root}", *TINY_AUTO, *extra]
+    assert main(argv) == 0
+    return json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def test_runs_record_the_resolved_precision_and_never_pool_across_it(hardware, root,
+                                                                      tmp_path, capsys):
+    """The same command on the two CPU classes: config.yaml, the set-up and the environment
+    say bf16 or off (never auto), so the runs are two set-ups, not two seeds of one."""
+    import yaml
+
+    finals = {}
+    for hw in (NATIVE, EMULATED):
+        hardware(hw)
+        finals[hw.name] = _train_auto(root, tmp_path / hw.name)
+        saved = yaml.safe_load((tmp_path / hw.name / "config.yaml").read_text())["train"]
+        assert saved["amp"] == ("bf16" if hw.native_bf16 else "off")
+        assert saved["channels_last"] is True and saved["threads"] == "auto"
+    native, emulated = finals[NATIVE.name], finals[EMULATED.name]
+    assert native["setup"]["train"]["amp"] == "bf16" and emulated["setup"]["train"]["amp"] == "off"
+    assert native["setup_signature"] != emulated["setup_signature"]
+    env = native["environment"]
+    assert env["amp"] == "bf16" and NATIVE.name in env["amp_reason"]
+    assert {"channels_last", "threads", "threads_reason", "num_workers", "native_bf16"} <= set(env)
+    assert "no native bf16" in emulated["environment"]["amp_reason"]
+    capsys.readouterr()
+
+
+def test_resume_keeps_the_recorded_precision_and_warns_where_it_is_emulated(
+        hardware, root, tmp_path, capsys):
+    import yaml
+
+    hardware(NATIVE)
+    _train_auto(root, tmp_path / "run")
+    capsys.readouterr()
+    hardware(EMULATED)  # resumed on a machine without bf16
+    assert main(["train", "--resume", str(tmp_path / "run"), "train.epochs=2"]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["amp"] == "bf16"
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["setup"]["train"]["amp"] == "bf16"
+    assert capsys.readouterr().err.count("warning: train.amp=bf16") == 1
+
+
+def test_bad_auto_keys_name_the_key_and_the_allowed_values(root, tmp_path, capsys):
+    for bad, key in (("train.channels_last=maybe", "auto, true or false"),
+                     ("train.threads=0", "auto or an integer >= 1"),
+                     ("train.num_workers=-1", "auto or an integer >= 0")):
+        argv = ["train", "--run-dir", str(tmp_path / "x"), f"dataset.root={root}", *TINY, bad]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert bad.split("=")[0] in err and key in err

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtpsl.cli import main
 from mtpsl.core.errors import ConfigError
 from mtpsl.data import DATASETS, PartialLabelSet
 from mtpsl.data.batch import collate
@@ -20,15 +19,14 @@ from mtpsl.methods.ssl import crop_consistency
 from mtpsl.models import HeadSpec, build_model
 from mtpsl.tasks import build_task
 
-from conftest import make_layout
+from conftest import TINY, final_metrics, train_cli
 
 H, W = 32, 48
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = make_layout(tmp_path_factory.mktemp("ssl"), n=6, h=H, w=W)
-    return DATASETS.get("nyuv2")(root, "train")
+def dataset(shared_layout):
+    return DATASETS.get("nyuv2")(shared_layout(n=6, h=H, w=W), "train")
 
 
 def _batch(ds, labelled=None, flip=True, seed=0, scales=(1.0, 1.2, 1.5)):
@@ -247,15 +245,11 @@ def test_bad_option_names_the_config_key(dataset):
         build_method("ssl", dataset.tasks, {"weight": "heavy"})
 
 
-def test_ssl_trains_end_to_end_from_the_cli(tmp_path):
-    root = make_layout(tmp_path / "data", n=6, h=H, w=W)
-    run = tmp_path / "run"
-    code = main(["train", "--run-dir", str(run), f"dataset.root={root}", "method.name=ssl",
-                 "method.options={weight: 0.5, detach_target: true}", "dataset.augment.flip=true",
-                 "labels.regime=onelabel", "model.width=0.0625", "train.epochs=1",
-                 "train.batch_size=2", "train.progress=false", "optim.lr=1e-3"])
-    assert code == 0
-    final = json.loads((run / "final_metrics.json").read_text())
+def test_ssl_trains_end_to_end_from_the_cli(tmp_path, shared_layout):
+    run = train_cli(tmp_path / "run", shared_layout(n=6, h=H, w=W), "method.name=ssl",
+                    "method.options={weight: 0.5, detach_target: true}",
+                    "dataset.augment.flip=true", "labels.regime=onelabel", *TINY, "optim.lr=1e-3")
+    final = final_metrics(run)
     for key in ["semantic/miou", "depth/abs_err", "normal/mean"]:
         assert np.isfinite(final["metrics"][key])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

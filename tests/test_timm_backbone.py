@@ -15,14 +15,13 @@ from mtpsl.core.errors import ConfigError
 from mtpsl.models import build_model, shared_parameters
 from mtpsl.models.encoders import EncoderSpec, build_encoder
 
-from conftest import NYU_HEADS, make_layout
+from conftest import NYU_HEADS, TINY, final_metrics, train_cli
 
 timm = pytest.importorskip("timm")
 ARCH = "convnext_atto"
-TIMM = ["model.name=dense", "model.backbone.name=timm", f"model.backbone.arch={ARCH}",
+TIMM = [*TINY, "model.name=dense", "model.backbone.name=timm", f"model.backbone.arch={ARCH}",
         "model.backbone.output_stride=32", "model.options.neck=fpn", "model.width=0.125",
-        "train.epochs=1", "train.batch_size=2", "train.max_steps_per_epoch=2",
-        "train.progress=false", "optim.lr=1e-3"]
+        "train.max_steps_per_epoch=2", "optim.lr=1e-3"]
 
 
 def _spec(**kw) -> EncoderSpec:
@@ -78,19 +77,12 @@ def test_bad_timm_configs_name_the_key(spec, message):
         build_encoder(_spec(**spec))
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_layout(tmp_path_factory.mktemp("data"), n=4, h=32, w=48)
-
-
 @pytest.mark.parametrize(
     "method", [["method.name=sl"], ["method.name=xtc", "method.options.mapper=resnet18",
                                     "method.options.width=0.125"]], ids=["sl", "xtc"])
 def test_trains_from_the_config_alone(tiny_root, tmp_path, method):
-    run = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run), f"dataset.root={tiny_root}", *TIMM,
-                 *method]) == 0
-    final = json.loads((run / "final_metrics.json").read_text())
+    run = train_cli(tmp_path / "run", tiny_root, *TIMM, *method)
+    final = final_metrics(run)
     assert all(math.isfinite(v) for v in final["metrics"].values())
     # The checkpoint rebuilds the timm model from its stored config and gives the same numbers.
     out = tmp_path / "eval.json"

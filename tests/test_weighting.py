@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import numpy as np
@@ -27,7 +26,7 @@ from mtpsl.weighting import (
     project_simplex,
 )
 
-from conftest import make_layout
+from conftest import TINY, final_metrics, train_cli
 
 ALL = ["uniform", "uncertainty", "gradnorm", "dwa", "mgda", "pcgrad", "cagrad"]
 
@@ -479,41 +478,29 @@ def test_mgda_weights_heads_and_extra_gets_a_plain_backward():
 # --------------------------------------------------------------------------- config, CLI
 
 
-TINY = [
-    "model.width=0.0625",
-    "train.epochs=1",
-    "train.batch_size=2",
+ARGS = [
+    *TINY,
     "train.eval_every=2",
     "train.checkpoint_every=2",
-    "train.progress=false",
     "optim.lr=1e-3",
     "train.max_steps_per_epoch=2",
     "train.eval_batch_size=4",
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return make_layout(tmp_path_factory.mktemp("data"), n=4, h=32, w=48)
-
-
-def _train(root, run_dir, *extra):
-    code = main(["train", "--run-dir", str(run_dir), f"dataset.root={root}", *TINY, *extra])
-    assert code == 0
-    return json.loads((run_dir / "final_metrics.json").read_text())
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_train_from_the_cli_with_each_strategy(tiny_root, tmp_path, name):
     epochs = ["train.epochs=2", "train.max_steps_per_epoch=1"] if name == "dwa" else []
-    final = _train(
-        tiny_root,
+    run = train_cli(
         tmp_path / "run",
+        tiny_root,
+        *ARGS,
         "method.name=sl",
         f"method.weighting={name}",
         "labels.regime=random",
         *epochs,
     )
+    final = final_metrics(run)
     assert all(np.isfinite(v) for v in final["metrics"].values())
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["weighting"]
     if name == "gradnorm":
@@ -527,15 +514,17 @@ def test_train_from_the_cli_with_each_strategy(tiny_root, tmp_path, name):
 
 
 def test_train_xtc_with_uncertainty_from_the_cli(tiny_root, tmp_path):
-    final = _train(
-        tiny_root,
+    run = train_cli(
         tmp_path / "run",
+        tiny_root,
+        *ARGS,
         "method.name=xtc",
         "method.weighting=uncertainty",
         "method.weighting_options={regulariser: full}",
         "labels.regime=onelabel",
         "train.max_steps_per_epoch=1",
     )
+    final = final_metrics(run)
     assert all(np.isfinite(v) for v in final["metrics"].values())
 
 
@@ -550,8 +539,8 @@ def test_resume_with_a_stateful_strategy_is_exact(tiny_root, tmp_path, name):
         "train.checkpoint_every=1",
         "train.max_steps_per_epoch=1",
     ]
-    _train(tiny_root, tmp_path / "full", *args, "train.epochs=2")
-    _train(tiny_root, tmp_path / "part", *args, "train.epochs=1")
+    train_cli(tmp_path / "full", tiny_root, *ARGS, *args, "train.epochs=2")
+    train_cli(tmp_path / "part", tiny_root, *ARGS, *args, "train.epochs=1")
     assert main(["train", "--resume", str(tmp_path / "part"), "train.epochs=2"]) == 0
     full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     part = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
@@ -564,7 +553,7 @@ def test_resume_with_a_stateful_strategy_is_exact(tiny_root, tmp_path, name):
 
 
 def test_unknown_weighting_and_option_are_config_errors(tiny_root, tmp_path, capsys):
-    base = ["train", "--run-dir", str(tmp_path / "r"), f"dataset.root={tiny_root}", *TINY]
+    base = ["train", "--run-dir", str(tmp_path / "r"), f"dataset.root={tiny_root}", *ARGS]
     assert main([*base, "method.weighting=fancy"]) == 2
     err = capsys.readouterr().err
     assert "method.weighting" in err and "fancy" in err
@@ -620,7 +609,7 @@ def test_compare_runs_a_weighting_variant_from_the_cli(tiny_root, tmp_path, caps
         "--seeds",
         "0",
         f"dataset.root={tiny_root}",
-        *TINY,
+        *ARGS,
         "train.max_steps_per_epoch=1",
         "compare.baseline=mtl",
     ]

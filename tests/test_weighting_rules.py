@@ -309,7 +309,7 @@ def test_the_weighting_benchmark_measures_against_uniform():
 
     bench = load_benchmark("bench_weightings")
     args = SimpleNamespace(device="cpu", height=32, width=48, batch_size=2, width_mult=0.0625,
-                           steps=1, warmup=0)
+                           steps=1, warmup=0, amp="off")
     names = ("uniform", "nash_mtl", "mgda@representation", "mgda@gramian")
     rows = [{"weighting": n, **bench.measure_one(n, args)} for n in names]
     for row in rows:

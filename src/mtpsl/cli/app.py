@@ -1,4 +1,5 @@
-"""The ``mtpsl`` command line: train, eval, compare, data synth/check, presets.
+"""The ``mtpsl`` command line: train, eval, presets (the other commands, ``compare`` and
+``data`` included, live in :mod:`mtpsl.cli.commands`).
 
 One error boundary (:func:`main`): every expected failure (an
 :class:`~mtpsl.core.errors.MtpslError`, an OSError of any kind: a full disk, a denied
@@ -16,15 +17,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from mtpsl.cli.args import add_config_args, add_data_option
 from mtpsl.cli.commands import add_all
 from mtpsl.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, MtpslError, strip_worker_traceback
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file or preset name (see `mtpsl presets`)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. train.epochs=5 model.width=0.25; every key "
-                   "with its allowed values: `mtpsl config show [PRESET]`, names: `mtpsl list`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--run-dir", help="run folder (default: output_dir/name, made unique)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     p.set_defaults(func=cmd_train)
@@ -43,9 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder (uses its checkpoint.pt)")
     p.add_argument("--checkpoint", help="checkpoint file (its config is stored inside)")
     p.add_argument("--split", help="dataset split to evaluate (default: the run's eval split)")
-    p.add_argument("--data", "--root", dest="root", metavar="DIR",
-                   help="evaluate on another dataset folder of the same layout (the training "
-                   "data need not exist; --root is an alias)")
+    add_data_option(p, "evaluate on another dataset folder of the same layout (the training "
+                    "data need not exist; --root is an alias)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--edge-measure", choices=("bsds", "dilation"),
@@ -53,38 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-workers", type=int, metavar="N",
                    help="score edges (BSDS measure) in N processes (default: the run's)")
     p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("compare", help="train a grid of methods x regimes x seeds; print a table")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="folder for the grid's runs and tables")
-    p.add_argument("--methods", help="comma list, overrides compare.methods")
-    p.add_argument("--regimes", help="comma list, overrides compare.regimes")
-    p.add_argument("--seeds", help="comma list, overrides compare.seeds")
-    p.set_defaults(func=cmd_compare)
-
-    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_cmd",
-                                                                        required=True)
-    p = data.add_parser("synth", help="render the built-in procedural dataset to disk")
-    p.add_argument("--out", required=True)
-    p.add_argument("--layout", choices=["nyuv2", "cityscapes", "pascal_context"],
-                   default="nyuv2")
-    p.add_argument("--n-train", type=int, default=795)
-    p.add_argument("--n-val", type=int, default=654)
-    p.add_argument("--height", type=int,
-                   help="default 288 (nyuv2) / 128 (cityscapes) / 96 (pascal_context)")
-    p.add_argument("--width", type=int,
-                   help="default 384 (nyuv2) / 256 (cityscapes) / 128 (pascal_context)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--style", choices=["a", "b"], default="a", help="appearance domain")
-    p.add_argument("--pair", action="store_true",
-                   help="cross-domain pair: OUT/domain_a (style a) + OUT/domain_b (style b)")
-    p.set_defaults(func=cmd_synth)
-
-    p = data.add_parser("check", help="validate a dataset folder and print a summary")
-    p.add_argument("--root", required=True)
-    p.add_argument("--dataset", default="nyuv2")
-    p.add_argument("--split", default="train")
-    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("presets", help="list shipped config presets or print one")
     p.add_argument("name", nargs="?")
@@ -134,57 +96,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if lock is not None:
             lock.release()
     print(text)
-
-
-def cmd_compare(args: argparse.Namespace) -> None:
-    from mtpsl.analysis.compare import compare
-    from mtpsl.core.config import load_config
-
-    overrides = list(args.overrides)
-    for key in ("methods", "regimes", "seeds"):
-        value = getattr(args, key)
-        if value:
-            overrides.append(f"compare.{key}=[{value}]")
-    print(compare(load_config(args.config, overrides), Path(args.out)))
-
-
-def cmd_synth(args: argparse.Namespace) -> None:
-    from mtpsl.data import synthetic
-
-    writer = {"nyuv2": synthetic.write_nyuv2_layout,
-              "cityscapes": synthetic.write_cityscapes_layout,
-              "pascal_context": synthetic.write_pascal_layout}[args.layout]
-    size = {"nyuv2": (288, 384), "cityscapes": (128, 256), "pascal_context": (96, 128)}[
-        args.layout]
-    if args.pair:
-        from mtpsl.data.cross_domain import write_synthetic_pair
-
-        a, b = write_synthetic_pair(args.out, layout=args.layout, n_train=args.n_train,
-                                    n_val=args.n_val, height=args.height or size[0],
-                                    width=args.width or size[1], seed=args.seed)
-        print(f"wrote {args.layout} cross-domain pair to {a} and {b}")
-        return
-    writer(args.out, n_train=args.n_train, n_val=args.n_val, height=args.height or size[0],
-           width=args.width or size[1], seed=args.seed, style=args.style)
-    print(f"wrote {args.layout} layout to {args.out}")
-
-
-def cmd_check(args: argparse.Namespace) -> None:
-    from mtpsl.data import DATASETS, RELEASE_SIZES
-
-    ds = DATASETS.get(args.dataset)(args.root, args.split)
-    print(ds)
-    expected = RELEASE_SIZES.get(args.dataset, {}).get(args.split)
-    if expected is not None and len(ds) != expected:
-        print(f"  note: the standard {args.dataset} release has {expected} {args.split} images, "
-              f"this folder {len(ds)}: an incomplete download or extraction, or a subset "
-              "(fine if intended)")
-    for task, n_missing in ds.missing_counts.items():
-        line = f"  {task}: {len(ds) - n_missing} of {len(ds)} images labelled"
-        if n_missing:
-            line += (f", {n_missing} without a label file (read as partially annotated: "
-                     "training never sees this task for them)")
-        print(line)
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

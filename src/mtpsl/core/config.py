@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -186,8 +187,14 @@ class TrainConfig(Section):
     fp16 unscale and the torchrun average); None = no clipping."""
     max_steps_per_epoch: int | None = Field(default=None, gt=0)
     """Cap on iterations per epoch (smoke tests and equal-budget comparisons)."""
-    num_workers: int = Field(default=0, ge=0)
-    """DataLoader worker processes (0 = load in the training process)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes (0 = load in the training process); auto = 0 on the CPU
+    (a worker would take a core from the compute threads), else up to 8 of the cores this
+    process may use, one left for it (:func:`mtpsl.engine.speed.loader_workers`)."""
+    threads: int | Literal["auto"] = "auto"
+    """Intra-op CPU threads of torch; auto keeps torch's count (OMP_NUM_THREADS when set),
+    lowered to the cores this process may use (its affinity and cgroup quota, shared with the
+    other processes torchrun started on the node). Not part of the set-up."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     deterministic: bool = True
@@ -195,13 +202,17 @@ class TrainConfig(Section):
     progress: bool = True
     """tqdm bars for the steps of each epoch when stderr is a terminal (the per-epoch line is
     printed either way)."""
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     """Autocast the forward pass and losses: bf16 (CUDA; also CPU), or fp16 with a dynamic
     GradScaler (only with weightings linear in the losses: uniform, dwa). Predictions and
-    task activations are kept in fp32, so losses, normalisations and metrics stay fp32."""
-    channels_last: bool = False
-    """NHWC memory format for the model, its inputs and the method's networks (faster
-    convolutions with bf16/fp16 on tensor-core GPUs)."""
+    task activations are kept in fp32, so losses, normalisations and metrics stay fp32.
+    auto = bf16 where the device computes it natively (a CUDA GPU of compute capability 8.0
+    or more; a CPU whose oneDNN has bf16 instructions: AVX512-BF16, AMX, Arm BF16), else off.
+    A run records the precision it resolved to (config.yaml, set-up), never "auto"."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """NHWC memory format for the model, its inputs and the method's networks. auto = on
+    the CPU (faster in fp32 and bf16 alike) and on CUDA with autocast or TF32 tensor cores
+    (compute capability 8.0+); recorded resolved, like ``amp``."""
     compile: bool = False
     """``torch.compile`` the model's forward (in place: checkpoint keys are unchanged). The
     first steps are slow while it compiles; needs a C++ compiler on CPU."""
@@ -220,6 +231,21 @@ class TrainConfig(Section):
     def _yaml_off(cls, value: object) -> object:
         # YAML 1.1 reads a bare ``off`` (``train.amp=off``) as the boolean false.
         return "off" if value is False else value
+
+    @field_validator("num_workers", "threads", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: object, info: ValidationInfo) -> object:
+        least = 0 if info.field_name == "num_workers" else 1
+        if value == "auto" or (type(value) is int and value >= least):
+            return value
+        raise ValueError(f"must be auto or an integer >= {least}")
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: object) -> object:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError("must be auto, true or false")
 
     @field_validator("device")
     @classmethod
@@ -240,6 +266,41 @@ class MethodVariant(Section):
     weighting_gradients: WeightingGradients | None = None
     """Its ``method.weighting_gradients``; None keeps the base one if the strategy is the
     base one, else the strategy's default."""
+
+
+class LauncherConfig(Section):
+    """Where a ``compare`` grid's cells train (``compare.launcher``); no part of any set-up."""
+
+    name: Literal["local", "submitit"] = "local"
+    """local: on this machine, ``jobs`` cells at once; submitit: one cluster job per cell
+    through submitit (``pip install 'mtpsl[cluster]'``), requeued when preempted."""
+    jobs: int = Field(default=1, ge=1)
+    """local: cells trained at once, each in its own process on its own GPU(s) (or its share
+    of the CPU threads); 1 = one after another in the compare process itself."""
+    cluster: Literal["auto", "slurm", "local"] = "auto"
+    """submitit: its executor; local = jobs as processes of this machine (to try a set-up);
+    auto = slurm where sbatch is found, else local."""
+    partition: str | None = None
+    """submitit: SLURM partition (None: the cluster's default)."""
+    time_min: int = Field(default=1440, ge=1)
+    """submitit: time limit of each job, minutes; a cell stopped by it is requeued and
+    continues from its mid-epoch checkpoint (at most ``max_timeouts`` times)."""
+    max_timeouts: int = Field(default=3, ge=0)
+    """submitit: requeues after the time limit (preemptions are always requeued)."""
+    gpus_per_cell: int = Field(default=1, ge=0)
+    """GPUs of each cell (0: CPU); over 1, a cell is one data-parallel process per GPU, as
+    torchrun starts them."""
+    cpus_per_cell: int | None = Field(default=None, ge=1)
+    """CPU cores (torch threads) of each cell; None: local = this machine's cores over
+    ``jobs``, submitit = the cluster's default."""
+    mem_gb: float | None = Field(default=None, gt=0)
+    """submitit: memory of each job, GB (None: the cluster's default)."""
+    array_parallelism: int | None = Field(default=None, ge=1)
+    """submitit on SLURM: most cells of one submission running at once (a job array)."""
+    setup: list[str] = []
+    """submitit: shell lines each job runs first, e.g. ``module load cuda``."""
+    slurm: dict[str, Any] = {}
+    """submitit on SLURM: more sbatch options, e.g. ``{account: proj, qos: high}``."""
 
 
 class CompareConfig(Section):
@@ -268,6 +329,8 @@ class CompareConfig(Section):
     """Loss weightings to sweep: every method of the grid but the baseline runs once per
     weighting, in a cell named ``method+weighting`` (e.g. ``sl+pcgrad``); ``all`` = every
     registered one; empty = each method's own."""
+    launcher: LauncherConfig = LauncherConfig()
+    """Where the cells train: this machine (``--jobs N`` at once) or a cluster (submitit)."""
 
     @field_validator("contrasts")
     @classmethod

@@ -21,10 +21,12 @@ from typing import Any
 
 NOT_SETUP = {"top": ("name", "label", "seed", "output_dir", "compare"),
              "dataset": ("root",),
-             "train": ("device", "progress", "num_workers", "eval_batch_size",
+             "train": ("device", "progress", "num_workers", "threads", "eval_batch_size",
                        "checkpoint_every", "fused_optimizer")}
 """Config keys that do not change what is learned (where files go, how progress is shown)
-or that vary between the seeds of one set-up; everything else defines the experiment."""
+or that vary between the seeds of one set-up; everything else defines the experiment.
+``train.amp`` and ``train.channels_last`` do: a run records them resolved for its machine
+(bf16 or off, never "auto"), so runs of different precisions are never pooled as seeds."""
 UNSET_IS_ABSENT: dict[str, dict[str, Any]] = {"train": {"callbacks": []}}
 """Keys added after runs were recorded, dropped from the set-up while they hold this value: a
 run that does not use them keeps the signature it had before they existed."""

@@ -28,6 +28,7 @@ from mtpsl.data.batch import Collate, PartialLabelSet
 from mtpsl.data.sampling import ResumableSampler, check_balanced_batch, train_sampler
 from mtpsl.data.splits import REGIMES, Split, make_split
 from mtpsl.data.transforms import build_train_transform
+from mtpsl.engine.speed import loader_workers
 from mtpsl.methods import METHODS, Method, build_method
 from mtpsl.models import MODELS, HeadSpec, PerTaskModels, build_model, check_input_size
 from mtpsl.models.encoders import EncoderSpec
@@ -271,7 +272,7 @@ def train_loader(
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg.num_workers, device),
         collate_fn=Collate(tuple(exp.tasks)),
         pin_memory=device.type == "cuda",
         # its own generator: starting an epoch's iterator (which draws the workers' base
@@ -287,7 +288,7 @@ def eval_loader(dataset: PartialLabelSet, config: Config, device: torch.device) 
         dataset,
         batch_size=config.train.eval_batch_size,
         shuffle=False,
-        num_workers=config.train.num_workers,
+        num_workers=loader_workers(config.train.num_workers, device),
         collate_fn=Collate(tuple(dataset.tasks)),
         pin_memory=device.type == "cuda",
     )

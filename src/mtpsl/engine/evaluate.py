@@ -38,7 +38,7 @@ def evaluate(
     progress: bool = True,
     desc: str = "eval",
     amp: str = "off",
-    channels_last: bool = False,
+    channels_last: bool | str = False,
 ) -> dict[str, float]:
     """Run ``model`` over ``loader``; return flat ``{"task/metric": value}``.
 

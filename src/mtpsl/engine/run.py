@@ -42,6 +42,7 @@ from mtpsl.engine.checkpoint import (
     restore_rng_state,
 )
 from mtpsl.engine.history import History
+from mtpsl.engine.speed import SpeedChoice, resolve_speed
 from mtpsl.engine.step import TrainStep, prepare_training
 from mtpsl.engine.summary import final_metrics
 from mtpsl.engine.trainer import Trainer
@@ -85,13 +86,14 @@ def train(config: Config, run_dir: Path | None = None,
         started = True
 
     try:
+        speed = resolve_speed(config, device, env)  # auto -> this machine's, before any file
         if env.is_main:
             claim = claim_new(run_dir) if run_dir else claim_new(new_run_dir(config), True)
             run_dir = claim.run_dir
         run_dir = Path(_from_rank0(str(run_dir), env))
         seed_everything(config.seed, config.train.deterministic)
         exp = build_experiment(config)
-        return _fit(exp, run_dir, None, env, device, callbacks, on_ready=write_start_files)
+        return _fit(exp, run_dir, None, env, device, callbacks, write_start_files, speed)
     except BaseException:
         if claim is not None and not started:
             claim.abandon()
@@ -152,6 +154,7 @@ def resume(run_dir: str | Path, overrides: Sequence[str] = (),
             state, config = None, _restarted_config(run_dir, overrides)
         env, device, owned = _start(config)
         try:
+            speed = resolve_speed(config, device, env)  # a recorded precision stays
             seed_everything(config.seed, config.train.deterministic)
             split_path = run_dir / "split.json"
             # a restart killed before split.json was written draws the same split again
@@ -161,7 +164,7 @@ def resume(run_dir: str | Path, overrides: Sequence[str] = (),
                 save_config(config, run_dir / "config.yaml")
                 if split is None:
                     exp.split.save(split_path)
-            return _fit(exp, run_dir, state, env, device, callbacks)
+            return _fit(exp, run_dir, state, env, device, callbacks, speed=speed)
         finally:
             if owned:
                 ddp.teardown(env)
@@ -264,12 +267,14 @@ def experiment_identity(exp: Experiment, state: dict | None = None) -> dict:
 
 def _fit(exp: Experiment, run_dir: Path, state: dict | None, env: DistEnv,
          device: torch.device, callbacks: Sequence[Callback] = (),
-         on_ready: Callable[[Experiment], None] | None = None) -> dict:
+         on_ready: Callable[[Experiment], None] | None = None,
+         speed: SpeedChoice | None = None) -> dict:
     """Set up, then train from ``state`` (None: from scratch) to ``train.epochs``; returns
     the final metrics (every process: rank 0's).
 
     ``on_ready(exp)`` runs once everything is built and checked, right before the first step:
-    a failure before it is a set-up failure (the new run's folder is removed again).
+    a failure before it is a set-up failure (the new run's folder is removed again). The
+    ``speed`` choice is announced then too (after every check of the set-up).
     """
     identity = experiment_identity(exp, state)
     if state:
@@ -287,6 +292,8 @@ def _fit(exp: Experiment, run_dir: Path, state: dict | None, env: DistEnv,
     own = [*build_callbacks(exp.config), *callbacks]
     trainer = Trainer(step, run_dir, default_callbacks(history, env.is_main, own), identity,
                       state)
+    if speed is not None and env.is_main:
+        speed.announce(device)
     if on_ready is not None:
         on_ready(exp)
     started = time.perf_counter()

@@ -14,6 +14,7 @@ from mtpsl.core.signature import setup_from_config, signature
 from mtpsl.data.base import TaskDataset
 from mtpsl.data.splits import Split
 from mtpsl.engine.build import Experiment
+from mtpsl.engine.speed import speed_environment
 from mtpsl.models import count_parameters
 from mtpsl.tasks.scoring import higher_is_better, primary_keys
 
@@ -33,7 +34,8 @@ def setup_signature(exp: Experiment, fingerprints: dict[str, str]) -> dict:
 
 def run_environment(cfg, device: torch.device) -> dict:
     """What bitwise reproducibility depends on: the build, the threads, the hardware and the
-    determinism flags (same values, same seed: same weights on CPU)."""
+    determinism flags (same values, same seed: same weights on CPU), and the speed keys as
+    resolved for this machine with the reason for each (:func:`speed_environment`)."""
     import platform
 
     if device.type == "cuda":
@@ -45,8 +47,29 @@ def run_environment(cfg, device: torch.device) -> dict:
         "device": str(device), "hardware": hardware, "threads": torch.get_num_threads(),
         "deterministic": cfg.deterministic,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "amp": cfg.amp, "compile": cfg.compile,
+        "compile": cfg.compile, **speed_environment(cfg, device),
+        **placement(device),
     }
+
+
+JOB_ID_VARIABLES = ("MTPSL_JOB_ID", "SLURM_JOB_ID")
+"""Where a run finds its scheduler job id: mtpsl's launchers set the first (a SLURM array
+task's own id included), a run started by hand in an sbatch script has the second."""
+
+
+def placement(device: torch.device) -> dict:
+    """Where the run trained: ``host``, ``gpu`` (the card's UUID, which tells two cards of a
+    kind apart; None on the CPU) and ``job_id`` (None outside a scheduler or launcher).
+    Recorded so that a grid's cells can be traced; no result may depend on them."""
+    import os
+    import socket
+
+    gpu = None
+    if device.type == "cuda":
+        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+        gpu = f"GPU-{uuid}" if uuid is not None else torch.cuda.get_device_name(device)
+    job = next((os.environ[v] for v in JOB_ID_VARIABLES if os.environ.get(v)), None)
+    return {"host": socket.gethostname(), "gpu": gpu, "job_id": job}
 
 
 def _cpu_name() -> str | None:

@@ -8,6 +8,7 @@ from mtpsl.core.errors import DataError
 from mtpsl.data.batch import PartialLabelSet
 from mtpsl.engine.build import eval_loader, open_dataset, resolve_device
 from mtpsl.engine.evaluate import evaluate
+from mtpsl.engine.speed import prepare_for_evaluation
 from mtpsl.inference.load import load_run
 from mtpsl.tasks import Task, task_kind
 
@@ -41,7 +42,9 @@ def evaluate_checkpoint(
     if edge_measure is not None or edge_workers is not None:
         tasks = {n: t.with_scoring(edge_measure, edge_workers) for n, t in tasks.items()}
     loader = eval_loader(PartialLabelSet(dataset, tasks), config, dev)
-    metrics = evaluate(loaded.model, loader, tasks, dev, config.train.progress, split_name)
+    prepare_for_evaluation(loaded.model, config.train)  # the run's precision and layout
+    metrics = evaluate(loaded.model, loader, tasks, dev, config.train.progress, split_name,
+                       amp=config.train.amp, channels_last=config.train.channels_last)
     return {"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "split": split_name,
             "root": config.dataset.root, "metrics": metrics}
 

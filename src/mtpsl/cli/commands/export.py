@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mtpsl.cli.args import add_data_option
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,9 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                  "RUN/model.torchscript.pt)")
     p.add_argument("--opset", type=int, default=17,
                    help="ONNX opset (below 18: TorchScript-based exporter; 18+: torch.export)")
-    p.add_argument("--data", "--root", dest="root", metavar="DIR",
-                   help="a copy of the run's dataset layout: only checkpoints written before "
-                   "the model card need it (--root is an alias)")
+    add_data_option(p)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mtpsl.cli.args import add_data_option
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from mtpsl.analysis.figures import FIGURES  # light: matplotlib is imported when drawing
@@ -20,9 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--indices", nargs="+", type=int, required=True,
                            help="evaluation images to show, one row each")
             p.add_argument("--split", help="dataset split (default: the run's eval split)")
-            p.add_argument("--data", "--root", dest="root", metavar="DIR",
-                           help="another dataset folder of the same layout (--root is an "
-                           "alias)")
+            add_data_option(p, "another dataset folder of the same layout (--root is an "
+                            "alias)")
             p.add_argument("--device", default="auto")
         own = set()
         if spec.add_arguments is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mtpsl.cli.args import add_data_option
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,9 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="images (resize mode) or tiles (tile mode) per forward pass")
     p.add_argument("--mode", choices=["resize", "tile"], default="resize",
                    help="resize to the training size and back, or average overlapping tiles")
-    p.add_argument("--data", "--root", dest="root", metavar="DIR",
-                   help="a copy of the run's dataset layout: only checkpoints written before "
-                   "the model card need it (--root is an alias)")
+    add_data_option(p)
     p.set_defaults(func=run)
 
 
