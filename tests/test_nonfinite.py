@@ -12,7 +12,7 @@ from mtpsl.cli import main
 from mtpsl.engine.callbacks import divergence
 from mtpsl.methods.supervised import SupervisedMultiTask
 
-from conftest import make_layout
+from conftest import make_layout, without_startup
 
 STEPS = 12  # per epoch: more than CHECK_EVERY, so a bad step can fall between checks
 ARGS = ["model.width=0.0625", "train.epochs=3", "train.batch_size=2", "train.eval_every=100",
@@ -73,7 +73,7 @@ def test_divergence_stops_the_run_and_names_step_and_term(
 
     code = main(["train", "--run-dir", str(run), f"dataset.root={root}", *ARGS])
 
-    err = capsys.readouterr().err
+    err = without_startup(capsys.readouterr().err)
     assert code == 2, err
     line = err.strip().splitlines()[-1]  # after epoch 1's progress line
     assert line.startswith("error: ") and "Traceback" not in err

@@ -8,6 +8,8 @@ Presets shipped in ``mtpsl/presets/*.yaml`` are named by their stem (``--config 
 from __future__ import annotations
 
 import math
+import re
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -26,18 +28,56 @@ from pydantic import (
 from mtpsl.core.errors import ConfigError
 from mtpsl.core.files import write_text
 
+# Bounds of the keys (checked when the config is built, before a run folder exists). Each is
+# what the key's use can take, with room to spare; beyond it the value is a typo or a probe.
+SEED_MAX = 2**32 - 1
+"""numpy's legacy seeding (``np.random.seed``) takes seeds in [0, 2**32)."""
+BATCH_MAX = 65536
+"""Images per batch: beyond any accelerator's memory at the smallest useful image size."""
+EPOCHS_MAX = 100_000
+"""Epochs (and every-N-epochs periods, step sizes): a bound on counters kept in checkpoints."""
+STEPS_MAX = 10**9
+"""Iterations per epoch (``train.max_steps_per_epoch``)."""
+LR_MAX = 10.0
+"""Largest learning rate: Adam moves each weight by about lr per step, SGD by lr x gradient;
+beyond 10 every step overshoots any weight's scale (paper 001: 1e-4)."""
+WIDTH_MAX = 8.0
+"""Largest channel multiplier: 8 x SegNet is ~2 G parameters, beyond any GPU's memory."""
+SCALE_MAX = 8.0
+"""Largest RandomScaleCrop zoom: the crop keeps 1/8 of each side."""
+RATIO_MAX = 1e6
+"""Largest ``labels.ratios`` weight: the weights are normalised, so only their ratio counts."""
+
 
 class Section(BaseModel):
     # allow_inf_nan=False: an lr of .inf or a NaN weight is a config error, not a diverged run
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
                               use_attribute_docstrings=True)
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # paths and names reach the OS, whose calls refuse a NUL with a ValueError
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
+
 
 class AugmentConfig(Section):
-    scales: list[float] = Field(default=[1.0, 1.2, 1.5], min_length=1)
-    """RandomScaleCrop zoom factors (1.0 = no zoom); [1.0] disables scale-crop."""
+    scales: list[float] = Field(default=[1.0, 1.2, 1.5], min_length=1, max_length=64)
+    """RandomScaleCrop zoom factors, each in [1, 8] (1.0 = no zoom); [1.0] disables
+    scale-crop."""
     flip: bool = False
     """Random horizontal flip (Cityscapes in the reference); normals' x is negated."""
+
+    @field_validator("scales")
+    @classmethod
+    def _zoom_range(cls, value: list[float]) -> list[float]:
+        bad = [s for s in value if not 1.0 <= s <= SCALE_MAX]
+        if bad:
+            raise ValueError(f"each scale must lie in [1, {SCALE_MAX:g}] (a zoom that leaves a "
+                             f"crop of the image); got {bad}")
+        return value
 
 
 class DatasetConfig(Section):
@@ -65,12 +105,27 @@ class LabelsConfig(Section):
     regime: str = "onelabel"
     """full | onelabel | random | ratio, or another registered regime (``mtpsl list regimes``;
     checked with the other registered names by :func:`mtpsl.engine.build.check_names`)."""
-    ratios: list[float] | None = None
-    """Per-task weights for the 'ratio' regime, in task order (e.g. [9, 1])."""
-    seed: int | None = None
+    ratios: list[float] | None = Field(default=None, min_length=1, max_length=64)
+    """Per-task weights for the 'ratio' regime, in task order (e.g. [9, 1]); each in
+    [0, 1e6], not all 0."""
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     """Seed of the split; None uses the run seed."""
     file: str | None = None
     """Load the split from a file (our .json or a reference .pth) instead of drawing one."""
+
+    @field_validator("ratios")
+    @classmethod
+    def _weights(cls, value: list[float] | None) -> list[float] | None:
+        # the regime divides by their sum: it must be finite and positive
+        if value is None:
+            return value
+        bad = [r for r in value if not 0.0 <= r <= RATIO_MAX]
+        if bad:
+            raise ValueError(f"each ratio must lie in [0, {RATIO_MAX:g}] (only the ratios "
+                             f"count); got {bad}")
+        if not any(value):
+            raise ValueError("at least one ratio must be above 0 (all 0 labels nothing)")
+        return value
 
 
 class BackboneConfig(Section):
@@ -80,8 +135,8 @@ class BackboneConfig(Section):
     name: str = "resnet"
     """Registered encoder: ``resnet`` (torchvision, dilated) or ``timm`` (any timm model with
     ``features_only``)."""
-    depth: int = 50
-    """ResNet depth (18, 34, 50, 101, 152) of the ``resnet`` encoder."""
+    depth: Literal[18, 34, 50, 101, 152] = 50
+    """ResNet depth of the ``resnet`` encoder."""
     arch: str | None = None
     """timm model name of the ``timm`` encoder (e.g. convnext_atto, resnet50, hrnet_w18)."""
     weights: str | None = None
@@ -97,7 +152,7 @@ class BackboneConfig(Section):
 class ModelConfig(Section):
     name: str = "segnet"
     """Registered model; see ``mtpsl list models``."""
-    width: float = Field(default=1.0, gt=0.0)
+    width: float = Field(default=1.0, gt=0.0, le=WIDTH_MAX)
     """Channel multiplier (1.0 = the paper's SegNet; 0.25 for quick CPU runs)."""
     backbone: BackboneConfig = BackboneConfig()
     options: dict[str, Any] = {}
@@ -126,29 +181,34 @@ class MethodConfig(Section):
     the strategy's own default (``representation`` for ``mgda_ub``)."""
 
 
-FLOAT32_MAX = 3.4028234663852886e38
-"""The largest float32: an optimiser's lr or weight decay beyond it cannot reach the weights."""
-
-
 class OptimConfig(Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     """Optimiser of the model (a method's own networks may have their own, e.g. FiLM's)."""
-    lr: float = Field(default=1e-4, gt=0.0, lt=FLOAT32_MAX)
+    lr: float = Field(default=1e-4, gt=0.0, le=LR_MAX)
     """Learning rate (1e-4 with Adam in paper 001)."""
-    weight_decay: float = Field(default=0.0, ge=0.0, lt=FLOAT32_MAX)
-    """L2 penalty of the optimiser."""
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    """L2 penalty of the optimiser (usual: 1e-4 to 5e-4). At most 1: SGD shrinks each weight
+    by lr x weight_decay per step, which beyond 2 flips and grows it."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """Adam's betas."""
+    """Adam's betas, each in [0, 1)."""
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     """SGD's momentum."""
     schedule: Literal["step", "poly"] = "step"
     """step: StepLR(step_size, gamma) per epoch; poly: lr * (1 - epoch/epochs) ** poly_power."""
-    step_size: int = Field(default=100, gt=0)
+    step_size: int = Field(default=100, gt=0, le=EPOCHS_MAX)
     """StepLR period in epochs."""
     gamma: float = Field(default=0.5, gt=0.0, le=1.0)
     """StepLR factor applied every ``step_size`` epochs."""
-    poly_power: float = Field(default=0.9, gt=0.0)
-    """Exponent of the poly schedule."""
+    poly_power: float = Field(default=0.9, gt=0.0, le=100.0)
+    """Exponent of the poly schedule (beyond 100 the lr is ~0 after the first epoch)."""
+
+    @field_validator("betas")
+    @classmethod
+    def _decay_rates(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # Adam divides by 1 - beta**t: a beta of 1 divides by zero, above 1 flips its sign
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each beta must lie in [0, 1); got {list(value)}")
+        return value
 
 
 class CallbackConfig(Section):
@@ -166,35 +226,36 @@ class CallbackConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(default=200, gt=0)
+    epochs: int = Field(default=200, gt=0, le=EPOCHS_MAX)
     """Training epochs (200 in paper 001)."""
-    batch_size: int = Field(default=2, gt=0)
+    batch_size: int = Field(default=2, gt=0, le=BATCH_MAX)
     """Images per step *per process*: under ``torchrun`` with N processes a step sees
     N x batch_size images (torchrun's convention; the learning rate is not rescaled)."""
-    eval_batch_size: int = Field(default=8, gt=0)
+    eval_batch_size: int = Field(default=8, gt=0, le=BATCH_MAX)
     """Images per evaluation batch (does not change the metrics)."""
-    eval_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=10, gt=0, le=EPOCHS_MAX)
     """Evaluate every N epochs (and always after the last one)."""
-    checkpoint_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=10, gt=0, le=EPOCHS_MAX)
     """Write the checkpoint every N epochs (and always after the last one)."""
-    accumulate: int = Field(default=1, gt=0)
+    accumulate: int = Field(default=1, gt=0, le=BATCH_MAX)
     """Micro-batches of ``batch_size`` per optimiser step: their gradients are summed with
     each loss divided by the group's size, which equals one step on the larger batch for
     weightings linear in the losses (the only ones allowed with it; BatchNorm still sees
     micro-batches). ``max_steps_per_epoch`` counts micro-batches."""
-    clip_norm: float | None = Field(default=None, gt=0.0)
+    clip_norm: float | None = Field(default=None, gt=0.0, le=1e6)
     """Clip the global L2 norm of all trained gradients to this before each step (after the
-    fp16 unscale and the torchrun average); None = no clipping."""
-    max_steps_per_epoch: int | None = Field(default=None, gt=0)
+    fp16 unscale and the torchrun average); None = no clipping (a bound above 1e6 would
+    never clip)."""
+    max_steps_per_epoch: int | None = Field(default=None, gt=0, le=STEPS_MAX)
     """Cap on iterations per epoch (smoke tests and equal-budget comparisons)."""
     num_workers: int | Literal["auto"] = "auto"
-    """DataLoader worker processes (0 = load in the training process); auto = 0 on the CPU
-    (a worker would take a core from the compute threads), else up to 8 of the cores this
-    process may use, one left for it (:func:`mtpsl.engine.speed.loader_workers`)."""
+    """DataLoader worker processes, 0..256 (0 = load in the training process); auto = 0 on
+    the CPU (a worker would take a core from the compute threads), else up to 8 of the cores
+    this process may use, one left for it (:func:`mtpsl.engine.speed.loader_workers`)."""
     threads: int | Literal["auto"] = "auto"
-    """Intra-op CPU threads of torch; auto keeps torch's count (OMP_NUM_THREADS when set),
-    lowered to the cores this process may use (its affinity and cgroup quota, shared with the
-    other processes torchrun started on the node). Not part of the set-up."""
+    """Intra-op CPU threads of torch, 1..4096; auto keeps torch's count (OMP_NUM_THREADS when
+    set), lowered to the cores this process may use (its affinity and cgroup quota, shared
+    with the other processes torchrun started on the node). Not part of the set-up."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     deterministic: bool = True
@@ -235,10 +296,11 @@ class TrainConfig(Section):
     @field_validator("num_workers", "threads", mode="before")
     @classmethod
     def _auto_or_count(cls, value: object, info: ValidationInfo) -> object:
-        least = 0 if info.field_name == "num_workers" else 1
-        if value == "auto" or (type(value) is int and value >= least):
+        # each worker is a process, each thread an OS thread: beyond these, none starts
+        least, most = (0, 256) if info.field_name == "num_workers" else (1, 4096)
+        if value == "auto" or (type(value) is int and least <= value <= most):
             return value
-        raise ValueError(f"must be auto or an integer >= {least}")
+        raise ValueError(f"must be auto or an integer in [{least}, {most}]")
 
     @field_validator("channels_last", mode="before")
     @classmethod
@@ -274,7 +336,7 @@ class LauncherConfig(Section):
     name: Literal["local", "submitit"] = "local"
     """local: on this machine, ``jobs`` cells at once; submitit: one cluster job per cell
     through submitit (``pip install 'mtpsl[cluster]'``), requeued when preempted."""
-    jobs: int = Field(default=1, ge=1)
+    jobs: int = Field(default=1, ge=1, le=1024)
     """local: cells trained at once, each in its own process on its own GPU(s) (or its share
     of the CPU threads); 1 = one after another in the compare process itself."""
     cluster: Literal["auto", "slurm", "local"] = "auto"
@@ -282,20 +344,20 @@ class LauncherConfig(Section):
     auto = slurm where sbatch is found, else local."""
     partition: str | None = None
     """submitit: SLURM partition (None: the cluster's default)."""
-    time_min: int = Field(default=1440, ge=1)
+    time_min: int = Field(default=1440, ge=1, le=527_040)
     """submitit: time limit of each job, minutes; a cell stopped by it is requeued and
     continues from its mid-epoch checkpoint (at most ``max_timeouts`` times)."""
-    max_timeouts: int = Field(default=3, ge=0)
+    max_timeouts: int = Field(default=3, ge=0, le=1000)
     """submitit: requeues after the time limit (preemptions are always requeued)."""
-    gpus_per_cell: int = Field(default=1, ge=0)
+    gpus_per_cell: int = Field(default=1, ge=0, le=1024)
     """GPUs of each cell (0: CPU); over 1, a cell is one data-parallel process per GPU, as
     torchrun starts them."""
-    cpus_per_cell: int | None = Field(default=None, ge=1)
+    cpus_per_cell: int | None = Field(default=None, ge=1, le=4096)
     """CPU cores (torch threads) of each cell; None: local = this machine's cores over
     ``jobs``, submitit = the cluster's default."""
-    mem_gb: float | None = Field(default=None, gt=0)
+    mem_gb: float | None = Field(default=None, gt=0, le=1e6)
     """submitit: memory of each job, GB (None: the cluster's default)."""
-    array_parallelism: int | None = Field(default=None, ge=1)
+    array_parallelism: int | None = Field(default=None, ge=1, le=10**6)
     """submitit on SLURM: most cells of one submission running at once (a job array)."""
     setup: list[str] = []
     """submitit: shell lines each job runs first, e.g. ``module load cuda``."""
@@ -308,8 +370,9 @@ class CompareConfig(Section):
     """Method names or names of ``variants``."""
     regimes: list[str] = ["onelabel"]
     """Regime names; ``ratio:9:1`` is the ratio regime with those weights."""
-    seeds: list[int] = [0]
-    """Seeds of each cell: three or more for a table that can draw a conclusion."""
+    seeds: list[int] = Field(default=[0], min_length=1, max_length=1000)
+    """Seeds of each cell (each in [0, 2**32 - 1]): three or more for a table that can draw
+    a conclusion."""
     baseline: str = "stl"
     """Method (or variant) whose runs of the same set-up and seed are the reference of the
     paired Delta_m."""
@@ -332,6 +395,14 @@ class CompareConfig(Section):
     launcher: LauncherConfig = LauncherConfig()
     """Where the cells train: this machine (``--jobs N`` at once) or a cluster (submitit)."""
 
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, value: list[int]) -> list[int]:
+        bad = [s for s in value if not 0 <= s <= SEED_MAX]
+        if bad:
+            raise ValueError(f"each seed must lie in [0, {SEED_MAX}]; got {bad}")
+        return value
+
     @field_validator("contrasts")
     @classmethod
     def _pairs(cls, value: list[str]) -> list[str]:
@@ -347,7 +418,7 @@ class Config(Section):
     label: str | None = None
     """How tables name this run; ``compare`` sets the grid cell's method or variant name.
     None = ``method.name``."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     """Seed of weights, data order and (unless labels.seed) the label split."""
     output_dir: str = "runs"
     """Parent folder of run folders."""
@@ -358,6 +429,17 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     compare: CompareConfig = CompareConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _inside_output_dir(cls, value: str) -> str:
+        # the run folder is output_dir/name: a name that leaves output_dir writes elsewhere
+        parts = re.split(r"[\\/]", value)
+        if (not value.strip() or value[0] in "/\\" or re.match(r"[A-Za-z]:", value)
+                or ".." in parts or all(p in ("", ".") for p in parts)):
+            raise ValueError("must name a folder inside output_dir: relative, without '..' "
+                             "(e.g. my-run or study/my-run)")
+        return value
 
     @model_validator(mode="after")
     def _finite_options(self) -> Config:
@@ -387,6 +469,14 @@ def preset_names() -> list[str]:
     return sorted(n.removesuffix(".yaml") for n in names if n.endswith(".yaml"))
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (the presets are under 4 KiB): a device such as /dev/zero or a
+huge file is refused before it fills the memory."""
+MAX_YAML_VALUES = 100_000
+"""Most values (scalars, lists, mappings) a YAML document may expand to, its aliases
+followed: a config has a few hundred, an alias bomb billions."""
+
+
 def _read_yaml(source: str) -> dict:
     path = Path(source)
     if not path.exists():
@@ -397,25 +487,80 @@ def _read_yaml(source: str) -> dict:
                 f"config {source} is neither a file nor a preset; presets: {preset_names()}"
             )
     try:
-        data = parse_yaml(path.read_text(encoding="utf-8"), f"config {path}") or {}
+        data = parse_yaml(_read_text(path), f"config {path}") or {}
     except UnicodeDecodeError as err:
         raise ConfigError(f"config {path} is not UTF-8 text: {err.reason} at byte "
                           f"{err.start}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config {path} is a folder, not a YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must hold a mapping at the top level")
     return data
 
 
+def _read_text(path: Path) -> str:
+    """At most :data:`MAX_CONFIG_BYTES` of a regular file or a pipe (``--config <(...)``)."""
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"config {path} is a folder, not a YAML file")
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise ConfigError(f"config {path} is not a regular file (a device or socket)")
+    with open(path, "rb") as fp:
+        raw = fp.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: "
+                          "not a config file")
+    return raw.decode("utf-8")
+
+
 def parse_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load`` whose failures are one ConfigError naming ``what``."""
+    """Safe-load YAML whose expansion is bounded; failures are one ConfigError naming ``what``.
+
+    PyYAML shares the object of an anchor among its aliases, so loading a bomb is quick but
+    everything that walks the result later (validation, the option checks, saving) expands
+    it: the composed node graph is sized first, aliases followed, and refused beyond
+    :data:`MAX_YAML_VALUES`, wherever in the document (or an override value) the bomb sits.
+    """
     try:
-        return yaml.safe_load(text)
+        return _bounded_load(text, what)
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} is not valid YAML: {err}") from None
     except RecursionError:  # pathological nesting ("[[[[..."): the parser recurses per level
         raise ConfigError(f"{what} is nested too deeply to be a config") from None
+
+
+def _bounded_load(text: str, what: str) -> Any:
+    loader = yaml.SafeLoader(text)  # what ``yaml.safe_load`` does, with the size check
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set(), what)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int], what: str) -> int:
+    """Values under ``node`` with every alias expanded (memoised per node: linear time)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ConfigError(f"{what}: a YAML alias refers to a node that contains it (an "
+                          "endless structure)")
+    open_.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, sizes, open_, what) for child in children)
+    open_.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise ConfigError(f"{what} expands to more than {MAX_YAML_VALUES:,} values (YAML "
+                          "aliases repeating anchors): refused as an alias bomb")
+    sizes[key] = size
+    return size
 
 
 def apply_override(data: dict, assignment: str) -> None:

@@ -8,6 +8,7 @@ keeps its traceback (see :func:`mtpsl.cli.app.main`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 EXIT_ERROR = 2
 """A bad config, dataset, file or run folder."""
@@ -38,6 +39,25 @@ class RunFolderError(MtpslError):
 
 class CheckpointError(DataError):
     """A checkpoint file is unreadable, corrupt, of the wrong structure or non-finite."""
+
+
+class NonFiniteResultError(MtpslError):
+    """A model's outputs or metrics are NaN/inf: the run diverged, and what it gives is neither
+    saved nor served. ``found`` names each non-finite item (``task/metric = nan``, or
+    ``task (predictions NaN/inf)``) so a caller can reword the error with its own context."""
+
+    def __init__(self, message: str, found: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.found = list(found)
+
+    def summary(self, prefix: str = "") -> str:
+        """``found`` for a one-line message, each item prefixed (e.g. ``eval/``)."""
+        return listed([f"{prefix}{item}" for item in self.found])
+
+
+def listed(items: Sequence[str], limit: int = 4) -> str:
+    """The first ``limit`` items, comma-separated, ``...`` when there are more."""
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 
 
 class Preempted(MtpslError):

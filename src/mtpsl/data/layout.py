@@ -163,6 +163,8 @@ class LayoutDataset(TaskDataset):
         shape0, _ = read_npy_header(images[0])
         if len(shape0) != 3 or shape0[2] != 3:
             raise DataError(f"{images[0]}: expected image shape (H, W, 3), got {shape0}")
+        if 0 in shape0:  # every file must match it: a whole split of nothing to train on
+            raise DataError(f"{images[0]}: empty image (shape {shape0})")
         self.height, self.width = shape0[0], shape0[1]
 
         self._paths: dict[str, list[Path | None]] = {}

@@ -169,6 +169,10 @@ def read_ids(root: Path, split: str) -> list[str]:
         raise DataError(f"split file {path} lists no image ids")
     seen: set[str] = set()
     for image_id in ids:
+        # an id names files inside the root's folders: a path would read anywhere
+        if "/" in image_id or "\\" in image_id or image_id in (".", "..") or "\0" in image_id:
+            raise DataError(f"split file {path}: image id {image_id!r} is a path; ids are "
+                            "file names without folders (e.g. 2008_000002)")
         if image_id in seen:
             raise DataError(f"split file {path}: image id {image_id!r} is listed twice")
         seen.add(image_id)

@@ -149,7 +149,10 @@ class Split:
         image_ids: Sequence[str] | None = None,
     ) -> Split:
         """Load our JSON, a reference ``.pth`` or a task -> image-id mapping (``.json`` or
-        ``.npy``; needs the dataset's ``image_ids``); check it against the dataset's tasks."""
+        ``.npy``; needs the dataset's ``image_ids``); check it against the dataset's tasks.
+
+        Values other than 0/1 (or false/true) and a split that labels nothing are refused: a
+        2 or -1 is not "labelled", and an empty split trains on nothing with every loss 0."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"split file {path} does not exist")
@@ -168,6 +171,9 @@ class Split:
                 f"split file {path} is for tasks {list(split.task_names)}, "
                 f"but the dataset has {list(task_names)}"
             )
+        if not split.labelled.any():
+            raise DataError(f"split file {path} labels no task on any of its {len(split)} "
+                            "images: there would be nothing to train on (every loss 0)")
         return split
 
 
@@ -191,7 +197,7 @@ def _load_json(path: Path, data: object) -> Split:
         if data.get("format") != FORMAT:
             raise ValueError(f"'format' is {data.get('format')!r}, expected {FORMAT!r}")
         return Split(
-            labelled=np.asarray(data["labelled"], dtype=bool),
+            labelled=_zero_one(data["labelled"]),
             task_names=data["tasks"],
             regime=data.get("regime", "custom"),
             seed=data.get("seed"),
@@ -199,6 +205,15 @@ def _load_json(path: Path, data: object) -> Split:
         )
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:
         raise DataError(f"split file {path} is not a valid mtpsl split: {err}") from None
+
+
+def _zero_one(values: object) -> np.ndarray:
+    """A 0/1 (or false/true) matrix as bool; any other value (2, -1, 0.5, "yes") is refused
+    rather than read as true."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf" or not np.isin(array, (0, 1)).all():
+        raise ValueError("'labelled' must hold only 0/1 (or false/true)")
+    return array.astype(bool)
 
 
 def _load_pth(path: Path, task_names: Sequence[str] | None) -> Split:
@@ -309,4 +324,8 @@ def make_split(
     """Draw a split from a registered regime with its own seeded generator."""
     rng = np.random.default_rng(seed)
     labelled = REGIMES.get(regime)(n_images, len(task_names), rng, **params)
-    return Split(labelled, tuple(task_names), regime=regime, seed=seed, params=dict(params))
+    split = Split(labelled, tuple(task_names), regime=regime, seed=seed, params=dict(params))
+    if not split.labelled.any():  # a ValueError: the config's builder names labels.*
+        raise ValueError(f"the {regime!r} regime labels no task on any of the {n_images} "
+                         "training images: there would be nothing to train on (every loss 0)")
+    return split

@@ -23,6 +23,7 @@ Conventions
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -447,8 +448,17 @@ def item_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, split_id, index]).generate_state(1, np.uint64)[0])
 
 
+def _check_sizes(splits: dict[str, int], height: int, width: int, seed: int) -> None:
+    """Refuse what would render nothing (a size or count below 1 is not a default)."""
+    for what, value, least in [*((f"n_{k}", n, 1) for k, n in splits.items()),
+                               ("height", height, 1), ("width", width, 1), ("seed", seed, 0)]:
+        if not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{what} must be an integer >= {least}, got {value!r}")
+
+
 def _write_layout(root: str | Path, family: str, splits: dict[str, int], height: int, width: int,
                   seed: int, style: str, with_edges: bool, progress: bool) -> Path:
+    _check_sizes(splits, height, width, seed)
     root = Path(root)
     render = render_indoor if family == "indoor" else render_street
     folders = ["image", "label", "depth", "normal"] if family == "indoor" else [
@@ -577,6 +587,7 @@ def write_pascal_layout(root: str | Path, *, n_train: int, n_val: int, height: i
     from PIL import Image
     from scipy.io import savemat
 
+    _check_sizes({"train": n_train, "val": n_val}, height, width, seed)
     root = Path(root)
     folders = {"image": "JPEGImages", "semantic": "semseg/pascal-context",
                "parts": "human_parts", "normal": "normals_distill", "saliency": "sal_distill",

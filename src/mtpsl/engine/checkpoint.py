@@ -14,8 +14,10 @@ A checkpoint is a ``torch.save``-d dict of tensors and plain containers (so it l
   before it existed lack it; they still load, taking the tasks from their dataset.
 
 :func:`load_checkpoint` checks all of that plus the structure (a dict with the keys the caller
-needs, of the right types, and a well-formed model card where there is one);
-:func:`load_module_state` checks that tensors fit the module they are loaded into, and
+needs, of the right types, and a well-formed model card where there is one) and the counters
+(:func:`check_counters`: a digest proves only that the file is the one written, not that what
+was written is possible); :func:`load_module_state` checks that tensors fit the module they are
+loaded into (shape and kind of dtype), and
 :func:`nonfinite_entries` finds NaN/inf weights. Every failure is a
 :class:`~mtpsl.core.errors.CheckpointError` naming the file and what is wrong.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -148,6 +151,102 @@ def check_structure(
             raise CheckpointError(f"{path}: model entry {odd[0]!r} is not a tensor")
     if CARD_KEY in state:
         check_card(state[CARD_KEY], path, state.get("task_names"))
+    check_counters(state, path)
+
+
+def check_counters(state: Mapping[str, Any], path: Path) -> None:
+    """Every counter the checkpoint holds is a whole number in the range its own config
+    allows, so a file written (or re-digested) with impossible values is refused instead of
+    printed or resumed: ``epoch`` in [0, train.epochs]; ``step`` >= 0, and > 0 only inside an
+    unfinished epoch (its upper bound, the steps of an epoch, is checked by the trainer, which
+    knows them); each schedule's ``last_epoch`` equal to ``epoch`` (schedules step once per
+    epoch); optimiser ``step`` counts and BatchNorm's ``num_batches_tracked`` finite and >= 0;
+    the fp16 loss scale finite and > 0; the partial epoch's loss sums finite."""
+    epochs = _config_epochs(state.get("config"))
+    epoch = _whole(state, "epoch", path, 0, epochs, "train.epochs of its config")
+    step = _whole(state, "step", path, 0, None, "")
+    if step and epoch is not None and epochs is not None and epoch >= epochs:
+        raise CheckpointError(f"{path}: checkpoint entry 'step' is {step} after the last of the "
+                              f"run's {epochs} epochs (train.epochs of its config)")
+    model = state.get("model")
+    if isinstance(model, Mapping):
+        for key, t in model.items():
+            if key.endswith("num_batches_tracked") and isinstance(t, torch.Tensor):
+                _nonnegative(t, path, f"model.{key}")
+    optim = state.get("optim")
+    if isinstance(optim, Mapping):
+        for i, sched in _indexed(optim.get("schedulers")):
+            if epoch is not None and isinstance(sched, Mapping) and "last_epoch" in sched:
+                where = f"optim.schedulers[{i}].last_epoch"
+                if not _is_int(sched["last_epoch"]) or sched["last_epoch"] != epoch:
+                    raise CheckpointError(
+                        f"{path}: checkpoint entry {where!r} is {sched['last_epoch']!r}, but "
+                        f"'epoch' is {epoch} (schedules step once per epoch)")
+        for i, opt in _indexed(optim.get("optimizers")):
+            per_param = opt.get("state") if isinstance(opt, Mapping) else None
+            for pid, entry in (per_param.items() if isinstance(per_param, Mapping) else ()):
+                if isinstance(entry, Mapping) and "step" in entry:
+                    _nonnegative(entry["step"], path, f"optim.optimizers[{i}].state.{pid}.step")
+    scaler = state.get("scaler")
+    if isinstance(scaler, Mapping) and scaler:
+        scale = scaler.get("scale")
+        if not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+            raise CheckpointError(f"{path}: checkpoint entry 'scaler.scale' is {scale!r}, not "
+                                  "a finite positive loss scale")
+        if "_growth_tracker" in scaler:
+            _nonnegative(scaler["_growth_tracker"], path, "scaler._growth_tracker")
+    partial = state.get("partial")
+    sums = partial.get("sums") if isinstance(partial, Mapping) else None
+    if isinstance(sums, Mapping):
+        bad = nonfinite_entries(sums.items())
+        if bad:
+            raise CheckpointError(f"{path}: checkpoint entry 'partial.sums.{bad[0]}' is "
+                                  "non-finite (NaN/inf)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config_epochs(config: Any) -> int | None:
+    """``train.epochs`` of a checkpoint's config dict, where it records a whole number."""
+    train = config.get("train") if isinstance(config, Mapping) else None
+    epochs = train.get("epochs") if isinstance(train, Mapping) else None
+    return epochs if _is_int(epochs) else None
+
+
+def _whole(state: Mapping[str, Any], key: str, path: Path, low: int, high: int | None,
+           why: str) -> int | None:
+    """``state[key]`` (absent: None), refused unless a whole number in [low, high]."""
+    if key not in state:
+        return None
+    value = state[key]
+    if not _is_int(value):
+        raise CheckpointError(f"{path}: checkpoint entry {key!r} is a {type(value).__name__} "
+                              f"({value!r}), not a whole number")
+    if value < low or (high is not None and value > high):
+        bounds = f"{low}..{high} ({why})" if high is not None else f">= {low}"
+        raise CheckpointError(f"{path}: checkpoint entry {key!r} is {value}, outside {bounds}")
+    return value
+
+
+def _nonnegative(value: Any, path: Path, where: str) -> None:
+    """A counter (a number or a tensor of them) that is finite and >= 0."""
+    if isinstance(value, torch.Tensor):
+        ok = (not value.is_complex() and value.dtype != torch.bool
+              and bool((value.isfinite() & (value >= 0)).all()))
+        shown = value.tolist() if value.numel() == 1 else f"a tensor {tuple(value.shape)}"
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and (
+            math.isfinite(value) and value >= 0)
+        shown = value
+    if not ok:
+        raise CheckpointError(f"{path}: checkpoint entry {where!r} is {shown!r}, not a "
+                              "finite count >= 0")
+
+
+def _indexed(items: Any) -> list[tuple[int, Any]]:
+    return list(enumerate(items)) if isinstance(items, list | tuple) else []
 
 
 def load_module_state(module: nn.Module, state: Mapping[str, Any], path: Path, what: str) -> None:
@@ -155,15 +254,18 @@ def load_module_state(module: nn.Module, state: Mapping[str, Any], path: Path, w
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
-    ]
+    given = {k: state[k] for k, v in expected.items()
+             if isinstance(state.get(k), torch.Tensor) and isinstance(v, torch.Tensor)}
+    wrong = [f"{k} {tuple(t.shape)} (model: {tuple(expected[k].shape)})"
+             for k, t in given.items() if t.shape != expected[k].shape]
+    # load_state_dict casts silently: int/bool/complex values in float weights would be
+    # evaluated as if trained
+    mistyped = [f"{k} {t.dtype} (model: {expected[k].dtype})"
+                for k, t in given.items() if _dtype_kind(t) != _dtype_kind(expected[k])]
     problems = [
         f"{label} {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
         for label, items in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape", wrong))
+                             ("wrong shape", wrong), ("wrong dtype", mistyped))
         if items
     ]
     if problems:
@@ -173,6 +275,15 @@ def load_module_state(module: nn.Module, state: Mapping[str, Any], path: Path, w
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{path}: {what} cannot be loaded: {first}") from None
+
+
+def _dtype_kind(t: torch.Tensor) -> str:
+    """float, complex, bool or integer: what a value means (the width may differ)."""
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "float"
+    return "bool" if t.dtype == torch.bool else "integer"
 
 
 def load_state(target: Any, state: Any, path: Path, what: str) -> None:

@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 
 from mtpsl.core import distributed as ddp
-from mtpsl.core.errors import Interrupted, Preempted
+from mtpsl.core.errors import CheckpointError, Interrupted, NonFiniteResultError, Preempted
 from mtpsl.core.faults import fault_point
 from mtpsl.data.sampling import ResumableSampler
 from mtpsl.engine.build import eval_loader, train_loader
 from mtpsl.engine.callbacks.base import Callback, CallbackList
+from mtpsl.engine.callbacks.divergence import NonFiniteLossError
 from mtpsl.engine.card import model_card
 from mtpsl.engine.checkpoint import CHECKPOINT, rng_state
 from mtpsl.engine.evaluate import evaluate
@@ -55,6 +56,14 @@ class Trainer:
         sampler, generator = self.loader.sampler, self.loader.generator
         assert isinstance(sampler, ResumableSampler) and generator is not None
         self.sampler, self.generator = sampler, generator
+        if self.start_step >= max(self.steps_in_epoch, 1):
+            # a mid-epoch checkpoint lies before its epoch's last step; a larger count would
+            # resume into an empty epoch (loss nan, negative speed)
+            raise CheckpointError(
+                f"{run_dir / CHECKPOINT}: checkpoint entry 'step' is {self.start_step}, but an "
+                f"epoch of this run has {self.steps_in_epoch} steps (train.batch_size="
+                f"{self.cfg.batch_size}, train.max_steps_per_epoch="
+                f"{self.cfg.max_steps_per_epoch})")
         self.evals = self._eval_loaders() if self.env.is_main else {}
         self.card = model_card(self.exp)
         """What rebuilds the model and its tasks without the training data (checked now, not
@@ -161,14 +170,32 @@ class Trainer:
         return {f"train/{k}": float(v.item()) for k, v in means.items()}
 
     def evaluate(self) -> dict[str, float]:
-        """Every evaluation set's metrics, as ``<set>/<task>/<metric>``."""
+        """Every evaluation set's metrics, as ``<set>/<task>/<metric>``.
+
+        A non-finite evaluation means the run diverged (weights huge but finite pass the
+        divergence watch): it raises :class:`NonFiniteLossError` before the epoch's row is
+        logged or checkpointed, so the last good checkpoint and no ``final_metrics.json``
+        remain."""
         exp, cfg = self.exp, self.cfg
         metrics = {}
         for prefix, loader in self.evals.items():
-            scores = evaluate(exp.model, loader, exp.tasks, self.device, cfg.progress, prefix,
-                              amp=cfg.amp, channels_last=cfg.channels_last)
+            try:
+                scores = evaluate(exp.model, loader, exp.tasks, self.device, cfg.progress,
+                                  prefix, amp=cfg.amp, channels_last=cfg.channels_last)
+            except NonFiniteResultError as err:
+                raise NonFiniteLossError(
+                    f"training diverged: the evaluation after epoch {self.epoch + 1} is "
+                    f"non-finite ({err.summary(f'{prefix}/')}) although the weights are "
+                    f"finite (check optim.lr); stopped, {self._last_checkpoint()}"
+                ) from None
             metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
         return metrics
+
+    def _last_checkpoint(self) -> str:
+        if self.saved_epoch is None:
+            return "no checkpoint was written"
+        return (f"the last checkpoint ({self.run_dir / CHECKPOINT}, epoch {self.saved_epoch}) "
+                "is unchanged")
 
     def state_dict(self, epoch: int, steps: int = 0) -> dict[str, Any]:
         """A checkpoint after ``epoch`` whole epochs and ``steps`` steps of the next one."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mtpsl.core.errors import DataError
+from mtpsl.core.errors import DataError, NonFiniteResultError
 from mtpsl.data.batch import PartialLabelSet
 from mtpsl.engine.build import eval_loader, open_dataset, resolve_device
 from mtpsl.engine.evaluate import evaluate
@@ -43,8 +43,14 @@ def evaluate_checkpoint(
         tasks = {n: t.with_scoring(edge_measure, edge_workers) for n, t in tasks.items()}
     loader = eval_loader(PartialLabelSet(dataset, tasks), config, dev)
     prepare_for_evaluation(loaded.model, config.train)  # the run's precision and layout
-    metrics = evaluate(loaded.model, loader, tasks, dev, config.train.progress, split_name,
-                       amp=config.train.amp, channels_last=config.train.channels_last)
+    try:
+        metrics = evaluate(loaded.model, loader, tasks, dev, config.train.progress, split_name,
+                           amp=config.train.amp, channels_last=config.train.channels_last)
+    except NonFiniteResultError as err:  # a diverged run's numbers are not results
+        raise NonFiniteResultError(
+            f"{loaded.checkpoint} (epoch {loaded.epoch}) gives non-finite results on the "
+            f"{split_name} split ({err.summary()}): the run diverged in training; its "
+            "metrics are not served", err.found) from None
     return {"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "split": split_name,
             "root": config.dataset.root, "metrics": metrics}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from mtpsl.core.config import Config, build_config
-from mtpsl.core.errors import CheckpointError, DataError
+from mtpsl.core.errors import CheckpointError, DataError, NonFiniteResultError
 from mtpsl.engine.build import build_model_for, open_dataset
 from mtpsl.engine.card import CARD_KEY, card_input_size, tasks_from_card
 from mtpsl.engine.checkpoint import load_checkpoint, load_module_state, require_finite
@@ -74,6 +75,24 @@ def load_run(
     load_module_state(model, state["model"], path, "the model")
     model.to(device).eval()
     return LoadedRun(config, tasks, model, int(state["epoch"]), path, size, card)
+
+
+def require_finite_outputs(preds: Mapping[str, torch.Tensor | np.ndarray], what: str) -> None:
+    """Refuse to serve ``preds`` (task -> outputs) holding NaN/inf: finite weights can still
+    give them (a run diverged to huge weights), and a NaN array written as a prediction looks
+    like a result. Raises :class:`~mtpsl.core.errors.NonFiniteResultError` naming ``what``
+    (e.g. the image and the checkpoint) and the tasks."""
+    bad = []
+    for name, value in preds.items():
+        finite = (bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor)
+                  else bool(np.isfinite(np.asarray(value)).all()))
+        if not finite:
+            bad.append(name)
+    if bad:
+        found = [f"{name} (predictions NaN/inf)" for name in bad]
+        raise NonFiniteResultError(
+            f"{what}: the model's outputs for {', '.join(bad)} are non-finite (NaN/inf); the "
+            "run diverged in training and its outputs are not served", found)
 
 
 def _from_dataset(config: Config, state: dict, path: Path) -> tuple[dict[str, Task],

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from mtpsl.core.errors import MtpslError
 
+MAX_SIDE = 2048
+"""Largest synthetic image side (Cityscapes' full 1024 x 2048 fits): the renderer holds
+float64 arrays per pixel, ~1 GB at 1024 x 1024, ~4 GB at 2048 x 2048."""
+
 
 def _size(text: str) -> tuple[int, int]:
     from mtpsl.data.prepare.geometry import parse_size
@@ -20,6 +24,21 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _count(least: int, most: int | None = None):
+    """An argparse type: an integer in ``[least, most]`` (a size of 0 or a negative count
+    would render nothing, or default silently)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < least or (most is not None and value > most):
+            span = f"at least {least}" if most is None else f"in [{least}, {most}]"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+    return parse
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="dataset tools").add_subparsers(
         dest="data_cmd", required=True)
@@ -27,13 +46,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--layout", choices=["nyuv2", "cityscapes", "pascal_context"],
                    default="nyuv2")
-    p.add_argument("--n-train", type=int, default=795)
-    p.add_argument("--n-val", type=int, default=654)
-    p.add_argument("--height", type=int,
+    p.add_argument("--n-train", type=_count(1), default=795)
+    p.add_argument("--n-val", type=_count(1), default=654)
+    p.add_argument("--height", type=_count(1, MAX_SIDE),
                    help="default 288 (nyuv2) / 128 (cityscapes) / 96 (pascal_context)")
-    p.add_argument("--width", type=int,
+    p.add_argument("--width", type=_count(1, MAX_SIDE),
                    help="default 384 (nyuv2) / 256 (cityscapes) / 128 (pascal_context)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--style", choices=["a", "b"], default="a", help="appearance domain")
     p.add_argument("--pair", action="store_true",
                    help="cross-domain pair: OUT/domain_a (style a) + OUT/domain_b (style b)")
@@ -43,6 +62,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True)
     p.add_argument("--dataset", default="nyuv2")
     p.add_argument("--split", default="train")
+    p.add_argument("--headers-only", action="store_true",
+                   help="check names, shapes and dtypes only (fast), not the values of every "
+                   "file (class ids, depth, NaN)")
     p.set_defaults(func=cmd_check)
 
     prep = data.add_parser(
@@ -105,6 +127,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
               "pascal_context": synthetic.write_pascal_layout}[args.layout]
     size = {"nyuv2": (288, 384), "cityscapes": (128, 256), "pascal_context": (96, 128)}[
         args.layout]
+    if args.pair and args.layout == "pascal_context":
+        raise MtpslError("--pair renders the nyuv2 and cityscapes layouts, not pascal_context")
     if args.pair:
         from mtpsl.data.cross_domain import write_synthetic_pair
 
@@ -134,6 +158,14 @@ def cmd_check(args: argparse.Namespace) -> None:
             line += (f", {n_missing} without a label file (read as partially annotated: "
                      "training never sees this task for them)")
         print(line)
+    if args.headers_only:
+        print("  values: not checked (--headers-only)")
+        return
+    # Decoding is what checks the values (class ids within the class count, depth finite
+    # and >= 0, no NaN): the headers say nothing of them, and training would fail mid-epoch.
+    for index in range(len(ds)):
+        ds[index]
+    print(f"  values: all {len(ds)} images decoded, every label within its task's range")
 
 
 def _say(line: str) -> None:

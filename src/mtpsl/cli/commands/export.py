@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mtpsl.cli.args import add_data_option
+from mtpsl.core.errors import MtpslError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +23,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an opset newer than the installed ``onnx`` knows: the exporter converts to the
+    asked opset with onnx's version converter and, above its range, silently keeps its own
+    (18). Without onnx, the export itself says what to install."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    newest = int(onnx.defs.onnx_opset_version())
+    if opset > newest:
+        raise MtpslError(f"--opset {opset} is newer than the installed onnx {onnx.__version__} "
+                         f"supports: at most {newest}")
+
+
 def run(args: argparse.Namespace) -> None:
     from mtpsl.inference.export import export_run
 
+    if args.format == "onnx":
+        check_opset(args.opset)
     path = export_run(args.run, args.format, args.out, args.opset, args.root)
     print(f"wrote {path} (+ {path.name}.json)")
