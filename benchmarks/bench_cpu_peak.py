@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from mtpsl.engine.speed import probe_hardware
+from mtpsl.engine.speed import probe_hardware, proc_cpuinfo
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_train  # a sibling script (on the path when run as a script)
@@ -73,19 +73,6 @@ faulted in (and zeroed by the kernel) again on the next step."""
 
 
 # -- the machine --------------------------------------------------------------------------------
-
-def cpuinfo() -> dict[str, str]:
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return fields
-
 
 def physical_cores(cpus: set[int]) -> int:
     """Distinct physical cores among logical ``cpus`` (SMT siblings share FMA units)."""
@@ -130,7 +117,7 @@ def fma_flops_per_cycle(info: dict[str, str]) -> tuple[int, str]:
 
 def machine(threads: int) -> dict:
     """The CPU and the theoretical fp32 peak of the cores ``threads`` run on."""
-    info = cpuinfo()
+    info = proc_cpuinfo()
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(threads))
     cores = min(threads, physical_cores(set(cpus)))
     mhz = float(info.get("cpu MHz", "0") or 0)

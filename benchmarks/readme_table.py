@@ -1,13 +1,14 @@
-"""Write the README's demo table and weighting-cost table from the committed records, or
-check that they match.
+"""Write the README's demo table and the docs' weighting-cost tables from the committed
+records, or check that they match.
 
-    python benchmarks/readme_table.py           # rewrite the blocks in README.md
-    python benchmarks/readme_table.py --check   # exit 1 if README.md differs from the records
+    python benchmarks/readme_table.py           # rewrite the blocks in README.md and the docs
+    python benchmarks/readme_table.py --check   # exit 1 if a page differs from its record
 
 The block between ``<!-- demo-table -->`` and ``<!-- /demo-table -->`` is the table that
 ``mtpsl compare`` prints for the runs in ``benchmarks/results/synthetic_demo_cpu.json``
 (rendered by the same code, :func:`mtpsl.analysis.report.tables_markdown`), followed by the measured
-training time. The record is written by ``python benchmarks/grid_run.py --device cpu``. The
+training time. The record is written by ``python benchmarks/grid_run.py --device cpu``. In
+``docs/concepts/weightings.md`` (:data:`WEIGHTINGS_PAGE`), the
 block between ``<!-- weightings-table -->`` and ``<!-- /weightings-table -->`` is the table of
 ``benchmarks/results/weightings_cpu.json`` (``python benchmarks/bench_weightings.py``), the one
 between ``<!-- weightings-full-width-table -->`` and its end that of
@@ -33,12 +34,15 @@ FP32_RECORD = ROOT / "benchmarks" / "results" / "synthetic_demo_cpu_fp32.json"
 EPOCH_RECORD = ROOT / "benchmarks" / "results" / "demo_epoch_cpu.json"
 """One demo epoch here and on issue 27's CPU (``bench_demo_epoch.py``): the scale between them."""
 README = ROOT / "README.md"
+WEIGHTINGS_PAGE = ROOT / "docs" / "concepts" / "weightings.md"
+"""The docs page that holds the weighting tables."""
 BEGIN, END = "<!-- demo-table -->", "<!-- /demo-table -->"
 WEIGHTINGS_TABLES = {name: (ROOT / "benchmarks" / "results" / f"{name}.json",
                              f"<!-- {tag}-table -->", f"<!-- /{tag}-table -->")
                      for name, tag in (("weightings_cpu", "weightings"),
                                        ("weightings_cpu_full_width", "weightings-full-width"))}
-"""The weighting benchmark's records and the README markers of their tables."""
+"""The weighting benchmark's records and the markers of their tables in
+:data:`WEIGHTINGS_PAGE`."""
 
 
 def demo_config(record: dict):
@@ -106,7 +110,7 @@ def cpu_class(record: dict) -> str:
 
 
 def weightings_block(record: dict, begin: str, end: str) -> str:
-    """The README block of the weighting benchmark: its table and what it was measured on."""
+    """The docs block of the weighting benchmark: its table and what it was measured on."""
     setup = record["setup"]
     measured = (f"Measured on {record['device']}, torch {record['torch']}, {record['date']}: "
                 f"{setup['method']} on {setup['tasks']} tasks, {setup['model']}, "
@@ -115,33 +119,38 @@ def weightings_block(record: dict, begin: str, end: str) -> str:
     return f"{begin}\n{record['table']}\n\n{measured}\n{end}"
 
 
-def current_block(readme: str, begin: str = BEGIN, end_mark: str = END) -> str:
-    start, end = readme.find(begin), readme.find(end_mark)
+def current_block(text: str, begin: str = BEGIN, end_mark: str = END) -> str:
+    """The block between ``begin`` and ``end_mark`` (both included) of a page's ``text``."""
+    start, end = text.find(begin), text.find(end_mark)
     if start < 0 or end < start:
-        raise SystemExit(f"{README}: no {begin} ... {end_mark} block")
-    return readme[start:end + len(end_mark)]
+        raise SystemExit(f"no {begin} ... {end_mark} block")
+    return text[start:end + len(end_mark)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     args = parser.parse_args()
-    readme = README.read_text()
-    blocks = [(RECORD, block(json.loads(RECORD.read_text())), current_block(readme))]
-    blocks += [(path, weightings_block(json.loads(path.read_text()), begin, end),
-                current_block(readme, begin, end))
+    pages = {page: page.read_text() for page in (README, WEIGHTINGS_PAGE)}
+    blocks = [(README, RECORD, block(json.loads(RECORD.read_text())),
+               current_block(pages[README]))]
+    blocks += [(WEIGHTINGS_PAGE, path, weightings_block(json.loads(path.read_text()), begin, end),
+                current_block(pages[WEIGHTINGS_PAGE], begin, end))
                for path, begin, end in WEIGHTINGS_TABLES.values()]
     if args.check:
-        stale = [path.name for path, want, have in blocks if want != have]
+        stale = [f"{page.relative_to(ROOT)} ({path.name})"
+                 for page, path, want, have in blocks if want != have]
         if stale:
-            print(f"{README} differs from {', '.join(stale)}: run python "
-                  f"benchmarks/readme_table.py", file=sys.stderr)
+            print(f"stale: {', '.join(stale)}: run python benchmarks/readme_table.py",
+                  file=sys.stderr)
             return 1
         return 0
-    for path, want, have in blocks:
-        readme = readme.replace(have, want)
-        print(f"wrote the table of {path.name} into {README}")
-    README.write_text(readme)
+    for page, path, want, have in blocks:
+        pages[page] = pages[page].replace(have, want)
+        print(f"wrote the table of {path.name} into {page.relative_to(ROOT)}")
+    for page, text in pages.items():
+        if text != page.read_text():
+            page.write_text(text)
     return 0
 
 

@@ -139,6 +139,31 @@ TINY_TRAIN = [*TINY, "train.eval_batch_size=4", "train.max_steps_per_epoch=1"]
 """TINY cut to one step per epoch: the cheapest run that trains, evaluates and saves."""
 
 
+def padded_binary_batch(images, size, ignored_prediction: float | None = None):
+    """(prob, label) pairs as one batch padded bottom/right to ``size`` with ignore labels
+    (-1); ``ignored_prediction`` is then written wherever a label is ignored, padding included
+    (what is predicted there must not matter)."""
+    h, w = size
+    preds = torch.zeros(len(images), 1, h, w)
+    targets = torch.full((len(images), 1, h, w), -1.0)
+    for i, (p, g) in enumerate(images):
+        preds[i, 0, : p.shape[0], : p.shape[1]] = torch.from_numpy(p)
+        targets[i, 0, : g.shape[0], : g.shape[1]] = torch.from_numpy(g)
+    if ignored_prediction is not None:
+        preds[targets == -1] = ignored_prediction
+    return preds, targets
+
+
+STARTUP = ("run folder: ", "speed: ")
+"""Prefixes of the lines a run prints on stderr when its set-up is checked and it starts."""
+
+
+def without_startup(err: str) -> str:
+    """``err`` less a run's start-up lines (its folder, the speed choice)."""
+    return "".join(line for line in err.splitlines(keepends=True)
+                   if not line.startswith(STARTUP))
+
+
 def train_cli(run: Path, root: Path, *overrides: str, config: str | None = None) -> Path:
     """``mtpsl train`` in this process (the user's entry point without a subprocess's start-up)
     into ``run`` on the layout at ``root``; asserts it succeeded and returns ``run``."""

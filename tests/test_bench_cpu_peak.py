@@ -31,7 +31,7 @@ def test_fma_width_follows_the_core_design(bench, info, per_cycle, named):
 
 
 def test_the_peak_is_cores_times_clock_times_width(bench, monkeypatch):
-    monkeypatch.setattr(bench, "cpuinfo", lambda: {**ZEN4, "model name": "AMD EPYC",
+    monkeypatch.setattr(bench, "proc_cpuinfo", lambda: {**ZEN4, "model name": "AMD EPYC",
                                                    "cpu MHz": "2500.0"})
     monkeypatch.setattr(bench, "physical_cores", lambda cpus: 1)  # two SMT siblings
     cpu = bench.machine(threads=2)

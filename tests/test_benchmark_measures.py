@@ -16,19 +16,7 @@ import benchmark_reference as ref
 from mtpsl.metrics import EdgeMetric, SaliencyMetric
 from mtpsl.metrics.bsds import match_counts, thin
 
-from conftest import load_benchmark
-
-
-def _padded(images, size):
-    """Batch of (prob, label) pairs padded bottom/right to ``size`` with ignore labels."""
-    h, w = size
-    preds = torch.zeros(len(images), 1, h, w)
-    targets = torch.full((len(images), 1, h, w), -1.0)
-    for i, (p, g) in enumerate(images):
-        preds[i, 0, : p.shape[0], : p.shape[1]] = torch.from_numpy(p)
-        targets[i, 0, : g.shape[0], : g.shape[1]] = torch.from_numpy(g)
-    preds[targets == -1] = 0.97  # what the padding predicts must not matter
-    return preds, targets
+from conftest import load_benchmark, padded_binary_batch
 
 
 def _saliency_images(seed: int):
@@ -52,7 +40,7 @@ def test_saliency_equals_the_benchmark_formulas(seed, levels):
     images = _saliency_images(seed)
     metric = SaliencyMetric(levels=levels)
     for chunk in (images[:3], images[3:]):  # two batches, padded to one size
-        metric.update(*_padded(chunk, (21, 27)))
+        metric.update(*padded_binary_batch(chunk, (21, 27), 0.97))
     want = ref.eval_sal(images, quantise=levels is not None)
     got = metric.compute()
     assert got["maxf"] == pytest.approx(want["maxf"], abs=1e-12)
@@ -63,16 +51,17 @@ def test_saliency_known_answers():
     gt = np.zeros((10, 10), np.float32)
     gt[2:6, 3:8] = 1
     perfect = SaliencyMetric()
-    perfect.update(*_padded([(gt * 0.9 + 0.05, gt)], (10, 10)))
+    perfect.update(*padded_binary_batch([(gt * 0.9 + 0.05, gt)], (10, 10), 0.97))
     assert perfect.compute() == pytest.approx({"maxf": 1.0, "miou": 1.0}, abs=1e-9)
     # nothing salient and nothing predicted: Jaccard 1, precision and recall 0 (the benchmark's)
     empty = SaliencyMetric()
-    empty.update(*_padded([(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32))], (8, 8)))
+    empty.update(*padded_binary_batch([(np.zeros((8, 8), np.float32),
+                                         np.zeros((8, 8), np.float32))], (8, 8), 0.97))
     assert empty.compute() == {"maxf": 0.0, "miou": 1.0}
     # 0.2 quantises to 51/255, not above the first threshold (strict >)
     at = SaliencyMetric()
-    at.update(*_padded([(np.full((4, 4), 0.2 + 1e-4, np.float32), np.ones((4, 4), np.float32))],
-                       (4, 4)))
+    at.update(*padded_binary_batch([(np.full((4, 4), 0.2 + 1e-4, np.float32),
+                                     np.ones((4, 4), np.float32))], (4, 4), 0.97))
     assert at.compute()["miou"] == 0.0
     assert math.isnan(SaliencyMetric().compute()["maxf"])
 
@@ -167,7 +156,7 @@ def test_edge_equals_the_bsds_definition(seed, levels, n):
     images = _edge_images(seed)
     metric = EdgeMetric(max_dist=0.04, num_thresholds=n, levels=levels)
     for chunk in (images[:2], images[2:]):
-        metric.update(*_padded(chunk, (40, 48)))
+        metric.update(*padded_binary_batch(chunk, (40, 48), 0.97))
     thresholds = np.arange(1, n + 1) / (n + 1)
     want = ref.collect([ref.image_counts(p, g.astype(bool), thresholds, 0.04, levels is not None)
                         for p, g in images], thresholds)
@@ -182,7 +171,7 @@ def test_edge_worker_processes_give_the_same_counts():
     try:
         for chunk in (images[:2], images[2:]):
             for metric in (serial, parallel):
-                metric.update(*_padded(chunk, (40, 48)))
+                metric.update(*padded_binary_batch(chunk, (40, 48), 0.97))
         for a, b in zip(parallel.state_tensors(), serial.state_tensors(), strict=True):
             assert torch.equal(a, b)  # state_tensors waits for the workers (DDP reduces them)
         assert parallel.compute() == serial.compute()
@@ -198,7 +187,7 @@ def _line(h, w, row, value=1.0):
 
 def _score(pred, gt, **kw):
     metric = EdgeMetric(**kw)
-    metric.update(*_padded([(pred, gt)], gt.shape))
+    metric.update(*padded_binary_batch([(pred, gt)], gt.shape, 0.97))
     return metric.compute()
 
 
@@ -224,7 +213,8 @@ def test_edge_radius_is_the_diagonal_of_the_image_not_of_the_padding():
     h, w = 30, 40  # diagonal 50 px: 0.0075 -> 0.375 px, a 1-px shift is not matched
     gt, shifted = _line(h, w, 10), 0.9 * _line(h, w, 11)
     metric = EdgeMetric()
-    metric.update(*_padded([(shifted, gt)], (300, 400)))  # padded diagonal 500 px -> 3.75 px
+    # padded diagonal 500 px -> 3.75 px
+    metric.update(*padded_binary_batch([(shifted, gt)], (300, 400), 0.97))
     assert metric.compute()["odsf"] == 0.0
 
 
@@ -233,7 +223,7 @@ def test_edge_best_map_is_the_thinned_map_at_the_best_threshold():
     gt = _line(h, w, 10)
     prob = np.full((h, w), 0.3, np.float32)
     prob[9:12, 5:-5] = 0.8  # a 3-px band over the edge
-    pred, target = _padded([(prob, gt)], (h, w))
+    pred, target = padded_binary_batch([(prob, gt)], (h, w), 0.97)
     shown = EdgeMetric(max_dist=0.03).best_map(pred, target)
     np.testing.assert_array_equal(shown, thin((prob >= 0.5)[None])[0])
     assert shown[10, 6:-6].all() and shown.sum() <= 30
@@ -258,11 +248,12 @@ def test_pascal_run_reports_the_benchmark_measures_and_eval_can_rescore(pascal_r
                                        "saliency/miou"))
     assert "odsf_dilation" not in flat and "_pooled" not in flat
     capsys.readouterr()
-    assert main(["eval", "--run", str(pascal_run), "--device", "cpu",
+    assert main(["eval", "--json", "--run", str(pascal_run), "--device", "cpu",
                  "--edge-measure", "dilation"]) == 0
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert "edges/odsf_dilation" in metrics and "edges/odsf" not in metrics
-    assert main(["eval", "--run", str(pascal_run), "--device", "cpu", "--edge-workers", "1"]) == 0
+    assert main(["eval", "--json", "--run", str(pascal_run), "--device", "cpu",
+                 "--edge-workers", "1"]) == 0
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["edges/odsf"] == final["metrics"]["edges/odsf"]
 

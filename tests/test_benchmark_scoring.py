@@ -19,16 +19,7 @@ from mtpsl.metrics.segmentation import SegmentationMetric
 from mtpsl.tasks import build_task
 from mtpsl.tasks.scoring import build_metrics
 
-
-def _padded(images, size):
-    """Batch of (prob, label) pairs padded bottom/right to ``size`` with ignore labels."""
-    h, w = size
-    preds = torch.zeros(len(images), 1, h, w)
-    targets = torch.full((len(images), 1, h, w), -1.0)
-    for i, (p, g) in enumerate(images):
-        preds[i, 0, : p.shape[0], : p.shape[1]] = torch.from_numpy(p)
-        targets[i, 0, : g.shape[0], : g.shape[1]] = torch.from_numpy(g)
-    return preds, targets
+from conftest import padded_binary_batch
 
 
 def _edge_images(seed: int):
@@ -135,7 +126,7 @@ def test_edge_seism_protocol_equals_the_benchmarks_table(seed):
         EdgeMetric(max_dist=0.04, num_thresholds=n)
     for chunk in (images[:2], images[2:]):
         for metric in (seism, bsds):
-            metric.update(*_padded(chunk, (40, 48)))
+            metric.update(*padded_binary_batch(chunk, (40, 48)))
     thresholds = np.arange(1, n + 1) / (n + 1)
     per_image = [ref.image_counts(p, g.astype(bool), thresholds, 0.04) for p, g in images]
     want = _seism(per_image)
@@ -154,10 +145,10 @@ def test_edge_ap_known_answers():
     gt = np.zeros((h, w), np.float32)
     gt[10, 5:-5] = 1
     metric = EdgeMetric(max_dist=0.03, protocol="seism")
-    metric.update(*_padded([(0.6 * gt, gt)], (h, w)))
+    metric.update(*padded_binary_batch([(0.6 * gt, gt)], (h, w)))
     assert metric.compute() == pytest.approx({"odsf": 1.0, "oisf": 1.0, "ap": 1.01})
     empty = EdgeMetric(max_dist=0.03)
-    empty.update(*_padded([(np.zeros((h, w), np.float32), gt)], (h, w)))
+    empty.update(*padded_binary_batch([(np.zeros((h, w), np.float32), gt)], (h, w)))
     assert empty.compute()["ap"] == 0.0  # one recall value (0) only
     with pytest.raises(ValueError, match="protocol"):
         EdgeMetric(protocol="ods")

@@ -115,6 +115,44 @@ def test_onnx_opset_18_uses_the_torch_export_based_exporter(runs, tmp_path):
         np.testing.assert_allclose(g, r, atol=1e-4)
 
 
+@pytest.mark.parametrize("opset", [17, 18])
+def test_onnx_takes_other_sizes_where_the_model_does(runs, tmp_path, opset):
+    """SegNet takes any multiple of 32: the ONNX file's height and width are dynamic, checked
+    at export; here at two sizes other than the training size (32x48)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(runs["sl"]), "--out", str(out),
+                 "--opset", str(opset)]) == 0
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())["input"]
+    assert meta["dynamic_size"] is True and meta["shape"] == ["batch", 3, "height", "width"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for seed, (h, w) in enumerate([(64, 64), (96, 160)]):
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+        _, ref = _reference(runs["sl"], x)
+        for g, r in zip(session.run(None, {"image": x.numpy()}), ref, strict=True):
+            assert g.shape[-2:] == (h, w)
+            np.testing.assert_allclose(g, r, atol=1e-4)
+
+
+def test_a_model_bound_to_its_size_is_exported_at_it(runs, tmp_path, monkeypatch):
+    """A graph that fails at the second size (here: a wrapper that reshapes to the training
+    size) is exported at the training size, and the metadata says why."""
+    pytest.importorskip("onnxruntime")
+    from mtpsl.inference import export
+
+    class FixedSize(ExportWrapper):
+        def forward(self, images):
+            return tuple(t.reshape(t.shape[0], t.shape[1], 32, 48) for t in super().forward(
+                images))
+
+    monkeypatch.setattr(export, "ExportWrapper", FixedSize)
+    assert main(["export", "--run", str(runs["sl"]), "--out", str(tmp_path / "m.onnx")]) == 0
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())["input"]
+    assert meta["dynamic_size"] is False and meta["shape"] == ["batch", 3, 32, 48]
+    assert meta["note"].startswith("fixed at the training size: at other sizes the model fails")
+
+
 def test_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "nowhere"), "--format", "torchscript"]) == 2
     err = capsys.readouterr().err

@@ -133,9 +133,32 @@ def test_qualitative_grid_is_sized_by_images_and_columns(qual, tmp_path):
     cols = 1 + 3 * (1 + 2)  # RGB, then per task: ground truth + 2 runs
     row_in = common.CELL_IN * H / W + common.TITLE_IN
     assert w1 == w2 == round(cols * common.CELL_IN * common.DPI)
-    assert abs(h1 - row_in * common.DPI) <= 1 and abs(h2 - 2 * row_in * common.DPI) <= 1
+    # one more image is one more row; the keys below the rows take the same height in both
+    assert abs((h2 - h1) - row_in * common.DPI) <= 1
+    keys_px = h1 - row_in * common.DPI
+    assert 0.5 * common.DPI < keys_px < 2.5 * common.DPI
+    assert abs(h1 - qualitative.qualitative_size(one)[1] * common.DPI) <= 1
     assert w2 > h2 > h1
     assert (tmp_path / "two.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_qualitative_keys_name_the_classes_and_one_depth_scale_holds_for_every_row(qual):
+    from mtpsl.data.layout import NYUV2_CLASSES
+
+    rows, keys = qualitative._grid(qual)
+    assert [(first, span) for first, span, _ in keys] == [(1, 3), (4, 3), (7, 3)]
+    semantic, depth, normal = (k for _, _, k in keys)
+    assert [n for n, _ in semantic.classes] == [f"{c} {name}" for c, name in
+                                                enumerate(NYUV2_CLASSES)] + ["void / ignored"]
+    assert "(m)" in depth.title and normal.normals
+    # the depth colour bar spans the valid labels and the predictions of both images
+    labels = qual.targets["depth"].numpy()
+    preds = np.stack([p["depth"].numpy() for p in qual.preds])
+    values = np.concatenate([labels[labels != 0], preds.ravel()])
+    assert (depth.vmin, depth.vmax) == pytest.approx((values.min(), values.max()), rel=1e-6)
+    for row in rows:
+        for _, kwargs in row[4:7]:
+            assert (kwargs["vmin"], kwargs["vmax"]) == (depth.vmin, depth.vmax)
 
 
 def test_qualitative_command(runs, tmp_path, capsys):
@@ -257,7 +280,8 @@ def test_five_task_qualitative_cells_match_their_scores(pascal_run, tmp_path, ca
                  "--device", "cpu", "--out", str(tmp_path)]) == 0
     w, h = _size(tmp_path / "qualitative.png")
     assert w == round(11 * common.CELL_IN * common.DPI)
-    assert abs(h - 2 * (common.CELL_IN * 32 / 48 + common.TITLE_IN) * common.DPI) <= 1
+    rows_px = 2 * (common.CELL_IN * 32 / 48 + common.TITLE_IN) * common.DPI
+    assert abs(h - qualitative.qualitative_size(data)[1] * common.DPI) <= 1 and h > rows_px
 
 
 def test_edge_map_picks_the_threshold_that_recovers_the_edge():

@@ -113,7 +113,16 @@ def test_cli_writes_png_and_pdf(xtc_run, tmp_path, capsys):
     with Image.open(png) as img:
         w, h = img.size
     assert w == round(figures_joint.COLUMNS * common.CELL_IN * common.DPI)
-    assert h == round(len(INDICES) * (common.CELL_IN * H / W + common.TITLE_IN) * common.DPI)
+    # the rows, then the keys: both tasks' colours, the PCA's meaning, the cosine's bar
+    data = figures_joint.collect_joint_space(xtc_run, "normal,semantic", INDICES, device="cpu")
+    rows = [figures_joint._cells(data, k) for k in range(len(INDICES))]
+    keys = figures_joint.joint_space_keys(data, rows)
+    assert [(first, span) for first, span, _ in keys] == [(1, 1), (2, 1), (3, 2), (5, 1)]
+    assert [k.normals for _, _, k in keys] == [True, False, False, False]
+    assert keys[1][2].classes[-1][0] == "void / ignored" and keys[3][2].vmax == 1.0
+    rows_in = len(INDICES) * (common.CELL_IN * H / W + common.TITLE_IN)
+    assert h == round(common.grid_height(len(INDICES), (H, W), keys) * common.DPI)
+    assert h > round(rows_in * common.DPI)
     assert f"wrote {png}" in capsys.readouterr().out
 
 

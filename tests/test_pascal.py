@@ -442,7 +442,7 @@ def test_cli_compare_sl_ssl_xtc_both_regimes_and_eval(synth_root, tmp_path, caps
         for key in ("semantic/miou", "parts/miou", "normal/mean", "saliency/maxf", "edges/odsf"):
             assert np.isfinite(metrics[key]), (path, key)
     run = finals[0].parent
-    assert main(["eval", "--run", str(run)]) == 0
+    assert main(["eval", "--json", "--run", str(run)]) == 0
     evaluated = json.loads(capsys.readouterr().out)["metrics"]
     assert evaluated["edges/odsf"] == pytest.approx(
         json.loads(finals[0].read_text())["metrics"]["edges/odsf"]

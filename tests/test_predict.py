@@ -192,3 +192,128 @@ def test_binary_png_decodes_to_the_models_probabilities(pascal_run, tmp_path):
 def test_probability_to_u8_rounds_and_clips():
     prob = np.array([0.0, 1.0, 0.4 / 255, 0.6 / 255, 254.4 / 255, np.nan, 1.2, -0.1])
     np.testing.assert_array_equal(probability_to_u8(prob), [0, 255, 0, 1, 254, 0, 255, 0])
+
+
+# ----------------------------------------------------------------------------- tiles, folders,
+# panels
+
+
+class _TileRamp(torch.nn.Module):
+    """A 'model' whose depth is the column's position inside the tile, x / width: averaging
+    tiles without a window leaves a step wherever a tile starts or ends."""
+
+    def forward(self, x):
+        from types import SimpleNamespace
+
+        n, _, h, w = x.shape
+        ramp = (torch.arange(w, dtype=torch.float32) / w).expand(n, 1, h, w)
+        return SimpleNamespace(preds={"depth": ramp.clone()})
+
+
+def test_tiles_are_blended_with_a_window_without_seams():
+    from mtpsl.inference.predict import Predictor, tile_window
+    from mtpsl.tasks import build_task
+
+    th, tw, h, w = 8, 16, 8, 40
+    predictor = Predictor(_TileRamp(), {"depth": build_task("depth", "depth")}, (th, tw),
+                          torch.device("cpu"), batch_size=3, mode="tile")
+    got = predictor.predict([np.zeros((h, w, 3), np.float32)])[0]["depth"]
+    # the same blend written out in numpy: sum_t window * pred_t / sum_t window
+    window = tile_window(th, tw)
+    acc, weight = np.zeros((h, w)), np.zeros((h, w))
+    for x0 in tile_starts(w, tw):
+        acc[:, x0:x0 + tw] += window * (np.arange(tw) / tw)
+        weight[:, x0:x0 + tw] += window
+    np.testing.assert_allclose(got, acc / weight, atol=1e-6)
+    # no seam: neighbouring columns differ by at most the ramp's own slope, where a plain
+    # average of the tiles jumps by almost half the range at every tile border
+    assert np.abs(np.diff(got, axis=1)).max() <= 1 / tw + 1e-6
+    assert window.min() > 0 and window.max() == window[th // 2, tw // 2] <= 1  # peak inside
+
+
+def test_a_constant_model_stays_constant_in_tile_mode():
+    from types import SimpleNamespace
+
+    from mtpsl.inference.predict import Predictor
+    from mtpsl.tasks import build_task
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return SimpleNamespace(preds={"depth": torch.full((x.shape[0], 1, *x.shape[2:]),
+                                                              2.5)})
+
+    predictor = Predictor(Constant(), {"depth": build_task("depth", "depth")}, (8, 12),
+                          torch.device("cpu"), mode="tile")
+    got = predictor.predict([np.zeros((21, 50, 3), np.float32)])[0]["depth"]
+    assert got.shape == (21, 50)
+    np.testing.assert_allclose(got, 2.5, rtol=1e-6)
+
+
+def test_a_folder_scan_leaves_out_labels_and_outputs_beside_their_images(tmp_path):
+    names = ["a.jpg", "a_label.png", "a_depth_16bit.png", "b.png", "b_semantic.png",
+             "b_semantic_index.png", "c_panel.png", "d_rgb.png", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    skipped = []
+    assert [p.name for p in collect_images([tmp_path], skipped=skipped)] == [
+        "a.jpg", "b.png", "d_rgb.png"]
+    assert sorted(p.name for p in skipped) == sorted(
+        ["a_label.png", "a_depth_16bit.png", "b_semantic.png", "b_semantic_index.png",
+         "c_panel.png"])
+    # --glob names the images: then only those, nothing left out
+    assert [p.name for p in collect_images([tmp_path], globs=["*_label.PNG", "b*"])] == [
+        "a_label.png", "b.png", "b_semantic.png", "b_semantic_index.png"]
+    # a file named on the command line is always an input
+    assert collect_images([tmp_path / "a_label.png"]) == [tmp_path / "a_label.png"]
+
+
+def test_predict_on_its_own_output_folder_predicts_only_the_images(run_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _write_image(folder / "room.png", (32, 48))
+    args = ["predict", "--run", str(run_dir), str(folder), "--out", str(folder),
+            "--device", "cpu"]
+    assert main(args) == 0
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(args) == 0  # the second pass must not predict room_semantic.png and others
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert "left out" in capsys.readouterr().err
+
+
+def test_panel_shows_the_input_and_every_task_with_keys(run_dir, tmp_path, capsys):
+    from mtpsl.inference.predict import PANEL_CELL_IN
+
+    path = _write_image(tmp_path / "room.png", (40, 60), seed=3)
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(run_dir), str(path), "--out", str(out), "--panel",
+                 "--device", "cpu"]) == 0
+    assert str(out / "room_panel.png") in capsys.readouterr().out
+    panel = _load(out / "room_panel.png")
+    cells = 1 + 3  # the input, semantic, depth, normal
+    assert panel.shape[1] == round(cells * PANEL_CELL_IN * 100)
+    image_px = PANEL_CELL_IN * 100 * 40 / 60
+    assert panel.shape[0] > image_px + 60  # titles above and keys below the pictures
+    # the semantic picture in the panel is the PNG's colours: every colour of the PNG's
+    # class map appears in the panel
+    seg = _load(out / "room_semantic.png").reshape(-1, 3)
+    colours = {tuple(c) for c in panel[..., :3].reshape(-1, 3)}
+    assert {tuple(c) for c in seg} <= colours
+
+
+@pytest.mark.parametrize("mode", ["resize", "tile"])
+def test_resize_mode_says_when_images_are_not_the_training_size(run_dir, images, tmp_path,
+                                                               capsys, mode):
+    exact = _write_image(images / "exact.png", (32, 48), seed=7)
+    assert main(["predict", "--run", str(run_dir), str(images), "--out", str(tmp_path / "o"),
+                 "--mode", mode, "--device", "cpu"]) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning")]
+    if mode == "tile":  # tiles of the training size: nothing is rescaled
+        assert warnings == []
+        return
+    assert warnings == [w for w in warnings if "the size the model was trained at" in w]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {len(SIZES)} of "
+                                                         f"{len(SIZES) + 1} images are not 32x48")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run_dir), str(exact), "--out", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The README's demo table is what the demo prints: generated from the committed record by
-``benchmarks/readme_table.py``, and the record is of the demo as the preset and Makefile
-define it today (a changed preset, method list, seed list or data size needs a new record)."""
+``benchmarks/readme_table.py`` (as are the docs' weighting-cost tables), and the record is of
+the demo as the preset and Makefile define it today (a changed preset, method list, seed list
+or data size needs a new record)."""
 
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ def test_readme_demo_table_is_generated_from_the_committed_record():
 
 
 @pytest.mark.parametrize("table", ["weightings_cpu", "weightings_cpu_full_width"])
-def test_readme_weighting_tables_are_generated_from_the_committed_records(table):
+def test_the_weighting_tables_are_generated_from_the_committed_records(table):
+    """The docs' weighting-cost tables (docs/concepts/weightings.md)."""
     script = _script()
     path, begin, end = script.WEIGHTINGS_TABLES[table]
-    have = script.current_block(script.README.read_text(), begin, end)
+    have = script.current_block(script.WEIGHTINGS_PAGE.read_text(), begin, end)
     assert have == script.weightings_block(json.loads(path.read_text()), begin, end), \
-        "README.md is stale: run python benchmarks/readme_table.py"
+        f"{script.WEIGHTINGS_PAGE.name} is stale: run python benchmarks/readme_table.py"
 
 
 def test_the_record_is_of_the_demo_as_defined_today():

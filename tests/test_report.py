@@ -344,3 +344,56 @@ def test_variants_of_one_method_stay_separate_rows(tmp_path):
 def test_seeds_figure_view(grid, tmp_path, capsys):
     assert main(["figures", "seeds", "--runs", str(grid), "--out", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "seeds.png").is_file() and (tmp_path / "f" / "seeds.pdf").is_file()
+
+
+def _backbone(name="resnet", depth=50, arch=None):
+    return {"name": name, "depth": depth, "arch": arch, "weights": None, "output_stride": 8,
+            "options": {}}
+
+
+def test_setups_are_named_by_keys_meaningful_for_their_model(tmp_path):
+    """SegNet ignores model.backbone: a SegNet row is not named by the ResNet depth it never
+    used, while two ResNet depths are told apart by it."""
+    cases = [("segnet", _backbone(depth=50)), ("resnet", _backbone(depth=18)),
+             ("resnet", _backbone(depth=50))]
+    for n, (model, backbone) in enumerate(cases):
+        for method in ("stl", "sl"):
+            setup = _setup(method, model__name=model, model__backbone=backbone)
+            _run(tmp_path / f"{model}{n}" / method, method, 0, 0.3 + 0.01 * n, 0.5, 30.0,
+                 setup=setup)
+    rows = build_report([tmp_path])["rows"]
+    assert sorted({r["setup"] for r in rows}) == ["resnet · depth=18", "resnet · depth=50",
+                                                  "segnet"]
+    from mtpsl.analysis.report import meaningful
+
+    segnet = _setup(model__name="segnet", model__backbone=_backbone())
+    assert "backbone" not in meaningful(segnet)["model"]
+    timm = meaningful(_setup(model__name="resnet",
+                             model__backbone=_backbone("timm", arch="convnext_atto")))
+    assert "depth" not in timm["model"]["backbone"] and "arch" in timm["model"]["backbone"]
+    assert signature(segnet) != signature(meaningful(segnet))  # signatures keep every key
+
+
+def test_report_figure_grows_with_its_rows(tmp_path):
+    """One line per set-up: twelve set-ups take six lines more than six do, every name
+    readable (not rotated tick labels squeezed into a fixed width)."""
+    from PIL import Image
+
+    from mtpsl.analysis.figures import common
+    from mtpsl.analysis.figures.seeds import ROW_IN, short_name
+
+    heights = []
+    for count in (6, 12):
+        folder = tmp_path / f"g{count}"
+        for k in range(count):
+            method = "stl" if k == 0 else "sl"
+            setup = _setup(method, method__weighting=f"weighting{k}")
+            for seed in range(2):
+                _run(folder / f"w{k}" / f"seed{seed}", method, seed, 0.3 + 0.01 * k + 0.001
+                     * seed, 0.5, 30.0, setup=setup)
+        assert main(["report", str(folder), "--out", str(tmp_path / f"o{count}")]) == 0
+        with Image.open(tmp_path / f"o{count}" / "report.png") as img:
+            heights.append(img.size[1])
+    assert heights[1] - heights[0] == round(6 * ROW_IN * common.DPI)
+    assert short_name("x" * 100).count("…") == 1 and len(short_name("x" * 100)) == 48
+    assert short_name("short") == "short"

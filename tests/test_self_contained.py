@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mtpsl.cli import main
-from mtpsl.core.render import voc_colours
+from mtpsl.core.palette import VOID, default_class_colours
 from mtpsl.data.layout import NYUV2_CLASSES
 from mtpsl.data.pascal import PASCAL_TASKS, pascal_tasks
 from mtpsl.engine.card import CARD_KEY, CARD_VERSION, task_entry, tasks_from_card
@@ -74,7 +74,8 @@ def test_the_card_records_tasks_classes_and_input(trained):
     assert semantic["params"] == {"loss_weight": 1.0, "num_classes": 13,
                                   "absent_class": "skip"}
     assert semantic["class_names"] == list(NYUV2_CLASSES)
-    assert semantic["colours"] == voc_colours(13).tolist()
+    assert semantic["colours"] == default_class_colours(13).tolist()  # predict's PNG colours
+    assert VOID not in [tuple(c) for c in semantic["colours"]]
     assert (depth["kind"], depth["class_names"], depth["colours"]) == ("depth", None, None)
     assert normal["kind"] == "normal" and normal["params"]["loss_kind"] == "cosine"
     assert card["input"] == {"size": [32, 48], "channels": 3, "dtype": "float32",
@@ -116,7 +117,8 @@ def test_predict_export_and_eval_elsewhere_without_the_training_data(trained, tm
     capsys.readouterr()
 
     for flag in ("--data", "--root"):  # --root: the old name, kept
-        assert main(["eval", "--run", run, flag, str(trained["other"]), "--device", "cpu"]) == 0
+        assert main(["eval", "--json", "--run", run, flag, str(trained["other"]),
+                     "--device", "cpu"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["root"] == str(trained["other"]) and result["split"] == "val"
         assert "semantic/miou" in result["metrics"]

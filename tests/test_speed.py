@@ -443,8 +443,8 @@ def test_resume_keeps_the_recorded_precision_and_warns_where_it_is_emulated(
 
 def test_bad_auto_keys_name_the_key_and_the_allowed_values(root, tmp_path, capsys):
     for bad, key in (("train.channels_last=maybe", "auto, true or false"),
-                     ("train.threads=0", "auto or an integer >= 1"),
-                     ("train.num_workers=-1", "auto or an integer >= 0")):
+                     ("train.threads=0", "auto or an integer in [1, 4096]"),
+                     ("train.num_workers=-1", "auto or an integer in [0, 256]")):
         argv = ["train", "--run-dir", str(tmp_path / "x"), f"dataset.root={root}", *TINY, bad]
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -53,7 +53,8 @@ def check_grid(config: Config, out: Path) -> None:
     """Everything that can be checked before a cell trains."""
     grid = config.compare
     if grid.baseline not in grid.methods:
-        print(f"note: baseline {grid.baseline!r} is not in the grid; Delta_m is left out")
+        print(f"note: baseline {grid.baseline!r} is not in the grid; Delta_m is left out",
+              file=sys.stderr)
     if not grid.methods or not grid.regimes or not grid.seeds:
         raise ConfigError("compare: methods, regimes and seeds must each be non-empty")
     if grid.launcher.name == "submitit" and grid.launcher.jobs != 1:
@@ -64,9 +65,10 @@ def check_grid(config: Config, out: Path) -> None:
     check_folders(config, out)
 
 
-def compare(config: Config, out: Path, wait_for_jobs: bool = False) -> str:
+def compare(config: Config, out: str | Path, wait_for_jobs: bool = False) -> str:
     """Train (or submit) the cells of ``config.compare`` missing in ``out``; returns the
     tables (results.md) once every cell is done, else what was submitted."""
+    out = Path(out)
     check_grid(config, out)
     out.mkdir(parents=True, exist_ok=True)
     cells = all_cells(config)

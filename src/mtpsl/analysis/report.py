@@ -32,9 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from mtpsl.analysis import stats
+from mtpsl.core.config import parse_yaml
 from mtpsl.core.errors import ConfigError, DataError, MtpslError
 from mtpsl.core.signature import METHOD_SECTION, context_of, labels, setup_from_config, signature
 from mtpsl.metrics import METRICS, delta_m
@@ -172,9 +171,9 @@ def _saved_config(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML ({err})") from None
+        return parse_yaml(path.read_text(), str(path)) or {}
+    except ConfigError as err:  # the bounded loader's one line, as a data problem here
+        raise DataError(str(err)) from None
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -199,12 +198,44 @@ def set_ups(results: Sequence[Mapping], baseline: str) -> list[list[Mapping]]:
                                                      runs[0]["method"] != baseline))
 
 
+def _takes_backbone(model: object) -> bool | None:
+    """Whether the registered model ``model`` builds on ``model.backbone`` (its builder takes
+    a ``backbone``); None for a model this installation does not know."""
+    import inspect
+
+    from mtpsl.models import MODELS
+
+    if not isinstance(model, str) or model not in MODELS.names():
+        return None
+    return "backbone" in inspect.signature(MODELS.get(model)).parameters
+
+
+def meaningful(setup: Mapping) -> dict:
+    """``setup`` without the keys its model ignores, for naming rows: ``model.backbone`` of
+    a model without an encoder (SegNet, MTAN), and of an encoder the keys of the other
+    encoder (``depth`` of ``resnet``, ``arch`` of ``timm``). Signatures keep every key."""
+    out = json.loads(json.dumps(dict(setup)))
+    model = out.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("backbone"), dict):
+        return out
+    takes = _takes_backbone(model.get("name"))
+    if takes is False:
+        del model["backbone"]
+    elif takes:
+        backbone = model["backbone"]
+        unused = {"resnet": ("arch",), "timm": ("depth",)}.get(backbone.get("name"), ())
+        for key in unused:
+            backbone.pop(key, None)
+    return out
+
+
 def _row_names(groups: Sequence[Sequence[Mapping]]) -> tuple[list[str], list[str]]:
-    """(set-up column, method column) of each group: what differs between the contexts, and
-    the run label plus what else differs in the method section."""
+    """(set-up column, method column) of each group: what differs between the contexts
+    (among the keys meaningful for each one's model, see :func:`meaningful`), and the run
+    label plus what else differs in the method section."""
     first = [g[0] for g in groups]
     contexts = list(dict.fromkeys(r["context"] for r in first))
-    by_context = {r["context"]: context_of(r["setup"]) for r in first}
+    by_context = {r["context"]: context_of(meaningful(r["setup"])) for r in first}
     context_names = dict(zip(contexts, labels([by_context[c] for c in contexts]), strict=True))
     columns = [context_names[r["context"]] if len(contexts) > 1 else "" for r in first]
     methods = labels([{METHOD_SECTION: r["setup"].get(METHOD_SECTION, {})} for r in first],

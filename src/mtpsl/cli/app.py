@@ -17,6 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from mtpsl import __version__
 from mtpsl.cli.args import add_config_args, add_data_option
 from mtpsl.cli.commands import add_all
 from mtpsl.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, MtpslError, strip_worker_traceback
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtpsl", description="Multi-task dense prediction from partially annotated images."
     )
+    parser.add_argument("--version", action="version", version=f"mtpsl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run")
@@ -41,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_option(p, "evaluate on another dataset folder of the same layout (the training "
                     "data need not exist; --root is an alias)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--out", help="also write the metrics JSON here")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON instead of a table")
     p.add_argument("--edge-measure", choices=("bsds", "dilation"),
                    help="score edge tasks with this measure (default: the run's)")
     p.add_argument("--edge-workers", type=int, metavar="N",
@@ -72,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         final = train(config, Path(args.run_dir) if args.run_dir else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(json.dumps(final, indent=2))
+        print(f"wrote {final['run_dir']}: final_metrics.json, metrics.jsonl, metrics.csv, "
+              f"checkpoint.pt, config.yaml, split.json, tensorboard/", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -95,7 +101,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     finally:
         if lock is not None:
             lock.release()
-    print(text)
+    print(text if args.json else metrics_table(metrics))
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def metrics_table(result: dict) -> str:
+    """``mtpsl eval``'s result for a reader: where it came from, then one metric a line."""
+    width = max((len(k) for k in result["metrics"]), default=6)
+    lines = [f"{result['checkpoint']} (epoch {result['epoch']}) on the {result['split']} split "
+             f"of {result['root']}", f"{'metric':<{width}}  value"]
+    lines += [f"{key:<{width}}  {value:.6g}" for key, value in result["metrics"].items()]
+    return "\n".join(lines)
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -118,8 +135,20 @@ def describe_os_error(err: OSError) -> str:
     return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides accepted anywhere in it (argparse alone
+    takes them only in one run, e.g. not after ``--run-dir DIR``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+        return args
+    return parser.parse_args(argv)  # argparse's own error for anything else
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         args.func(args)
     except MtpslError as err:

@@ -16,6 +16,7 @@ writes files. Speed options (``train.amp``, ``channels_last``, ``compile``...) a
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from mtpsl.engine.checkpoint import (
     payload_digest,
     restore_rng_state,
 )
+from mtpsl.engine.guards import warn_about_setup
 from mtpsl.engine.history import History
 from mtpsl.engine.speed import SpeedChoice, resolve_speed
 from mtpsl.engine.step import TrainStep, prepare_training
@@ -63,7 +65,7 @@ def new_run_dir(config: Config) -> Path:
             k += 1
 
 
-def train(config: Config, run_dir: Path | None = None,
+def train(config: Config, run_dir: str | Path | None = None,
           callbacks: Sequence[Callback] = ()) -> dict:
     """Train a new run (in ``run_dir`` or a fresh folder) and return its final metrics.
 
@@ -73,6 +75,7 @@ def train(config: Config, run_dir: Path | None = None,
     every process returns the same final metrics. ``callbacks`` join the config's own
     (``train.callbacks``) after the built-in hooks.
     """
+    run_dir = Path(run_dir) if run_dir is not None else None
     env, device, owned = _start(config)
     claim = None
     started = False
@@ -80,7 +83,7 @@ def train(config: Config, run_dir: Path | None = None,
     def write_start_files(exp: Experiment) -> None:
         nonlocal started
         if env.is_main:
-            assert run_dir is not None  # claimed before the experiment is built
+            assert isinstance(run_dir, Path)  # claimed before the experiment is built
             save_config(config, run_dir / "config.yaml")
             exp.split.save(run_dir / "split.json")
         started = True
@@ -270,7 +273,7 @@ def _fit(exp: Experiment, run_dir: Path, state: dict | None, env: DistEnv,
          on_ready: Callable[[Experiment], None] | None = None,
          speed: SpeedChoice | None = None) -> dict:
     """Set up, then train from ``state`` (None: from scratch) to ``train.epochs``; returns
-    the final metrics (every process: rank 0's).
+    the final metrics (every process: rank 0's), with ``run_dir`` added (not in the file).
 
     ``on_ready(exp)`` runs once everything is built and checked, right before the first step:
     a failure before it is a set-up failure (the new run's folder is removed again). The
@@ -292,8 +295,12 @@ def _fit(exp: Experiment, run_dir: Path, state: dict | None, env: DistEnv,
     own = [*build_callbacks(exp.config), *callbacks]
     trainer = Trainer(step, run_dir, default_callbacks(history, env.is_main, own), identity,
                       state)
-    if speed is not None and env.is_main:
-        speed.announce(device)
+    if env.is_main:
+        print(f"run folder: {run_dir}", file=sys.stderr, flush=True)
+        if speed is not None:
+            speed.announce(device)
+        if state is None:  # once per run, not again on resume
+            warn_about_setup(exp)
     if on_ready is not None:
         on_ready(exp)
     started = time.perf_counter()
@@ -302,7 +309,7 @@ def _fit(exp: Experiment, run_dir: Path, state: dict | None, env: DistEnv,
     if env.is_main:
         final = final_metrics(exp, history, time.perf_counter() - started, device, identity)
         write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2))
-    final = _from_rank0(final, env)
+    final = {**_from_rank0(final, env), "run_dir": str(run_dir)}
     # A broadcast completes on its sender before the others have read it; tearing the group
     # down right then is the likely cause of one gloo abort seen in CI ("terminate called
     # without an active exception" in rank 0 at exit). After a barrier every process has

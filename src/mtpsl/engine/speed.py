@@ -110,10 +110,10 @@ def _cpu_has(flag: str) -> bool:
     probe = getattr(torch.cpu, _TORCH_CPU_PROBES[flag], None)
     if probe is not None:
         return bool(probe())
-    return flag in _proc_cpuinfo().get("flags", "").split()
+    return flag in proc_cpuinfo().get("flags", "").split()
 
 
-def _proc_cpuinfo() -> dict[str, str]:
+def proc_cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     fields: dict[str, str] = {}
     try:
@@ -129,7 +129,7 @@ def _proc_cpuinfo() -> dict[str, str]:
 
 
 def cpu_name() -> str:
-    return _proc_cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return proc_cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def usable_cpus() -> tuple[int, str]:

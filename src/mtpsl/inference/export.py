@@ -1,7 +1,8 @@
 """Export a trained run to ONNX or TorchScript for deployment without mtpsl.
 
-The exported graph takes images ``float32 [B,3,H,W]`` in [0, 1] (B is dynamic; H, W are the
-run's training size) and returns one tensor per task, in task order, already activated
+The exported graph takes images ``float32 [B,3,H,W]`` in [0, 1] (B is dynamic; ONNX files
+take any H, W where the model does, checked at export, TorchScript ones the run's training
+size) and returns one tensor per task, in task order, already activated
 (segmentation log-probabilities, depth, unit normals, saliency/edge sigmoid probabilities)
 exactly like ``ModelOutput.preds``.
 
@@ -29,12 +30,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtpsl.core.errors import MtpslError
-from mtpsl.inference.load import LoadedRun, load_run
+from mtpsl.inference.load import LoadedRun, load_run, require_finite_outputs
 from mtpsl.inference.predict import run_input_size
 from mtpsl.tasks import Task, task_kind
 
@@ -170,11 +172,15 @@ def export_run(
     names = list(loaded.tasks)
     wrapper = ExportWrapper(exportable(loaded.model), names).eval()
     example = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a diverged model is not exported (its file would serve NaN)
+        outputs = dict(zip(names, wrapper(example), strict=True))
+    require_finite_outputs(outputs, f"{loaded.checkpoint} (an example input of "
+                                    f"{size[0]}x{size[1]})")
     meta = export_metadata(loaded, size)
     path = Path(out) if out else Path(run) / f"model{SUFFIX[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        _export_onnx(wrapper, example, names, path, opset, meta)
+        _export_onnx_any_size(wrapper, example, names, path, opset, meta)
     else:
         _export_torchscript(wrapper, example, path, meta)
     meta["format"] = fmt
@@ -183,10 +189,74 @@ def export_run(
     return path
 
 
+def _export_onnx_any_size(wrapper: nn.Module, example: Tensor, names: list[str], path: Path,
+                          opset: int, meta: dict) -> None:
+    """An ONNX file whose height and width are dynamic where the model allows it, else one of
+    the training size; ``meta["input"]`` says which and why.
+
+    "Allows it" is checked, not assumed: the exported graph is run (onnxruntime) at a second
+    size and must give what PyTorch gives there; a model that cannot take that size, a
+    graph the exporter cannot make dynamic, or one that traced a size as a constant falls
+    back to the training size.
+    """
+    height, width = example.shape[-2:]
+    other = example.new_empty(1, 3, height + STRIDE_PROBE, width + STRIDE_PROBE).uniform_()
+    why = "height and width are dynamic (checked at a second size against PyTorch)"
+    try:
+        _export_onnx(wrapper, example, names, path, opset, meta, dynamic_size=True)
+        problem = _differs_at(path, wrapper, other)
+    except MtpslError as err:
+        problem = str(err)
+    if problem is None:
+        meta["input"].update(shape=["batch", 3, "height", "width"], dynamic_size=True, note=why)
+        _set_metadata(path, meta)
+    else:
+        meta["input"].update(dynamic_size=False,
+                             note=f"fixed at the training size: at other sizes {problem}")
+        _export_onnx(wrapper, example, names, path, opset, meta)
+
+
+def _set_metadata(path: Path, meta: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = next(p for p in model.metadata_props if p.key == META_KEY)
+    entry.value = json.dumps(meta)
+    onnx.save(model, str(path))
+
+
+STRIDE_PROBE = 32
+"""The second size of the dynamic-size check: the training size plus this (a multiple of every
+shipped model's total stride, so a model that takes any multiple of its stride passes)."""
+
+
+def _differs_at(path: Path, wrapper: nn.Module, x: Tensor) -> str | None:
+    """None if the ONNX file at ``path`` gives what ``wrapper`` gives for ``x``, else why not."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "unchecked (onnxruntime is not installed)"
+    try:
+        with torch.no_grad():
+            expected = [t.numpy() for t in wrapper(x)]
+    except Exception as err:  # the model itself cannot take the size
+        return f"the model fails ({type(err).__name__})"
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"image": x.numpy()})
+    except Exception as err:
+        return f"the exported graph fails ({type(err).__name__})"
+    for name, g, e in zip(session.get_outputs(), got, expected, strict=True):
+        if g.shape != e.shape or not np.allclose(g, e, atol=1e-4, rtol=1e-4):
+            return f"the exported graph's {name.name} differs from PyTorch's"
+    return None
+
+
 def _export_onnx(wrapper: nn.Module, example: Tensor, names: list[str], path: Path, opset: int,
-                 meta: dict) -> None:
+                 meta: dict, dynamic_size: bool = False) -> None:
     """Opset < 18: the TorchScript-based exporter (torch.export's cannot emit them); 18 and
-    up: the torch.export-based one (needs onnxscript). Batch is a dynamic axis either way."""
+    up: the torch.export-based one (needs onnxscript). Batch is a dynamic axis either way,
+    height and width too with ``dynamic_size``."""
     try:
         import onnx
     except ImportError:
@@ -201,11 +271,17 @@ def _export_onnx(wrapper: nn.Module, example: Tensor, names: list[str], path: Pa
         except ImportError:
             raise MtpslError("ONNX export at opset >= 18 needs onnxscript: "
                              "pip install 'mtpsl[export]'") from None
-        kwargs.update(dynamo=True, verbose=False,
-                      dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+        dims = {0: torch.export.Dim("batch", min=1)}
+        if dynamic_size:
+            auto = getattr(torch.export.Dim, "AUTO", None)
+            if auto is None:
+                raise MtpslError(f"torch {torch.__version__} cannot export them (no Dim.AUTO)")
+            dims.update({2: auto, 3: auto})
+        kwargs.update(dynamo=True, verbose=False, dynamic_shapes={"images": dims})
     else:
+        axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
         kwargs.update(dynamo=False, verbose=False,
-                      dynamic_axes={n: {0: "batch"} for n in ["image", *names]})
+                      dynamic_axes={n: axes for n in ["image", *names]})
     tmp = path.with_name(path.name + ".tmp")
     try:
         with torch.no_grad(), warnings.catch_warnings(), _silent_stdout_fd():

@@ -6,26 +6,42 @@ Two ways to bring an image of arbitrary size to the network:
   and map each prediction back to the original size (segmentation: log-probabilities resized
   bilinearly, then argmax; depth bilinear; normals bilinear, then re-normalised).
 * ``tile``: cover the image with overlapping tiles of the training size (an image smaller
-  than a tile is padded by reflection first), predict every tile and average the overlaps
-  (log-probabilities, depth, normals re-normalised afterwards).
+  than a tile is padded by reflection first), predict every tile and blend the overlaps
+  with a window (:func:`tile_window`: a tile's weight falls linearly from its centre to
+  nearly 0 at its border, so no tile edge shows as a seam; log-probabilities, depth,
+  normals re-normalised afterwards).
 
 Binary tasks (saliency, edges: sigmoid probabilities) are resized bilinearly / averaged
 over tiles as probabilities.
 
-Outputs per image stem and task, written by the task's ``save_prediction``: segmentation
-(semantic, parts) ``<stem>_<task>.png`` (palette colours) and ``<stem>_<task>_index.png``
-(class ids); depth ``<stem>_<task>.png`` (magma), ``.npy`` (float32 metres) and
+Inputs: files given by name are predicted as they are. A folder is searched (not
+recursively) for ``*.png``, ``*.jpg`` and ``*.jpeg`` (any case), leaving out what looks like
+the labels or outputs of its images (:func:`derived_files`): a file ``<stem>_<anything>``
+beside an image ``<stem>`` (``a_label.png``, ``a_depth.png`` beside ``a.jpg``: ground truth
+kept next to its image, or ``mtpsl predict``'s own outputs) and any ``*_index.png``,
+``*_16bit.png`` or ``*_panel.png``. ``globs`` (``--glob``) names the image files of a folder
+instead, and then nothing is left out.
+
+Outputs per image stem and task, written by the task's ``save_prediction`` in the colours
+of :mod:`mtpsl.core.palette` (the ones the figures use): segmentation (semantic, parts)
+``<stem>_<task>.png`` (the run's class colours, from its model card) and
+``<stem>_<task>_index.png`` (class ids); depth ``<stem>_<task>.png`` (viridis over the
+image's 2-98 percentile range), ``.npy`` (float32 metres) and
 ``_16bit.png`` (uint16 mm); normals ``<stem>_<task>.png`` ((n+1)/2*255) and ``.npy``
 (float32 H,W,3); binary tasks ``<stem>_<task>.png`` (8-bit grey probability,
 ``round(255 p)``, so ``png / 255`` is within 1/510 of ``p``) and ``.npy`` (float32 H,W
 probabilities); a task type that defines no files of its own ``<stem>_<task>.npy`` (float32
-H,W,C).
+H,W,C). With ``panel`` (``--panel``) also ``<stem>_panel.png``: the input beside every
+task's picture, with a key below each (class names and colours, the depth colour bar in
+metres, the normals' colour disc, the probability scale).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +51,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtpsl.core.errors import DataError, MtpslError
+from mtpsl.core.palette import default_class_colours
 from mtpsl.core.render import (  # noqa: F401  (re-exported: the writers' encodings)
     DEPTH_PERCENTILES,
+    Cell,
     OutputFiles,
     colourise_depth,
     depth_to_mm16,
     probability_to_u8,
     voc_colours,
 )
-from mtpsl.inference.load import LoadedRun, read_image
+from mtpsl.inference.load import LoadedRun, read_image, require_finite_outputs
 from mtpsl.tasks import Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -55,20 +73,54 @@ TILE_OVERLAP = 0.5
 # ----------------------------------------------------------------------------- inputs
 
 
-def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Files given directly plus the PNG/JPEG files of given folders (sorted, any case).
+OUTPUT_SUFFIXES = ("_index", "_16bit", "_panel")
+"""Stem endings of files ``mtpsl predict`` writes that are never inputs in a folder scan."""
+
+
+def derived_files(files: Sequence[Path]) -> list[Path]:
+    """Those of ``files`` (one folder's images) that look like labels or outputs of another
+    image: a stem ``<image stem>_...`` beside that image, or a stem ending in one of
+    :data:`OUTPUT_SUFFIXES`."""
+    stems = {p.stem for p in files}
+    out = []
+    for path in files:
+        parts = path.stem.split("_")
+        prefixes = {"_".join(parts[:k]) for k in range(1, len(parts))}
+        if prefixes & stems or path.stem.endswith(OUTPUT_SUFFIXES):
+            out.append(path)
+    return out
+
+
+def _matches(path: Path, globs: Sequence[str]) -> bool:
+    name = path.name.lower()
+    return any(fnmatch.fnmatch(name, g.lower()) for g in globs)
+
+
+def collect_images(paths: Iterable[str | Path], globs: Sequence[str] | None = None,
+                   skipped: list[Path] | None = None) -> list[Path]:
+    """Files given directly plus the images of given folders (sorted; see the module
+    docstring for which files of a folder are images). Files a folder scan leaves out are
+    appended to ``skipped`` where given.
 
     Raises DataError for a missing path, a folder without images, or two inputs whose
     outputs would collide (same file stem).
     """
+    patterns = list(globs) if globs else [f"*{s}" for s in IMAGE_SUFFIXES]
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            images = sorted(p for p in path.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(p for p in path.iterdir() if p.is_file() and _matches(p, patterns))
+            derived = [] if globs else derived_files(images)
+            if skipped is not None:
+                skipped.extend(derived)
+            images = [p for p in images if p not in derived]
             if not images:
-                raise DataError(f"folder {path} has no PNG/JPEG images")
+                what = " or ".join(patterns)
+                raise DataError(f"folder {path} has no images ({what})"
+                                + (f"; {len(derived)} files look like labels or outputs of "
+                                   f"other images (pass --glob to name the images)"
+                                   if derived else ""))
             found.extend(images)
         elif path.is_file():
             found.append(path)
@@ -96,6 +148,16 @@ def tile_starts(length: int, tile: int, overlap: float = TILE_OVERLAP) -> list[i
     stride = max(1, int(tile * (1.0 - overlap)))
     n = math.ceil((length - tile) / stride) + 1
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_window(height: int, width: int) -> np.ndarray:
+    """float64 ``[height, width]`` blending weights of one tile: the product of two 1-D
+    triangles ``1 - |2 (i + 0.5) / n - 1|``, 1 at the centre, ``1 / n`` at the border (never
+    0, so a pixel only one tile covers keeps its prediction)."""
+    def ramp(n: int) -> np.ndarray:
+        return 1.0 - np.abs(2.0 * (np.arange(n) + 0.5) / n - 1.0)
+
+    return np.outer(ramp(height), ramp(width))
 
 
 def reflect_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -140,11 +202,17 @@ class Predictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Final per-task arrays for each (H,W,3) float image (see :func:`finalise`)."""
-        if self.mode == "resize":
-            maps = self._resize_mode(images)
-        else:
-            maps = [self._tile_mode(image) for image in images]
+        maps = self.predict_maps(images)
+        for k, m in enumerate(maps):
+            require_finite_outputs(m, f"image {k}")
         return [{name: finalise(self.tasks[name], m[name]) for name in self.tasks} for m in maps]
+
+    def predict_maps(self, images: Sequence[np.ndarray]) -> list[dict[str, Tensor]]:
+        """Activated ``[C, H, W]`` predictions at each image's own size (before
+        :func:`finalise`)."""
+        if self.mode == "resize":
+            return self._resize_mode(images)
+        return [self._tile_mode(image) for image in images]
 
     def _resize_mode(self, images: Sequence[np.ndarray]) -> list[dict[str, Tensor]]:
         """Images may differ in size: each is resized to the input size, then all are batched."""
@@ -165,18 +233,19 @@ class Predictor:
         padded = _to_tensor(reflect_pad(image, th, tw), self.device)
         ph, pw = padded.shape[-2:]
         boxes = [(y, x) for y in tile_starts(ph, th) for x in tile_starts(pw, tw)]
+        window = torch.from_numpy(tile_window(th, tw)).to(self.device, torch.float32)
         sums: dict[str, Tensor] = {}
-        count = torch.zeros((1, ph, pw), device=self.device)
+        weight = torch.zeros((1, ph, pw), device=self.device)
         for start in range(0, len(boxes), self.batch_size):
             chunk = boxes[start:start + self.batch_size]
             preds = self._run(torch.stack([padded[:, y:y + th, x:x + tw] for y, x in chunk]))
             for name, p in preds.items():
                 acc = sums.setdefault(name, p.new_zeros((p.shape[1], ph, pw)))
                 for i, (y, x) in enumerate(chunk):
-                    acc[:, y:y + th, x:x + tw] += p[i]
+                    acc[:, y:y + th, x:x + tw] += p[i] * window
             for y, x in chunk:
-                count[:, y:y + th, x:x + tw] += 1
-        return {name: (acc / count)[:, :h, :w] for name, acc in sums.items()}
+                weight[:, y:y + th, x:x + tw] += window
+        return {name: (acc / weight)[:, :h, :w] for name, acc in sums.items()}
 
 
 def _to_tensor(image: np.ndarray, device: torch.device) -> Tensor:
@@ -202,18 +271,67 @@ def finalise(task: Task, pred: Tensor) -> np.ndarray:
 
 
 def palette(n: int = 256) -> np.ndarray:
-    """The fixed PASCAL VOC colour of every class id, (n,3) uint8 (id 0 black)."""
-    return voc_colours(n)
+    """The default colour of every class id, (n,3) uint8 (:mod:`mtpsl.core.palette`: class
+    ``c`` gets VOC colour ``c + 1``, never black, which means void)."""
+    return default_class_colours(n)
 
 
 def write_outputs(out_dir: Path, stem: str, tasks: dict[str, Task],
-                  arrays: dict[str, np.ndarray]) -> list[Path]:
-    """Write every task's files for one image (each task's ``save_prediction``); return
-    their paths."""
-    files = OutputFiles(out_dir, stem)
+                  arrays: dict[str, np.ndarray], card: Mapping | None = None) -> list[Path]:
+    """Write every task's files for one image (each task's ``save_prediction``, class maps
+    in the colours of the run's model ``card``); return their paths."""
+    from mtpsl.inference.panels import card_colours
+
+    files = OutputFiles(out_dir, stem, card_colours(card))
     for name, task in tasks.items():
         task.save_prediction(arrays[name], files)
     return files.written
+
+
+PANEL_CELL_IN = 3.0
+"""Width (inches, at 100 dpi) of one picture of a ``--panel`` image."""
+PANEL_TITLE_IN = 0.3
+
+
+def panel_cells(task: Task, pred: Tensor, card: Mapping | None = None) -> list[Cell]:
+    """The picture of one task's full-size activated prediction ``[C, H, W]`` in a panel, in
+    the colours of its PNG: class maps in the run's class colours, depth over the image's
+    robust range (:func:`~mtpsl.core.palette.depth_range`); other tasks as their figure cells."""
+    from mtpsl.core.palette import class_colours, colour_classes, depth_range
+    from mtpsl.inference.panels import card_entry
+    from mtpsl.tasks import task_kind
+
+    kind = task_kind(task)
+    if kind == "segmentation":
+        colours = class_colours(task.out_channels, card_entry(card, task.name).get("colours"))
+        return [(colour_classes(pred.argmax(0).cpu().numpy(), colours), {})]
+    cells = task.panels(None, [pred.float().cpu()])
+    if kind == "depth":
+        lo, hi = depth_range(pred[0].float().cpu().numpy())
+        cells = [(array, {**kw, "vmin": lo, "vmax": hi}) for array, kw in cells]
+    return cells
+
+
+def write_panel(path: Path, image: np.ndarray, tasks: Mapping[str, Task],
+                maps: Mapping[str, Tensor], card: Mapping | None = None,
+                title: str = "input") -> Path:
+    """``path``: the input beside every task's prediction, keys below (see the module
+    docstring)."""
+    from mtpsl.core.render import panel_grid
+    from mtpsl.inference.panels import span_keys
+
+    row: list[Cell] = [(np.clip(image, 0.0, 1.0), {})]
+    titles = [title]
+    for name, task in tasks.items():
+        cells = panel_cells(task, maps[name], card)
+        row += cells[:1]
+        titles.append(f"{name} prediction")
+    keys = span_keys(dict(tasks), [row], 1, 1, card, with_void=False)
+    width = len(row) * PANEL_CELL_IN
+    fig = panel_grid([row], [titles], image.shape[:2], width, PANEL_CELL_IN, PANEL_TITLE_IN,
+                     keys)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -234,17 +352,21 @@ def predict_files(
     mode: str = "resize",
     root: str | None = None,
     progress: bool | None = None,
+    panel: bool = False,
+    globs: Sequence[str] | None = None,
+    skipped: list[Path] | None = None,
 ) -> list[Path]:
     """``mtpsl predict``: predict every input image with the run's model; return written files.
 
-    ``progress=None`` shows the bar only on a terminal.
+    ``progress=None`` shows the bar only on a terminal; ``panel`` also writes
+    ``<stem>_panel.png``; ``globs`` and ``skipped`` as for :func:`collect_images`.
     """
     from mtpsl.engine.build import resolve_device
     from mtpsl.inference.load import load_run
 
     if mode not in MODES:
         raise MtpslError(f"unknown mode {mode!r}; modes: {list(MODES)}")
-    files = collect_images(inputs)
+    files = collect_images(inputs, globs, skipped)
     dev = resolve_device(device)
     loaded = load_run(run, root=root, device=dev)
     predictor = Predictor(loaded.model, loaded.tasks, run_input_size(loaded), dev, batch_size,
@@ -254,13 +376,35 @@ def predict_files(
     # Resize mode batches across images; tile mode batches the tiles of one image.
     group = batch_size if mode == "resize" else 1
     written: list[Path] = []
+    resized: list[tuple[int, int]] = []
     bar = tqdm(total=len(files), desc="predict", unit="img",
                disable=None if progress is None else not progress)
     with bar:
         for start in range(0, len(files), group):
             chunk = files[start:start + group]
             images = [read_image(path) for path in chunk]
-            for path, arrays in zip(chunk, predictor.predict(images), strict=True):
-                written.extend(write_outputs(out_dir, path.stem, loaded.tasks, arrays))
+            resized += [image.shape[:2] for image in images
+                        if mode == "resize" and image.shape[:2] != predictor.input_size]
+            for path, image, maps in zip(chunk, images, predictor.predict_maps(images),
+                                         strict=True):
+                require_finite_outputs(maps, f"{loaded.checkpoint} on {path}")
+                arrays = {name: finalise(task, maps[name]) for name, task in loaded.tasks.items()}
+                written.extend(write_outputs(out_dir, path.stem, loaded.tasks, arrays,
+                                             loaded.card))
+                if panel:
+                    written.append(write_panel(out_dir / f"{path.stem}_panel.png", image,
+                                               loaded.tasks, maps, loaded.card, path.name))
                 bar.update(1)
+    if resized:
+        warn_resized(resized, len(files), predictor.input_size)
     return written
+
+
+def warn_resized(sizes: Sequence[tuple[int, int]], total: int, trained: tuple[int, int]) -> None:
+    """One line for the images resize mode had to scale to the training size (and back): a
+    model sees objects at the scale it was trained at only when the image has that size."""
+    h, w = sizes[0]
+    print(f"warning: {len(sizes)} of {total} images are not {trained[0]}x{trained[1]}, the "
+          f"size the model was trained at (e.g. {h}x{w}): they were resized to it and their "
+          f"predictions back; --mode tile predicts at full resolution in tiles of that size",
+          file=sys.stderr)

@@ -71,7 +71,8 @@ class DepthTask(Task):
         return pred[0].cpu().numpy().astype(np.float32)
 
     def save_prediction(self, array: np.ndarray, files: OutputFiles) -> None:
-        """``<task>.png`` (magma), ``.npy`` (float32) and ``_16bit.png`` (uint16 mm)."""
+        """``<task>.png`` (viridis over the image's robust range), ``.npy`` (float32) and
+        ``_16bit.png`` (uint16 mm)."""
         files.png(colourise_depth(array), self.name)
         files.npy(array, self.name)
         files.png(depth_to_mm16(array), f"{self.name}_16bit")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtpsl.core.render import Cell, OutputFiles, colour_segmentation, voc_colours
+from mtpsl.core.palette import default_class_colours
+from mtpsl.core.render import Cell, OutputFiles, colour_segmentation
 from mtpsl.tasks.base import TASKS, Interpolation, Task, masked_pixel_mean
 
 
@@ -124,14 +125,16 @@ class SegmentationTask(Task):
         return pred.argmax(dim=0).cpu().numpy()
 
     def save_prediction(self, array: np.ndarray, files: OutputFiles) -> None:
-        """``<task>.png`` in the VOC palette and ``<task>_index.png`` with the class ids."""
-        files.png(voc_colours(256)[array % 256], self.name)
+        """``<task>.png`` in the run's class colours (:mod:`mtpsl.core.palette`) and
+        ``<task>_index.png`` with the class ids."""
+        files.png(files.class_colours(self.name, self.num_classes)[array], self.name)
         files.png(array.astype(np.uint8 if self.num_classes <= 256 else np.uint16),
                   f"{self.name}_index")
 
     def prediction_palette(self) -> np.ndarray:
-        """The VOC colours of ids ``0..C-1``, as :meth:`save_prediction` paints them."""
-        return voc_colours(256)[np.arange(self.num_classes) % 256]
+        """The palette's class colours of ids ``0..C-1`` (never black: black is void), as
+        :meth:`save_prediction` paints them."""
+        return default_class_colours(self.num_classes)
 
     def panels(self, target: Tensor | None, preds: Sequence[Tensor]) -> list[Cell]:
         labels = [] if target is None else [target.numpy()]

@@ -19,6 +19,8 @@ from mtpsl.core.errors import DataError, MtpslError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from mtpsl.core.render import Key
+
 ARROWS = {True: "↑", False: "↓"}
 
 DPI = 100
@@ -85,23 +87,26 @@ def plot_panel_grid(
     image_hw: tuple[int, int],
     width: float,
     out_stem: str | Path,
+    keys: Sequence[tuple[int, int, Key]] = (),
 ) -> list[Path]:
-    """Rows of titled image panels, each CELL_IN wide with the image's aspect; a panel is
+    """Rows of titled image panels, each CELL_IN wide with the image's aspect, and below them
+    the ``keys`` (``(first column, columns spanned, key)``: class legends, colour bars with
+    units, the normals' colour disc; see :func:`mtpsl.core.render.panel_grid`); a panel is
     ``(array, imshow_kwargs)``. Shared by every per-image figure. Returns [png, pdf]."""
-    h, w = image_hw
-    cell_h = CELL_IN * h / w
-    height = len(rows) * (cell_h + TITLE_IN)
-    fig = _figure(figsize=(width, height), dpi=DPI)
-    pad = 0.03 * CELL_IN
-    for k, row in enumerate(rows):
-        top = height - k * (cell_h + TITLE_IN) - TITLE_IN
-        for c, (array, kwargs) in enumerate(row):
-            ax = fig.add_axes(((c * CELL_IN + pad) / width, (top - cell_h + pad) / height,
-                               (CELL_IN - 2 * pad) / width, (cell_h - 2 * pad) / height))
-            ax.imshow(array, aspect="auto", interpolation="nearest", **kwargs)
-            ax.set_title(titles[k][c], fontsize=7, pad=2)
-            ax.set_axis_off()
+    from mtpsl.core.render import panel_grid
+
+    fig = panel_grid(rows, titles, image_hw, width, CELL_IN, TITLE_IN, keys, DPI)
     return save(fig, out_stem)
+
+
+def grid_height(n_rows: int, image_hw: tuple[int, int],
+                keys: Sequence[tuple[int, int, Key]] = ()) -> float:
+    """Height (inches) of :func:`plot_panel_grid`'s figure."""
+    from mtpsl.core.render import grid_height as height
+    from mtpsl.core.render import keys_height
+
+    return height(n_rows, image_hw, CELL_IN, TITLE_IN, keys_height(keys, CELL_IN))
+
 
 @dataclass
 class FigureRequest:

@@ -21,7 +21,8 @@ from mtpsl.core.errors import DataError, MtpslError
 
 
 def _mean_curve(histories: Sequence[list[dict]], key: str):
-    """(epochs, mean, std) over the runs that logged ``key`` at each epoch."""
+    """(epochs, mean, sample std) over the runs that logged ``key`` at each epoch (std 0
+    where one run did)."""
     by_epoch: dict[int, list[float]] = {}
     for rows in histories:
         for row in rows:
@@ -29,7 +30,8 @@ def _mean_curve(histories: Sequence[list[dict]], key: str):
                 by_epoch.setdefault(int(row["epoch"]), []).append(float(row[key]))
     epochs = sorted(by_epoch)
     mean = np.array([np.mean(by_epoch[e]) for e in epochs])
-    std = np.array([np.std(by_epoch[e]) for e in epochs])
+    std = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0
+                    for e in epochs])
     return np.array(epochs), mean, std
 
 def curve_panels(histories: Sequence[list[dict]]) -> list[str]:
@@ -44,7 +46,8 @@ def curve_panels(histories: Sequence[list[dict]]) -> list[str]:
 def plot_curve_groups(groups: Mapping[str, Sequence[str | Path]], out_stem: str | Path
                       ) -> list[Path]:
     """One panel per primary metric (and the train total loss), one line per group: the mean
-    over the group's runs (seeds), shaded +- std when it has several. Where runs carve a
+    over the group's runs (seeds), shaded +- their sample std when it has several (the
+    legend and the title say so). Where runs carve a
     validation split, its metric (``val/...``) is drawn dashed in the same colour."""
     from matplotlib.ticker import MaxNLocator
 
@@ -79,7 +82,17 @@ def plot_curve_groups(groups: Mapping[str, Sequence[str | Path]], out_stem: str 
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    seeds = sorted({len(hs) for hs in histories.values() if len(hs) > 1})
+    if seeds:
+        from matplotlib.patches import Patch
+
+        counts = "/".join(str(n) for n in seeds)
+        handles.append(Patch(facecolor="0.5", alpha=0.3))
+        names.append(f"shaded: ± 1 std over {counts} seeds")
+        fig.suptitle(f"lines: mean over each set-up's seeds; shaded band: mean ± 1 sample "
+                     f"standard deviation over its {counts} seeds", fontsize=9)
+    axes[0].legend(handles, names, fontsize=8)
     return save(fig, out_stem)
 
 def plot_curves(run_dirs: Sequence[str | Path], out_stem: str | Path,

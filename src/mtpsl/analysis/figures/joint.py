@@ -33,6 +33,7 @@ import numpy as np
 
 from mtpsl.analysis.figures.common import CELL_IN, FigureRequest, check_labels, plot_panel_grid
 from mtpsl.core.errors import MtpslError
+from mtpsl.core.palette import COSINE_CMAP
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 STEM = "joint-space"
 COLUMNS = 6
 """RGB, source prediction, target ground truth, PCA of m_s, PCA of m_t, cosine map."""
-COSINE_CMAP = "magma"
 
 
 def parse_pair(pair: str | Sequence[str] | None, tasks: Sequence[str]) -> tuple[str, str]:
@@ -125,6 +125,8 @@ class JointSpace:
     """``m^{t->st}(y^t)``: ``[N, C, h, w]`` (CPU)."""
     titles: tuple[str, str] = ("m s->(s,t)", "m t->(s,t)")
     """What the two mapped maps are (the method says)."""
+    card: dict | None = None
+    """The run's model card: class names and colours of the keys."""
 
     @property
     def cosine(self) -> torch.Tensor:
@@ -180,7 +182,7 @@ def collect_joint_space(
     return JointSpace(
         Path(run_dir), dict(run.tasks), source, target, pid, list(indices), split,
         batch.image.permute(0, 2, 3, 1).clamp(0, 1).numpy(), preds[source].float().cpu(),
-        batch.targets[target].cpu(), m_s.float().cpu(), m_t.float().cpu(), titles)
+        batch.targets[target].cpu(), m_s.float().cpu(), m_t.float().cpu(), titles, run.card)
 
 
 def _fmt(value: float) -> str:
@@ -217,14 +219,41 @@ def _cells(data: JointSpace, k: int) -> list[tuple[np.ndarray, dict]]:
     ]
 
 
+def joint_space_keys(data: JointSpace, rows: Sequence[Sequence[tuple]]) -> list:
+    """The keys below the grid: the source prediction's and the target label's (as in the
+    qualitative figure), what the PCA colours are, and the cosine's colour bar."""
+    from matplotlib import colormaps
+
+    from mtpsl.core.render import Key
+    from mtpsl.inference.panels import task_key
+
+    keys = []
+    for col, name, is_label in ((1, data.source, False), (2, data.target, True)):
+        key = task_key(data.tasks[name], [row[col] for row in rows], data.card,
+                       with_void=is_label)
+        if key is not None:
+            keys.append((col, 1, key))
+    keys.append((3, 2, Key("PCA colours: the first three principal components of both maps' "
+                           "channels as RGB, fitted jointly, so equal colours are nearby "
+                           "joint-space features")))
+    keys.append((5, 1, Key("cosine (no unit)", cmap=colormaps[COSINE_CMAP], vmin=0.0,
+                           vmax=1.0)))
+    return keys
+
+
 def plot_joint_space(data: JointSpace, out_stem: str | Path) -> list[Path]:
     """The grid: one row per image, :data:`COLUMNS` cells (see the module docstring), the
-    joint-space maps (1/32 resolution) stretched to the image's cell. Cosine on a fixed [0, 1]
+    joint-space maps (1/32 resolution) stretched to the image's cell, and keys below (the
+    two tasks' colours, the PCA's meaning, the cosine's colour bar). Cosine on a fixed [0, 1]
     scale (the mapped features are ReLU outputs, so it cannot be negative). Returns
     [png, pdf]."""
+    from mtpsl.core.render import unify_scales
+
     rows = [_cells(data, k) for k in range(len(data.indices))]
+    for col in (1, 2):
+        unify_scales(rows, [col])
     return plot_panel_grid(rows, joint_space_titles(data), data.images.shape[1:3],
-                           COLUMNS * CELL_IN, out_stem)
+                           COLUMNS * CELL_IN, out_stem, joint_space_keys(data, rows))
 
 
 def add_arguments(parser) -> None:

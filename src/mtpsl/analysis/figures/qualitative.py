@@ -14,9 +14,9 @@ import numpy as np
 from mtpsl.analysis.figures.common import (
     ARROWS,
     CELL_IN,
-    TITLE_IN,
     FigureRequest,
     check_labels,
+    grid_height,
     plot_panel_grid,
 )
 from mtpsl.core.errors import MtpslError
@@ -44,6 +44,8 @@ class Qualitative:
     """Per run (in ``labels`` order), per task, activated predictions ``[N, ...]`` on the CPU."""
     scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """label -> task -> per-image score (the task's primary metric on that image alone)."""
+    card: dict | None = None
+    """The first run's model card: class names and colours of the keys."""
 
 def image_score(task: Task, pred: torch.Tensor, target: torch.Tensor) -> float:
     """The task's primary metric on one image (``[1, ...]`` tensors), via ``build_metrics``;
@@ -100,7 +102,7 @@ def collect_qualitative(
             preds.append({name: out[name].detach().float().cpu() for name in tasks})
     images = batch.image.permute(0, 2, 3, 1).clamp(0, 1).numpy()
     data = Qualitative(labels, dict(tasks), list(indices), split, images,
-                       dict(batch.targets), preds)
+                       dict(batch.targets), preds, card=runs[0].card)
     data.scores = {
         label: {name: [image_score(task, p[name][k:k + 1], batch.targets[name][k:k + 1])
                        for k in range(len(indices))]
@@ -146,24 +148,42 @@ def _panels(data: Qualitative, k: int) -> list[Cell]:
     return cells
 
 
+def _grid(data: Qualitative) -> tuple[list[list[Cell]], list]:
+    """The rows of cells (each task's panels on one scale over all rows) and the keys below
+    them, one per task spanning its ground truth and predictions."""
+    from mtpsl.core.render import unify_scales
+    from mtpsl.inference.panels import span_keys
+
+    rows = [_panels(data, k) for k in range(len(data.indices))]
+    per_task = 1 + len(data.labels)
+    for t in range(len(data.tasks)):
+        unify_scales(rows, range(1 + t * per_task, 1 + (t + 1) * per_task))
+    return rows, span_keys(data.tasks, rows, 1, per_task, data.card)
+
+
 def qualitative_size(data: Qualitative) -> tuple[float, float]:
-    """Figure size (inches): columns x CELL_IN wide, rows x (image + title) high."""
-    h, w = data.images.shape[1:3]
+    """Figure size (inches): columns x CELL_IN wide; rows x (image + title) high, plus the
+    row of keys below them."""
     cols = 1 + len(data.tasks) * (1 + len(data.labels))
-    return cols * CELL_IN, len(data.indices) * (CELL_IN * h / w + TITLE_IN)
+    return cols * CELL_IN, grid_height(len(data.indices), data.images.shape[1:3],
+                                       _grid(data)[1])
+
 
 def plot_qualitative(data: Qualitative, out_stem: str | Path) -> list[Path]:
     """The grid of paper 001's Fig. 4, one row per image: RGB, then per task the ground truth
-    and each run's prediction titled with its per-image score. Segmentation (semantic,
-    parts) in a fixed palette (ignore black), depth on one colour scale per image (invalid
-    black), normals as RGB; saliency as grey probabilities and 0/1 labels on a fixed [0, 1]
-    scale, edges as 0/1 maps (the prediction thresholded where the image's odsF peaks, see
-    :func:`mtpsl.tasks.binary.edge_map`); unlabelled pixels of binary tasks
-    :data:`~mtpsl.core.render.UNLABELLED`. Returns
-    [png, pdf]."""
-    width, _ = qualitative_size(data)
-    rows = [_panels(data, k) for k in range(len(data.indices))]
-    return plot_panel_grid(rows, cell_titles(data), data.images.shape[1:3], width, out_stem)
+    and each run's prediction titled with its per-image score; below each task a key (class
+    names and colours, a depth colour bar in metres, the normals' colour disc, the [0, 1]
+    scale of probabilities). Colours are :mod:`mtpsl.core.palette`'s: segmentation (semantic,
+    parts) in the run's class colours (void black), depth in viridis on one scale over the
+    figure (invalid black), normals as RGB ``(n + 1) / 2``; saliency as grey probabilities
+    and 0/1 labels on a fixed [0, 1] scale, edges as 0/1 maps (the prediction thresholded
+    where the image's odsF peaks, see :func:`mtpsl.tasks.binary.edge_map`); unlabelled
+    pixels of binary tasks :data:`~mtpsl.core.palette.UNLABELLED`. Returns [png, pdf]."""
+    width = (1 + len(data.tasks) * (1 + len(data.labels))) * CELL_IN
+    rows, keys = _grid(data)
+    return plot_panel_grid(rows, cell_titles(data), data.images.shape[1:3], width, out_stem,
+                           keys)
+
 
 def qualitative_figure(req: FigureRequest) -> list[Path]:
     data = collect_qualitative(req.runs, req.indices, req.labels, req.split, req.root,

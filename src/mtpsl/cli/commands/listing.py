@@ -75,14 +75,14 @@ def preset_summary(name: str, width: int = 100) -> str:
     return summary_line(" ".join(lines), width)
 
 
-def entries(kind: str) -> list[tuple[str, str]]:
-    """(name, one-line description) of every entry of ``kind``."""
+def entries(kind: str, width: int = 100) -> list[tuple[str, str]]:
+    """(name, one-line description, cut at ``width`` characters) of every entry of ``kind``."""
     if kind == "presets":
         from mtpsl.core.config import preset_names
 
-        return [(n, preset_summary(n)) for n in preset_names()]
+        return [(n, preset_summary(n, width)) for n in preset_names()]
     registry = _registries()[kind][1]()
-    return [(n, registry.describe(n)) for n in registry.names()]
+    return [(n, registry.describe(n, width)) for n in registry.names()]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
