@@ -45,6 +45,59 @@ WEIGHTINGS_TABLES = {name: (ROOT / "benchmarks" / "results" / f"{name}.json",
 :data:`WEIGHTINGS_PAGE`."""
 
 
+SPEED_PAGE = ROOT / "docs" / "how-to" / "speed.md"
+"""The docs page that holds the CPU peak benchmark's block."""
+PEAK_RECORDS = [ROOT / "benchmarks" / "results" / name
+                for name in ("cpu_peak.json", "cpu_peak_288x384.json")]
+"""``bench_cpu_peak.py``'s records (the 288x384 setting ran alone, without profiles)."""
+PEAK_BEGIN, PEAK_END = "<!-- cpu-peak-table -->", "<!-- /cpu-peak-table -->"
+
+
+def peak_block(records: list[dict]) -> str:
+    """The speed page's block: every setting's row, the ceilings and where the step loses."""
+    body = [line for r in records for line in r["table"].splitlines()[2:]]
+    table = "\n".join(records[0]["table"].splitlines()[:2] + body)
+    commands = ", ".join("`" + r["command"] + "`" for r in records)
+    matmuls = " and ".join(f"{r['machine']['matmul_2048_fp32_gflops']:.0f}" for r in records)
+    clock = max(r["machine"]["clock_implied_by_matmul_ghz"] for r in records)
+    cpu = records[0]["machine"]
+    lines = [f"Measured on {cpu['cpu']} ({cpu['cpu_capability']}), {cpu['threads']} threads, "
+             f"torch {records[0]['torch']}, fp32 XTC training steps; the theoretical peak is "
+             f"{cpu['peak_derivation']} = {cpu['theoretical_fp32_gflops']:.0f} GFLOP/s; a "
+             f"2048x2048 fp32 matmul reached {matmuls} GFLOP/s in the same runs (the clock "
+             f"that implies, up to {clock:.2f} GHz, is above /proc/cpuinfo's: boost, so the "
+             f"matmul is the tighter ceiling); FLOPs from `FlopCounterMode` "
+             f"({commands})."]
+    for record in records:
+        for setting, row in record["cells"].items():
+            lines += _where_it_goes(setting, row)
+    return f"{PEAK_BEGIN}\n{table}\n\n" + "\n".join(lines) + f"\n{PEAK_END}"
+
+
+def _where_it_goes(setting: str, row: dict) -> list[str]:
+    """One line per profiled setting: its largest kinds of operators and the mapping's and the
+    allocator's shares; the compile verdict at the demo size."""
+    out = []
+    profile = row.get("eager", {}).get("profile")
+    if profile:
+        kinds = ", ".join(f"{kind} {v['share']:.0%}"
+                          for kind, v in list(profile["by_kind"].items())[:5])
+        shares = []
+        if "mapping_share" in row:
+            shares.append(f"XTC's mapping passes {row['mapping_share']:.0%} of the step (against "
+                          f"SL's step on the same model)")
+        if "allocator_share" in row:
+            shares.append(f"page faults of freed memory {max(row['allocator_share'], 0):.0%}")
+        out.append(f"- {setting}: {kinds}; {'; '.join(shares)}.")
+    verdict = row.get("demo_run_estimate_s")
+    if verdict:
+        pays = "it pays off" if verdict["compile_pays_off"] else "eager stays the default"
+        out.append(f"- compile at the demo's size: a run would take {verdict['compiled']:.0f} s "
+                   f"compiled against {verdict['eager']:.0f} s eager (compile time included): "
+                   f"{pays}.")
+    return out
+
+
 def demo_config(record: dict):
     """The demo preset with the record's overrides (its data folder, device)."""
     return load_config(record["benchmark"], record["overrides"])
@@ -131,12 +184,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     args = parser.parse_args()
-    pages = {page: page.read_text() for page in (README, WEIGHTINGS_PAGE)}
+    pages = {page: page.read_text() for page in (README, WEIGHTINGS_PAGE, SPEED_PAGE)}
     blocks = [(README, RECORD, block(json.loads(RECORD.read_text())),
                current_block(pages[README]))]
     blocks += [(WEIGHTINGS_PAGE, path, weightings_block(json.loads(path.read_text()), begin, end),
                 current_block(pages[WEIGHTINGS_PAGE], begin, end))
                for path, begin, end in WEIGHTINGS_TABLES.values()]
+    peaks = [p for p in PEAK_RECORDS if p.exists()]
+    if peaks:
+        blocks.append((SPEED_PAGE, peaks[0], peak_block([json.loads(p.read_text())
+                                                         for p in peaks]),
+                       current_block(pages[SPEED_PAGE], PEAK_BEGIN, PEAK_END)))
     if args.check:
         stale = [f"{page.relative_to(ROOT)} ({path.name})"
                  for page, path, want, have in blocks if want != have]

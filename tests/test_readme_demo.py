@@ -55,6 +55,24 @@ def test_the_weighting_tables_are_generated_from_the_committed_records(table):
         f"{script.WEIGHTINGS_PAGE.name} is stale: run python benchmarks/readme_table.py"
 
 
+def test_the_cpu_peak_block_is_generated_from_the_committed_records():
+    """docs/how-to/speed.md's CPU peak block (issue 27): the demo size and the paper's
+    full-width SegNet at 96x128 and 288x384, eager and compiled, each against both ceilings."""
+    script = _script()
+    records = [json.loads(p.read_text()) for p in script.PEAK_RECORDS]
+    settings = {s for r in records for s in r["cells"]}
+    assert settings == {"demo", "full_96x128", "full_288x384"}
+    for record in records:
+        assert record["machine"]["cpu"] and record["machine"]["flags"] and record["command"]
+        for row in record["cells"].values():
+            assert {"eager", "compiled"} <= set(row)
+            assert all("fraction_of_theoretical_peak" in row[m] and "fraction_of_matmul" in row[m]
+                       for m in ("eager", "compiled") if row[m]["status"] == "ok")
+    have = script.current_block(script.SPEED_PAGE.read_text(), script.PEAK_BEGIN, script.PEAK_END)
+    assert have == script.peak_block(records), \
+        f"{script.SPEED_PAGE.name} is stale: run python benchmarks/readme_table.py"
+
+
 def test_the_record_is_of_the_demo_as_defined_today():
     script = _script()
     record = json.loads(script.RECORD.read_text())
