@@ -7,6 +7,7 @@ every epoch), trained once for the module: that also covers compare's curves.png
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -315,3 +316,33 @@ def test_edge_map_without_an_edge_to_find_thresholds_at_one_half():
     np.testing.assert_array_equal(shown, thin((levels >= 0.5)[None])[0])
     # no labelled pixel: nothing to score, nothing shown
     assert not binary.edge_map(task, prob, torch.full((1, 4, 6), -1.0)).any()
+
+
+def test_curves_of_many_set_ups_keep_their_panels(tmp_path):
+    """A grid of 69 set-ups (synthetic_weightings): the legend goes below the panels in rows of
+    its own (it used to fill the first panel until constrained layout collapsed the axes),
+    and the lines stay distinct beyond matplotlib's ten colours."""
+    import warnings
+
+    from PIL import Image
+
+    from mtpsl.analysis.figures.curves import line_style, plot_curve_groups
+
+    def groups(n: int) -> dict:
+        out = {}
+        for g in range(n):
+            run = tmp_path / f"n{n}" / f"g{g}"
+            run.mkdir(parents=True)
+            rows = [{"epoch": e, "train/total": 2.0 - 0.1 * e - 0.01 * g,
+                     "eval/semantic/miou": 0.1 + 0.01 * e + 0.001 * g} for e in (1, 2)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            out[f"onelabel/sl+weighting{g:02d}"] = [run]
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied ..." fails the test
+        few = plot_curve_groups(groups(3), tmp_path / "few")[0]
+        many = plot_curve_groups(groups(69), tmp_path / "many")[0]
+    assert Image.open(many).size[1] > Image.open(few).size[1]  # rows for the legend
+    styles = {(str(line_style(n, 69)[0]), line_style(n, 69)[1]) for n in range(69)}
+    assert len(styles) == 69

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -60,14 +61,17 @@ def plot_curve_groups(groups: Mapping[str, Sequence[str | Path]], out_stem: str 
     if not panels:
         raise DataError("the runs' metrics.jsonl hold no eval/ metric nor train/total loss")
     better = metric_directions([p.removeprefix("eval/") for p in panels if p.startswith("eval/")])
-    fig = _figure(figsize=(PANEL_IN[0] * len(panels), PANEL_IN[1]), dpi=DPI,
+    columns = legend_columns(len(groups), len(panels))
+    below = 0.0 if columns == 0 else 0.2 * math.ceil(len(groups) / columns) + 0.3
+    fig = _figure(figsize=(PANEL_IN[0] * len(panels), PANEL_IN[1] + below), dpi=DPI,
                  layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, key in zip(axes, panels, strict=True):
         for n, (label, hs) in enumerate(histories.items()):
-            colour = f"C{n % 10}"
+            colour, style = line_style(n, len(groups))
             epochs, mean, std = _mean_curve(hs, key)
-            ax.plot(epochs, mean, marker="o", markersize=3, color=colour, label=label)
+            ax.plot(epochs, mean, marker="o", markersize=3, color=colour, linestyle=style,
+                    label=label)
             if len(hs) > 1:
                 ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2)
             if key.startswith("eval/"):
@@ -92,8 +96,30 @@ def plot_curve_groups(groups: Mapping[str, Sequence[str | Path]], out_stem: str 
         names.append(f"shaded: ± 1 std over {counts} seeds")
         fig.suptitle(f"lines: mean over each set-up's seeds; shaded band: mean ± 1 sample "
                      f"standard deviation over its {counts} seeds", fontsize=9)
-    axes[0].legend(handles, names, fontsize=8)
+    if columns:  # many set-ups: the legend below the panels, its own rows, not over a panel
+        fig.legend(handles, names, fontsize=7, loc="outside lower center", ncols=columns)
+    else:
+        axes[0].legend(handles, names, fontsize=8)
     return save(fig, out_stem)
+
+
+LEGEND_INSIDE = 8
+"""Up to this many set-ups the legend sits in the first panel; more go below the panels."""
+
+
+def legend_columns(n_groups: int, n_panels: int) -> int:
+    """Columns of the legend below the panels (0: the legend fits inside the first panel)."""
+    return 0 if n_groups <= LEGEND_INSIDE else max(2, min(6, 2 * n_panels))
+
+
+def line_style(n: int, total: int) -> tuple[str | tuple[float, ...], str]:
+    """Colour and line style of the ``n``-th of ``total`` lines: matplotlib's 10 colours for
+    up to 10, else tab20's 20 cycled with four line styles (80 distinct lines)."""
+    if total <= 10:
+        return f"C{n}", "-"
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](n % 20), ("-", "--", ":", "-.")[(n // 20) % 4]
 
 def plot_curves(run_dirs: Sequence[str | Path], out_stem: str | Path,
                 labels: Sequence[str] | None = None) -> list[Path]:
