@@ -17,6 +17,7 @@ from mtpsl.analysis import report
 from mtpsl.analysis.figures.seeds import plot_seeds
 from mtpsl.core.config import Config, LauncherConfig, MethodVariant, build_config
 from mtpsl.core.errors import ConfigError, RunFolderError
+from mtpsl.core.files import write_all
 from mtpsl.core.rundir import holds_run
 from mtpsl.engine.build import check_names, method_for, open_dataset, weighting_for
 from mtpsl.engine.run import resume, saved_config_difference, train
@@ -197,8 +198,8 @@ def load_results(config: Config, out: Path) -> list[dict]:
 
 
 def write_tables(tables: Sequence[report.Table], text: str, out: Path) -> None:
-    (out / "results.md").write_text(text + "\n")
-    report.write_csv(report.table_rows(tables), out / "results.csv")
+    write_all({out / "results.md": (text + "\n").encode(),
+               out / "results.csv": report.csv_text(report.table_rows(tables)).encode()})
 
 
 def write_curves(results: Sequence[Mapping], out: Path) -> list[Path]:

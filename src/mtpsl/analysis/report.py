@@ -25,6 +25,7 @@ This module holds the one implementation of the tables: :func:`build_tables` (ov
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from mtpsl.analysis import stats
 from mtpsl.core.config import parse_yaml
 from mtpsl.core.errors import ConfigError, DataError, MtpslError
+from mtpsl.core.files import write_all, write_text
 from mtpsl.core.signature import METHOD_SECTION, context_of, labels, setup_from_config, signature
 from mtpsl.metrics import METRICS, delta_m
 from mtpsl.tasks import TASKS
@@ -666,11 +668,17 @@ def latex_table(
 def write_csv(rows: Sequence[Mapping], path: str | Path) -> None:
     """Every column of every row (all metrics with their statistics), empty where a row
     lacks one."""
+    write_text(path, csv_text(rows))
+
+
+def csv_text(rows: Sequence[Mapping]) -> str:
+    """:func:`write_csv`'s text."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 # -- mtpsl report ----------------------------------------------------------------------------
@@ -738,7 +746,6 @@ def write_report(report: Mapping, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.md", out / "report.csv", out / "report.tex"]
-    paths[0].write_text(report["markdown"])
-    write_csv(table_rows(report["tables"]), paths[1])
-    paths[2].write_text(report["latex"])
+    texts = [report["markdown"], csv_text(table_rows(report["tables"])), report["latex"]]
+    write_all({path: text.encode() for path, text in zip(paths, texts, strict=True)})
     return paths

@@ -9,10 +9,11 @@ temp file. No torch here: config and run-folder code import this before anything
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -72,3 +73,37 @@ def write_text(path: str | Path, text: str) -> None:
     """:func:`atomic_write` of a UTF-8 text."""
     data = text.encode()
     atomic_write(path, lambda f: f.write(data))
+
+
+def write_all(contents: Mapping[str | Path, bytes]) -> None:
+    """Several files, all or none: every temp file is written (and synced) first, then each is
+    renamed into place, so a full disk leaves every earlier version intact, not a mix of old
+    and new files. (A kill between two renames can still leave a mix; each file is whole.)"""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in contents.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in stale_temps(path):
+                stale.unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                fault_point(f"write:{path.name}")
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), FILE_MODE)
+    except BaseException:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in temps:
+        os.replace(tmp, path)
+
+
+def encoded(write: Callable[[BinaryIO], object]) -> bytes:
+    """What ``write(file_object)`` writes, in memory (for :func:`write_all`)."""
+    buffer = io.BytesIO()
+    write(buffer)
+    return buffer.getvalue()

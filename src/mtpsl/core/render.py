@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mtpsl.core.files import atomic_write
 from mtpsl.core.palette import (  # noqa: F401  (re-exported: the cells' and files' colours)
     DEPTH_PERCENTILES,
     UNLABELLED,
@@ -129,12 +130,12 @@ class OutputFiles:
         from PIL import Image
 
         path = self.folder / f"{self.stem}_{suffix}.png"
-        Image.fromarray(array).save(path)
+        atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
         self.written.append(path)
 
     def npy(self, array: np.ndarray, suffix: str) -> None:
         path = self.folder / f"{self.stem}_{suffix}.npy"
-        np.save(path, array)
+        atomic_write(path, lambda f: np.save(f, array))
         self.written.append(path)
 
 

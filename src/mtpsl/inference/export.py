@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtpsl.core.errors import MtpslError
+from mtpsl.core.files import atomic_write, encoded, write_text
 from mtpsl.inference.load import LoadedRun, load_run, require_finite_outputs
 from mtpsl.inference.predict import run_input_size
 from mtpsl.tasks import Task, task_kind
@@ -185,7 +186,7 @@ def export_run(
         _export_torchscript(wrapper, example, path, meta)
     meta["format"] = fmt
     meta["file"] = path.name
-    Path(f"{path}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(f"{path}.json", json.dumps(meta, indent=2) + "\n")
     return path
 
 
@@ -222,7 +223,7 @@ def _set_metadata(path: Path, meta: dict) -> None:
     model = onnx.load(str(path))
     entry = next(p for p in model.metadata_props if p.key == META_KEY)
     entry.value = json.dumps(meta)
-    onnx.save(model, str(path))
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
 
 
 STRIDE_PROBE = 32
@@ -298,7 +299,7 @@ def _export_onnx(wrapper: nn.Module, example: Tensor, names: list[str], path: Pa
         tmp.unlink(missing_ok=True)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
-    onnx.save(model, str(path))
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
 
 
 @contextlib.contextmanager
@@ -325,7 +326,10 @@ def _export_torchscript(wrapper: nn.Module, example: Tensor, path: Path, meta: d
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(wrapper, (example,), strict=False, check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={f"{META_KEY}.json": json.dumps(meta)})
+    # in memory first: torch's C++ writer aborts the process on a full disk (issue 28)
+    data = encoded(lambda f: torch.jit.save(traced, f,
+                                            _extra_files={f"{META_KEY}.json": json.dumps(meta)}))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:

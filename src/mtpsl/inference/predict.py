@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtpsl.core.errors import DataError, MtpslError
+from mtpsl.core.files import encoded, write_all
 from mtpsl.core.palette import default_class_colours
 from mtpsl.core.render import (  # noqa: F401  (re-exported: the writers' encodings)
     DEPTH_PERCENTILES,
@@ -330,7 +331,7 @@ def write_panel(path: Path, image: np.ndarray, tasks: Mapping[str, Task],
     width = len(row) * PANEL_CELL_IN
     fig = panel_grid([row], [titles], image.shape[:2], width, PANEL_CELL_IN, PANEL_TITLE_IN,
                      keys)
-    fig.savefig(path, dpi=100)
+    write_all({path: encoded(lambda f: fig.savefig(f, dpi=100, format="png"))})
     return path
 
 

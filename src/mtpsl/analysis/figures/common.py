@@ -8,6 +8,7 @@ touches the global backend; matplotlib is imported where a figure is drawn, whic
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtpsl.core.errors import DataError, MtpslError
+from mtpsl.core.files import encoded, write_all
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -45,8 +47,9 @@ def save(fig: Figure, stem: str | Path) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=DPI)
+    # both files or neither: a full disk keeps the previous figure whole
+    write_all({path: encoded(functools.partial(fig.savefig, dpi=DPI, format=path.suffix[1:]))
+               for path in paths})
     return paths
 
 def default_labels(run_dirs: Sequence[Path]) -> list[str]:
