@@ -94,3 +94,13 @@ def test_torchscript_export_on_a_full_disk_is_an_error_not_an_abort(run, tmp_pat
     assert main(["export", "--run", str(run), "--format", "torchscript", "--out",
                  str(path)]) == 2
     assert "No space left" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_a_full_disk_at_the_first_checkpoint_names_the_file(tiny_root, tmp_path, disk_full,
+                                                           capsys):
+    """core.files.atomic_write: a full disk's OSError from write/fsync names no file (it said
+    "error: No space left on device"); the error now names the file it could not write."""
+    run = tmp_path / "run"
+    disk_full("checkpoint.pt")
+    assert main(["train", "--run-dir", str(run), f"dataset.root={tiny_root}", *TINY]) == 2
+    assert f"error: {run / 'checkpoint.pt'}: No space left on device" in capsys.readouterr().err

@@ -64,9 +64,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        renamed = named(err, path)
+        if renamed is err:
+            raise
+        raise renamed from err
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -94,10 +97,13 @@ def write_all(contents: Mapping[str | Path, bytes]) -> None:
                 fault_point(f"write:{path.name}")
                 os.fsync(f.fileno())
                 os.fchmod(f.fileno(), FILE_MODE)
-    except BaseException:
+    except BaseException as err:
         for tmp, _ in temps:
             Path(tmp).unlink(missing_ok=True)
-        raise
+        renamed = named(err, temps[-1][1] if temps else None)
+        if renamed is err:
+            raise
+        raise renamed from err
     for tmp, path in temps:
         os.replace(tmp, path)
 
@@ -107,3 +113,12 @@ def encoded(write: Callable[[BinaryIO], object]) -> bytes:
     buffer = io.BytesIO()
     write(buffer)
     return buffer.getvalue()
+
+
+def named(err: BaseException, path: Path | None) -> BaseException:
+    """An OSError met while writing ``path`` that names ``path`` (a full disk's error from
+    ``write``/``fsync`` names no file, a failed temp file names the temp), so the one-line
+    error says which file could not be written; anything else unchanged."""
+    if not isinstance(err, OSError) or path is None or err.filename == str(path):
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(path))
