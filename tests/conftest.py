@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -162,6 +163,17 @@ def without_startup(err: str) -> str:
     """``err`` less a run's start-up lines (its folder, the speed choice)."""
     return "".join(line for line in err.splitlines(keepends=True)
                    if not line.startswith(STARTUP))
+
+
+def mtpsl_process(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m mtpsl ARGS`` in a process of its own (one thread), optionally with a
+    planned fault (``MTPSL_FAULT``, :mod:`mtpsl.core.faults`); never an inherited one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MTPSL_FAULT", None)
+    if fault:
+        env["MTPSL_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "mtpsl", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def train_cli(run: Path, root: Path, *overrides: str, config: str | None = None) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 from mtpsl.cli import main
 from mtpsl.core.config import load_config
 from mtpsl.data.splits import Split
-from mtpsl.engine.guards import setup_warnings, takes_backbone
+from mtpsl.engine.guards import model_takes_backbone, setup_warnings
 
 from conftest import TINY_TRAIN
 
@@ -53,7 +53,8 @@ def test_a_task_without_labels_is_named_counting_what_the_data_has():
 
 def test_an_encoder_from_random_weights_is_named():
     labelled = np.eye(3, dtype=bool)[[0, 1, 2]]
-    assert takes_backbone("resnet") and takes_backbone("dense") and not takes_backbone("segnet")
+    assert model_takes_backbone("resnet") and model_takes_backbone("dense")
+    assert not model_takes_backbone("segnet") and not model_takes_backbone("nope")
     [line] = setup_warnings(_experiment(labelled, "model.name=resnet"))
     assert line.startswith("model.backbone.weights is not set") and "'resnet'" in line
     assert setup_warnings(_experiment(labelled, "model.name=resnet",

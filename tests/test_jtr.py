@@ -5,9 +5,6 @@ bitwise after a preemption."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +18,7 @@ from mtpsl.methods.jtr import JTRLoss, JTROptions
 from mtpsl.methods.terms import map_cosine_distance as latent_distance
 from mtpsl.tasks import build_task
 
-from conftest import TINY, assert_same_state, load_benchmark, train_cli
+from conftest import TINY, assert_same_state, load_benchmark, mtpsl_process, train_cli
 
 H, W = 64, 96
 TASK_SETS = {
@@ -140,29 +137,20 @@ ARGS = [*TINY, "method.name=jtr", "method.options.ae_width=0.0625", "train.epoch
         "train.eval_every=1", "train.device=cpu", "optim.lr=1e-3", "labels.regime=onelabel"]
 
 
-def _mtpsl(*args, fault=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MTPSL_FAULT", None)
-    if fault:
-        env["MTPSL_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "mtpsl", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow  # three subprocess runs; the cheaper CLI run is the joint-space test below
 def test_trains_from_the_cli_and_resumes_bitwise(tmp_path, shared_layout):
     root = shared_layout(n=8, h=H, w=W)
     reference, run = tmp_path / "reference", tmp_path / "run"
-    done = _mtpsl("train", "--run-dir", str(reference), f"dataset.root={root}", *ARGS)
+    done = mtpsl_process("train", "--run-dir", str(reference), f"dataset.root={root}", *ARGS)
     assert done.returncode == 0, done.stderr
     final = json.loads((reference / "final_metrics.json").read_text())
     assert np.isfinite(list(final["metrics"].values())).all()
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert all(rows[0][f"train/{k}"] > 0 for k in ("jtr_dist", "jtr_ae_dist", "jtr_recon"))
-    hit = _mtpsl("train", "--run-dir", str(run), f"dataset.root={root}", *ARGS,
+    hit = mtpsl_process("train", "--run-dir", str(run), f"dataset.root={root}", *ARGS,
                  fault="TERM@step#2")
     assert hit.returncode == 75, hit.stderr
-    assert _mtpsl("train", "--resume", str(run)).returncode == 0
+    assert mtpsl_process("train", "--resume", str(run)).returncode == 0
     assert_same_state(load_checkpoint(reference / "checkpoint.pt"),
                       load_checkpoint(run / "checkpoint.pt"))
 

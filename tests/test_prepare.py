@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from prepare_inputs import (
     write_splits,
 )
 
-from conftest import TINY_TRAIN, final_metrics, train_cli
+from conftest import TINY_TRAIN, final_metrics, mtpsl_process, train_cli
 
 h5py = pytest.importorskip("h5py")
 
@@ -241,25 +239,16 @@ def test_rerun_remakes_only_damaged_files(nyu, tmp_path, capsys):
     assert _tree(out) == first
 
 
-def _run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MTPSL_FAULT", None)
-    if fault:
-        env["MTPSL_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "mtpsl", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["KILL@prepare:item#2", "KILL@write:1.npy#2"])
 def test_killed_prepare_resumes_to_a_byte_identical_tree(nyu, tmp_path, fault):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert main(_prepare_argv(nyu, clean)) == 0
-    proc = _run_cli(_prepare_argv(nyu, killed), fault)
+    proc = mtpsl_process(*_prepare_argv(nyu, killed), fault=fault)
     assert proc.returncode == -9, proc.stderr
     assert (killed / ".prepare" / "journal.jsonl").is_file()
     assert not (killed / "prepare.json").exists()
-    proc = _run_cli(_prepare_argv(nyu, killed))
+    proc = mtpsl_process(*_prepare_argv(nyu, killed))
     assert proc.returncode == 0, proc.stderr
     assert _tree(killed) == _tree(clean)  # every file, prepare.json and the listings included
 

@@ -21,7 +21,7 @@ from mtpsl.engine import trainer as trainer_module
 from mtpsl.engine.checkpoint import load_checkpoint, save_checkpoint
 from mtpsl.inference.load import require_finite_outputs
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, train_cli
 
 ARGS = [*TINY_TRAIN, "train.epochs=2", "train.eval_every=1", "train.checkpoint_every=1",
         "train.device=cpu", "train.max_steps_per_epoch=2"]
@@ -35,9 +35,7 @@ def root(shared_layout) -> Path:
 
 @pytest.fixture(scope="module")
 def run(root, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("run") / "run"
-    assert main(["train", "--run-dir", str(folder), f"dataset.root={root}", *ARGS]) == 0
-    return folder
+    return train_cli(tmp_path_factory.mktemp("run") / "run", root, *ARGS)
 
 
 def _copy(run: Path, dest: Path) -> Path:

@@ -158,9 +158,14 @@ def model_kwargs(build: Callable, config: Config) -> dict[str, object]:
                 f"allowed: {', '.join(allowed) or '(none)'}"
             )
     kwargs: dict[str, object] = {"width": config.model.width, **config.model.options}
-    if "backbone" in params:
+    if takes_backbone(build):
         kwargs["backbone"] = EncoderSpec(**config.model.backbone.model_dump())
     return kwargs
+
+
+def takes_backbone(build: Callable) -> bool:
+    """Whether a model builder builds an encoder from ``model.backbone``."""
+    return "backbone" in inspect.signature(build).parameters
 
 
 def _options_for_task(kwargs: dict[str, object], task: str, tasks: dict) -> dict[str, object]:

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 
-from mtpsl.engine.build import Experiment
+from mtpsl.engine.build import Experiment, takes_backbone
 from mtpsl.engine.summary import label_availability
 from mtpsl.models import MODELS
 
@@ -33,7 +32,7 @@ def setup_warnings(exp: Experiment) -> list[str]:
                      f"labels.regime={cfg.labels.regime} (of {len(exp.split)} images); "
                      f"{'its head learns' if len(unlabelled) == 1 else 'their heads learn'} "
                      f"only through the method's cross-task terms, if any")
-    if takes_backbone(cfg.model.name) and cfg.model.backbone.weights is None:
+    if model_takes_backbone(cfg.model.name) and cfg.model.backbone.weights is None:
         found.append(f"model.backbone.weights is not set: the {cfg.model.backbone.name} "
                      f"encoder of {cfg.model.name!r} starts from random weights, where the "
                      f"papers start from ImageNet ones (give a local file: "
@@ -41,13 +40,12 @@ def setup_warnings(exp: Experiment) -> list[str]:
     return found
 
 
-def takes_backbone(model: str) -> bool:
-    """Whether the registered model builds an encoder from ``model.backbone``."""
+def model_takes_backbone(model: str) -> bool:
+    """Whether the registered model ``model`` builds an encoder from ``model.backbone``."""
     try:
-        builder = MODELS.get(model)
+        return takes_backbone(MODELS.get(model))
     except KeyError:
         return False
-    return "backbone" in inspect.signature(builder).parameters
 
 
 def warn_about_setup(exp: Experiment) -> None:
