@@ -13,6 +13,8 @@ block between ``<!-- weightings-table -->`` and ``<!-- /weightings-table -->`` i
 ``benchmarks/results/weightings_cpu.json`` (``python benchmarks/bench_weightings.py``), the one
 between ``<!-- weightings-full-width-table -->`` and its end that of
 ``weightings_cpu_full_width.json`` (the full-width SegNet, where the K task gradients weigh).
+The README's block between ``<!-- pascal-twin-table -->`` and its end is the comparison of the
+PASCAL partial-label twin (:data:`TWIN_RECORD`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,24 @@ WEIGHTINGS_TABLES = {name: (ROOT / "benchmarks" / "results" / f"{name}.json",
                                        ("weightings_cpu_full_width", "weightings-full-width"))}
 """The weighting benchmark's records and the markers of their tables in
 :data:`WEIGHTINGS_PAGE`."""
+
+
+TWIN_RECORD = ROOT / "benchmarks" / "results" / "synthetic_partial_pascal_onelabel_cpu.json"
+"""The PASCAL partial-label twin's comparison (``grid_run.py --device cpu --preset
+synthetic_partial_pascal_onelabel``): issue 31's six methods, three seeds."""
+TWIN_BEGIN, TWIN_END = "<!-- pascal-twin-table -->", "<!-- /pascal-twin-table -->"
+
+
+def twin_block(record: dict) -> str:
+    """The README block of the PASCAL twin: the tables ``mtpsl compare`` printed and what the
+    grid cost."""
+    text = compare_tables(record)
+    minutes, per_method = training_minutes(record)
+    timing = (f"Measured: {minutes:.1f} min of training ({len(record['runs'])} runs; per run "
+              f"{per_method}), {record['wall_seconds'] / 60:.1f} min wall time with evaluation, "
+              f"on {record['device']}{cpu_class(record)} with {record['cpu_threads']} threads, "
+              f"torch {record['torch']} (`{record['command']}`).")
+    return f"{TWIN_BEGIN}\n{text}\n\n{timing}\n{TWIN_END}"
 
 
 SPEED_PAGE = ROOT / "docs" / "how-to" / "speed.md"
@@ -103,12 +123,17 @@ def demo_config(record: dict):
     return load_config(record["benchmark"], record["overrides"])
 
 
-def block(record: dict) -> str:
-    """The README block for ``record``: the printed tables and the time they took."""
+def compare_tables(record: dict) -> str:
+    """The tables ``mtpsl compare`` prints for a record's runs (the same code renders them)."""
     config = demo_config(record)
     results = [report.result_of(run, None, run["name"]) for run in record["runs"]]
     tables = report.build_tables(results, config.compare.baseline, config.compare.delta_metrics)
-    text = report.tables_markdown(tables, config.compare.baseline, config.compare.contrasts)
+    return report.tables_markdown(tables, config.compare.baseline, config.compare.contrasts)
+
+
+def block(record: dict) -> str:
+    """The README block for ``record``: the printed tables and the time they took."""
+    text = compare_tables(record)
     minutes, per_method = training_minutes(record)
     timing = (f"Measured: {minutes:.1f} min of training in all ({len(record['runs'])} runs; "
               f"per run {per_method}) and {record['wall_seconds'] / 60:.1f} min wall time with "
@@ -133,10 +158,7 @@ def other_class() -> str:
         return ""
     fp32, epoch = json.loads(FP32_RECORD.read_text()), json.loads(EPOCH_RECORD.read_text())
     minutes, per_method = training_minutes(fp32)
-    config = demo_config(fp32)
-    results = [report.result_of(run, None, run["name"]) for run in fp32["runs"]]
-    tables = report.build_tables(results, config.compare.baseline, config.compare.delta_metrics)
-    text = report.tables_markdown(tables, config.compare.baseline, config.compare.contrasts)
+    text = compare_tables(fp32)
     verdicts = "; ".join(line.removeprefix("- ") for line in text.splitlines()
                          if line.startswith("- "))
     scale, ours = epoch["scale_to_reference"], epoch["cells"]["off/true"]
@@ -190,6 +212,9 @@ def main() -> int:
     blocks += [(WEIGHTINGS_PAGE, path, weightings_block(json.loads(path.read_text()), begin, end),
                 current_block(pages[WEIGHTINGS_PAGE], begin, end))
                for path, begin, end in WEIGHTINGS_TABLES.values()]
+    if TWIN_RECORD.exists():
+        blocks.append((README, TWIN_RECORD, twin_block(json.loads(TWIN_RECORD.read_text())),
+                       current_block(pages[README], TWIN_BEGIN, TWIN_END)))
     peaks = [p for p in PEAK_RECORDS if p.exists()]
     if peaks:
         blocks.append((SPEED_PAGE, peaks[0], peak_block([json.loads(p.read_text())

@@ -57,8 +57,15 @@ def test_an_encoder_from_random_weights_is_named():
     assert not model_takes_backbone("segnet") and not model_takes_backbone("nope")
     [line] = setup_warnings(_experiment(labelled, "model.name=resnet"))
     assert line.startswith("model.backbone.weights is not set") and "'resnet'" in line
-    assert setup_warnings(_experiment(labelled, "model.name=resnet",
-                                      "model.backbone.weights=w.pth")) == []
+    assert setup_warnings(_experiment(labelled, "model.name=resnet", "model.backbone.weights=w.pth",
+                                      "model.backbone.normalize=imagenet")) == []
+    # ImageNet weights fed unnormalised images; and the network a method brings is the one
+    # judged (method.network), not model.name
+    [line] = setup_warnings(_experiment(labelled, "model.name=resnet",
+                                        "model.backbone.weights=w.pth"))
+    assert line.startswith("model.backbone.weights is set but model.backbone.normalize is none")
+    [line] = setup_warnings(_experiment(labelled, "method.network=dense"))
+    assert line.startswith("model.backbone.weights is not set") and "'dense'" in line
 
 
 def test_the_cli_prints_them_at_the_start_of_a_run(tiny_root, tmp_path, capsys):

@@ -45,6 +45,16 @@ def test_readme_demo_table_is_generated_from_the_committed_record():
         "README.md is stale: run python benchmarks/readme_table.py"
 
 
+def test_readme_pascal_twin_table_is_generated_from_the_committed_record():
+    script = _script()
+    record = json.loads(script.TWIN_RECORD.read_text())
+    assert {run["label"] for run in record["runs"]} >= {
+        "stl", "sl", "xtc", "jtr", "diffusion_mtl", "hitts"}, "issue 31's six methods"
+    assert script.current_block(script.README.read_text(), script.TWIN_BEGIN,
+                                script.TWIN_END) == script.twin_block(record), \
+        "README.md is stale: run python benchmarks/readme_table.py"
+
+
 @pytest.mark.parametrize("table", ["weightings_cpu", "weightings_cpu_full_width"])
 def test_the_weighting_tables_are_generated_from_the_committed_records(table):
     """The docs' weighting-cost tables (docs/concepts/weightings.md)."""

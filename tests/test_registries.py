@@ -204,7 +204,7 @@ def test_method_contract(name, root):
 
         model = PerTaskModels({n: _build("segnet", {n: h}) for n, h in heads.items()})
     else:
-        model = _build("segnet", heads)
+        model = _build(method.contract_model, heads)
     method.attach(model)
     names = tuple(tasks)
     split = make_split("onelabel", len(layout), names, seed=0)

@@ -292,3 +292,42 @@ def test_export_refuses_an_opset_the_exporter_cannot_write(tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "none"), "--opset", "99"]) == 2
     assert f"--opset 99 is newer than the installed onnx {onnx.__version__} supports: at " \
            f"most {newest}" in _error(capsys)
+
+
+@pytest.mark.parametrize("key", ["train_split", "eval_split"])
+@pytest.mark.parametrize("split", ["../../elsewhere/nyuv2/train", "ABSOLUTE", ".", "a/../../x"])
+def test_a_split_cannot_leave_the_dataset_root(tmp_path, capsys, key, split):
+    """Guards ``data.base.check_split_name`` in ``LayoutDataset``: ``dataset.train_split=
+    ../../x`` trained on ROOT/../../x, a layout outside the dataset root (here a valid one,
+    so only the check can stop it)."""
+    root = make_layout(tmp_path / "data", n=2, h=32, w=32)
+    outside = make_layout(tmp_path / "elsewhere", n=2, h=32, w=32)
+    split = str(outside / "train") if split == "ABSOLUTE" else split
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["train", "--run-dir", str(tmp_path / "run"), f"dataset.root={root}",
+                 f"dataset.{key}={split}", *TINY, "train.device=cpu"]) == 2
+    err = _error(capsys)
+    assert f"{split!r} does not name a split inside the dataset root {root}" in err
+    assert "dataset.train_split / dataset.eval_split" in err
+    assert sorted(tmp_path.rglob("*")) == before  # no run folder left behind
+
+
+def test_a_pascal_split_cannot_leave_the_dataset_root(tmp_path):
+    """Guards ``check_split_name`` in ``pascal.read_ids``: ImageSets/Context/{split}.txt."""
+    from mtpsl.data.pascal import read_ids
+
+    root = write_pascal_layout(tmp_path / "pascal", n_train=1, n_val=1, height=16, width=16,
+                               progress=False)
+    (tmp_path / "x.txt").write_text("2008_000002\n")
+    with pytest.raises(ConfigError, match="does not name a split inside"):
+        read_ids(root, "../../../x")
+    assert read_ids(root, "train")
+
+
+def test_a_split_may_be_a_sub_folder():
+    from mtpsl.data.base import check_split_name
+
+    assert check_split_name("fold1/train", "ROOT") == "fold1/train"
+    for bad in ("", "  ", "a\0b", "C:x", "\\server\\x"):
+        with pytest.raises(ConfigError, match="does not name a split"):
+            check_split_name(bad, "ROOT")

@@ -27,6 +27,7 @@ from mtpsl.analysis.grid import (
     check_cells,
     check_delta_metrics,
     check_folders,
+    check_teachers,
     grid_cells,
     sweep_weightings,
     train_or_continue,
@@ -61,6 +62,7 @@ def check_grid(config: Config, out: Path) -> None:
         raise ConfigError(f"compare.launcher.jobs: {grid.launcher.jobs} is for the local "
                           "launcher; submitit runs each cell as a job of its own (allowed: 1)")
     check_delta_metrics(config)
+    check_teachers(config)
     check_cells(config)
     check_folders(config, out)
 

@@ -75,19 +75,67 @@ def grid_cells(config: Config) -> list[tuple[str, str]]:
 
 
 def all_cells(config: Config) -> list[Cell]:
-    """Every run of the grid, in the order of the tables: cells, then seeds."""
-    return [Cell(r, m, s) for r, m in grid_cells(config) for s in config.compare.seeds]
+    """Every run of the grid, in the order of the tables: cells, then seeds; a cell whose
+    variant learns from another's runs (``teacher_from``) after that variant's cells."""
+    pairs = sorted(grid_cells(config), key=lambda cell: _teacher_depth(config, cell[1]))
+    return [Cell(r, m, s) for r, m in pairs for s in config.compare.seeds]
+
+
+TEACHER_FROM = "teacher_from"
+"""A variant option (``compare.variants.<name>.options.teacher_from: <grid method>``): each
+of the variant's cells takes the run of that grid method with the same regime and seed as its
+``method.options.teacher`` (e.g. ``hitts`` stage 2 from stage 1). Such cells train after
+their teachers' cells, and a teacher run that has not finished is refused."""
+
+
+def teacher_of(config: Config, method: str) -> str | None:
+    """The grid method whose runs teach ``method``'s (its variant's ``teacher_from``)."""
+    variant = config.compare.variants.get(method.partition("+")[0])
+    return None if variant is None else variant.options.get(TEACHER_FROM)
+
+
+def _teacher_depth(config: Config, method: str) -> int:
+    depth, seen = 0, {method}
+    while (method := teacher_of(config, method) or "") and method not in seen:
+        depth, seen = depth + 1, seen | {method}
+    return depth
+
+
+def check_teachers(config: Config) -> None:
+    """Every ``teacher_from`` names another method of the grid, with a cell in each regime
+    of the cells it teaches, and the chain has no cycle."""
+    cells = grid_cells(config)
+    for regime, method in cells:
+        teacher = teacher_of(config, method)
+        if teacher is None:
+            continue
+        key = f"compare.variants.{method.partition('+')[0]}.options.{TEACHER_FROM}"
+        if not isinstance(teacher, str) or teacher == method:
+            raise ConfigError(f"{key}: {teacher!r}; allowed: another method of the grid")
+        if (regime, teacher) not in cells:
+            known = sorted({m for r, m in cells if r == regime and m != method})
+            raise ConfigError(f"{key}: {teacher!r} has no cell in regime {regime!r}; allowed: "
+                              f"{', '.join(known) or '(none)'}")
+        seen = {method}
+        while teacher is not None:
+            if teacher in seen:
+                raise ConfigError(f"{key}: the teachers form a cycle ({', '.join(seen)})")
+            seen.add(teacher)
+            teacher = teacher_of(config, teacher)
 
 
 def _slug(regime: str) -> str:
     return regime.replace(":", "-")
 
 
-def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Config:
+def cell_config_for(config: Config, regime: str, method: str, seed: int,
+                    out: Path | None = None) -> Config:
     """The run config of one cell: the base config with the cell's regime, method and seed.
 
     ``compare.launcher`` is left at its defaults: how a grid is launched is no part of its
-    runs, so a cell started by one launcher continues under another."""
+    runs, so a cell started by one launcher continues under another. A variant's
+    ``teacher_from`` becomes ``method.options.teacher``: the teaching cell's folder under
+    ``out`` (absolute; without ``out``, its key, for the checks before training)."""
     data = config.model_dump()
     data["name"] = f"{_slug(regime)}-{method}-seed{seed}"
     data["label"] = method
@@ -105,6 +153,12 @@ def cell_config_for(config: Config, regime: str, method: str, seed: int) -> Conf
     if variant is not None:
         data["method"]["name"] = variant.method
         data["method"]["options"] = dict(variant.options)
+        data["method"]["network"] = variant.network
+        teacher = data["method"]["options"].pop(TEACHER_FROM, None)
+        if teacher is not None:
+            cell = Cell(regime, str(teacher), seed)
+            data["method"]["options"]["teacher"] = (
+                str(cell.folder(out).resolve()) if out is not None else cell.key)
         _apply_variant_weighting(data["method"], variant)
     elif method != config.method.name:
         data["method"]["name"] = method
@@ -168,7 +222,7 @@ def check_folders(config: Config, out: Path) -> None:
     for cell in all_cells(config):
         folder = cell.folder(out)
         if holds_run(folder):
-            _refuse_other_run(folder, cell_config_for(config, *_fields(cell)))
+            _refuse_other_run(folder, cell_config_for(config, *_fields(cell), out=out))
 
 
 def _fields(cell: Cell) -> tuple[str, str, int]:

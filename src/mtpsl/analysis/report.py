@@ -24,6 +24,7 @@ This module holds the one implementation of the tables: :func:`build_tables` (ov
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -37,7 +38,14 @@ from mtpsl.analysis import stats
 from mtpsl.core.config import parse_yaml
 from mtpsl.core.errors import ConfigError, DataError, MtpslError
 from mtpsl.core.files import write_all, write_text
-from mtpsl.core.signature import METHOD_SECTION, context_of, labels, setup_from_config, signature
+from mtpsl.core.signature import (
+    METHOD_SECTION,
+    context_of,
+    labels,
+    setup_from_config,
+    signature,
+    without_per_seed,
+)
 from mtpsl.metrics import METRICS, delta_m
 from mtpsl.tasks import TASKS
 
@@ -154,7 +162,9 @@ def result_of(final: Mapping, config: Mapping | None, run_dir: str | Path) -> di
         raise DataError(f"{Path(run_dir) / FINAL}: lacks {', '.join(missing)}")
     config = config or {}
     setup = final.get("setup")
-    if not isinstance(setup, dict):
+    if isinstance(setup, dict):
+        setup = without_per_seed(copy.deepcopy(setup))
+    else:
         setup = setup_from_config(config)
         root = (config.get("dataset") or {}).get("root")
         setup["data"] = {"root": str(root)} if root is not None else {}

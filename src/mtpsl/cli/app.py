@@ -20,7 +20,13 @@ from pathlib import Path
 from mtpsl import __version__
 from mtpsl.cli.args import add_config_args, add_data_option
 from mtpsl.cli.commands import add_all
-from mtpsl.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, MtpslError, strip_worker_traceback
+from mtpsl.core.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    MtpslError,
+    RunFolderError,
+    strip_worker_traceback,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from mtpsl.core.config import load_config
+    from mtpsl.core.names import preflight
 
     if args.resume:
         if args.config or args.run_dir:
@@ -70,14 +77,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         final = resume(args.resume, args.overrides)
     else:
-        config = load_config(args.config, args.overrides)  # before torch: typos fail fast
+        run_dir = Path(args.run_dir) if args.run_dir else None
+        if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+            raise RunFolderError(f"run folder {run_dir} is a file")  # as claim_new says it
+        config = load_config(args.config, args.overrides)  # before torch: typos fail fast,
+        preflight(config)  # and so do unknown names and missing paths (under a second)
         from mtpsl.engine.run import train
 
-        final = train(config, Path(args.run_dir) if args.run_dir else None)
+        final = train(config, run_dir)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(json.dumps(final, indent=2))
-        print(f"wrote {final['run_dir']}: final_metrics.json, metrics.jsonl, metrics.csv, "
-              f"checkpoint.pt, config.yaml, split.json, tensorboard/", file=sys.stderr)
+        print(f"wrote {final['run_dir']}: {', '.join(run_outputs(Path(final['run_dir'])))}",
+              file=sys.stderr)
+
+
+RUN_OUTPUTS = ("final_metrics.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt",
+               "config.yaml", "split.json", "tensorboard/", "wandb/", "mlruns/")
+"""What a run folder may hold, in the order ``train`` lists it (metrics.csv and the last
+three: the logging backends of ``log.backends``)."""
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (run_dir / name.rstrip("/")).exists()]
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -45,6 +45,8 @@ WIDTH_MAX = 8.0
 """Largest channel multiplier: 8 x SegNet is ~2 G parameters, beyond any GPU's memory."""
 SCALE_MAX = 8.0
 """Largest RandomScaleCrop zoom: the crop keeps 1/8 of each side."""
+CROP_MAX = 65536
+"""Largest ``dataset.augment.crop_size`` side, in pixels."""
 RATIO_MAX = 1e6
 """Largest ``labels.ratios`` weight: the weights are normalised, so only their ratio counts."""
 
@@ -66,9 +68,24 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     scales: list[float] = Field(default=[1.0, 1.2, 1.5], min_length=1, max_length=64)
     """RandomScaleCrop zoom factors, each in [1, 8] (1.0 = no zoom); [1.0] disables
-    scale-crop."""
+    scale-crop. Must be [1.0] (its default then) with ``scale_range`` or ``crop_size``."""
     flip: bool = False
     """Random horizontal flip (Cityscapes in the reference); normals' x is negated."""
+    scale_range: tuple[float, float] | None = None
+    """[low, high]: resize each image by a factor drawn uniformly from it, then take a
+    ``crop_size`` crop, padding where the resized image is smaller (the ATRC / DiffusionMTL
+    PASCAL-Context protocol: [0.5, 2.0]); each in [1/8, 8], low <= high. None = off."""
+    crop_size: tuple[int, int] | None = None
+    """[height, width] of that random crop, each in [1, 65536]; None = the image's own size."""
+    cat_max_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    """With the random crop: redraw a crop (up to 10 times) while one class covers at least
+    this share of the first class map's labelled pixels (0.75 in the ATRC / DiffusionMTL
+    PASCAL code). It reads that map's label even where the regime hides it, as that code does.
+    None = off."""
+    photometric: bool = False
+    """Photometric jitter of the image, each step with probability 1/2 (mmseg's
+    PhotoMetricDistortion as the DiffusionMTL PASCAL code runs it): brightness +-32/255,
+    contrast x[0.5, 1.5] (first or last), saturation x[0.5, 1.5], hue +-18 of 180."""
 
     @field_validator("scales")
     @classmethod
@@ -78,6 +95,49 @@ class AugmentConfig(Section):
             raise ValueError(f"each scale must lie in [1, {SCALE_MAX:g}] (a zoom that leaves a "
                              f"crop of the image); got {bad}")
         return value
+
+    @field_validator("scale_range")
+    @classmethod
+    def _resize_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is None:
+            return value
+        low, high = value
+        if not (1.0 / SCALE_MAX <= low <= high <= SCALE_MAX):
+            raise ValueError(f"must be [low, high] with 1/{SCALE_MAX:g} <= low <= high <= "
+                             f"{SCALE_MAX:g} (e.g. [0.5, 2.0]); got {list(value)}")
+        return value
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_pixels(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(1 <= v <= CROP_MAX for v in value):
+            raise ValueError(f"must be [height, width], each in [1, {CROP_MAX}]; got "
+                             f"{list(value)}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_zoom(cls, data: Any) -> Any:
+        # the fixed-size crop replaces the discrete zoom: scales defaults to [1.0] with it
+        if isinstance(data, dict) and "scales" not in data and (
+                data.get("scale_range") is not None or data.get("crop_size") is not None):
+            data = {**data, "scales": [1.0]}
+        return data
+
+    @model_validator(mode="after")
+    def _not_both_zooms(self) -> AugmentConfig:
+        if (self.scale_range is not None or self.crop_size is not None) and self.scales != [1.0]:
+            raise ValueError("dataset.augment.scales: must be [1.0] with scale_range or "
+                             f"crop_size (one zoom per pipeline); got {self.scales}")
+        if self.cat_max_ratio is not None and self.crop_size is None:
+            raise ValueError("dataset.augment.cat_max_ratio: needs crop_size (it redraws the "
+                             "random crop)")
+        return self
+
+    @property
+    def resize_crop(self) -> bool:
+        """Whether the scale-range / fixed-size crop transform is on."""
+        return self.scale_range is not None or self.crop_size is not None
 
 
 class DatasetConfig(Section):
@@ -147,6 +207,11 @@ class BackboneConfig(Section):
     options: dict[str, Any] = {}
     """Further encoder keyword arguments (timm: ``timm.create_model`` kwargs such as
     out_indices or drop_path_rate)."""
+    normalize: Literal["none", "imagenet"] = "none"
+    """What the encoder does to its [0, 1] RGB input first: ``imagenet`` subtracts ImageNet's
+    channel means and divides by their standard deviations, as ImageNet weights expect (the
+    PASCAL partial-label presets set it); ``none`` feeds the image as it is (random init, and
+    every run recorded before the key existed)."""
 
 
 class ModelConfig(Section):
@@ -168,6 +233,11 @@ class MethodConfig(Section):
     """How partial labels become losses; see ``mtpsl list methods``."""
     options: dict[str, Any] = {}
     """Method-specific options, validated by the method's own options model."""
+    network: str | None = None
+    """A registered model this method trains instead of ``model.name`` (built from the same
+    ``model`` section: backbone, width, options), for methods that bring their own network
+    (``diffusion_mtl``, ``hitts``); being part of the method, a comparison pairs such a
+    method with the others of its grid like any method. None: ``model.name``."""
     weighting: str = "uniform"
     """How per-task losses are combined (see mtpsl.weighting.WEIGHTINGS)."""
     weighting_options: dict[str, Any] = {}
@@ -225,6 +295,15 @@ class CallbackConfig(Section):
         return {"class_path": value} if isinstance(value, str) else value
 
 
+REQUIRED_WEIGHTS = (
+    "model.backbone.weights is not set, and train.require_weights is true (this protocol "
+    "starts the encoder from ImageNet): give a local checkpoint with "
+    "model.backbone.weights=PATH (nothing is downloaded), or train.require_weights=false to "
+    "start from random weights")
+"""Why a run with ``train.require_weights`` and no encoder weights stops (checked by
+:func:`mtpsl.engine.build.check_names` and the CLI's preflight)."""
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=200, gt=0, le=EPOCHS_MAX)
     """Training epochs (200 in paper 001)."""
@@ -246,6 +325,10 @@ class TrainConfig(Section):
     """Clip the global L2 norm of all trained gradients to this before each step (after the
     fp16 unscale and the torchrun average); None = no clipping (a bound above 1e6 would
     never clip)."""
+    require_weights: bool = False
+    """Refuse to train (a ConfigError naming ``model.backbone.weights``, before any data is
+    read) when a model with an encoder has no local weights: set by presets whose numbers
+    depend on starting from ImageNet (the PASCAL-Context partial-label protocol)."""
     max_steps_per_epoch: int | None = Field(default=None, gt=0, le=STEPS_MAX)
     """Cap on iterations per epoch (smoke tests and equal-budget comparisons)."""
     num_workers: int | Literal["auto"] = "auto"
@@ -282,6 +365,11 @@ class TrainConfig(Section):
     sync_bn: bool = False
     """Under torchrun: BatchNorm statistics over the global batch instead of each process's
     share (torch's SyncBatchNorm on CUDA, an all-reduce BatchNorm on CPU/gloo)."""
+    dist_timeout_s: float = Field(default=600.0, ge=1.0, le=604800.0)
+    """Under torchrun: seconds a process waits in a collective (joining the group included)
+    before it gives up on a peer that stopped or hung (error, exit status 69). The others
+    wait there while rank 0 evaluates and writes the checkpoint: keep it above that. Not
+    part of the set-up."""
     callbacks: list[CallbackConfig] = []
     """Callbacks of your own (``{class_path: pkg.mod:Class, options: {...}}`` or just
     ``pkg.mod:Class``), run after the built-in hooks and before the run's files are written;
@@ -321,6 +409,8 @@ class MethodVariant(Section):
     method: str
     """A registered method name."""
     options: dict[str, Any] = {}
+    network: str | None = None
+    """Its ``method.network`` (the model it trains instead of ``model.name``)."""
     weighting: str | None = None
     """Loss-weighting strategy of this variant; None keeps ``method.weighting``."""
     weighting_options: dict[str, Any] | None = None
@@ -412,6 +502,31 @@ class CompareConfig(Section):
         return value
 
 
+LogBackend = Literal["tensorboard", "csv", "wandb", "mlflow"]
+"""A logging backend (``log.backends``); W&B and MLflow need their extras installed."""
+
+
+class LogConfig(Section):
+    """Where a run's hyperparameters and per-epoch metrics are logged, beside its own
+    ``metrics.jsonl`` (no part of the set-up; fixed for a run's whole life, resumes included)."""
+
+    backends: list[LogBackend] = ["tensorboard", "csv"]
+    """Any of tensorboard (RUN/tensorboard), csv (RUN/metrics.csv), wandb (``pip install
+    'mtpsl[wandb]'``; WANDB_MODE=offline keeps it on this machine) and mlflow (``pip install
+    'mtpsl[mlflow]'``); a resumed run continues its W&B / MLflow run."""
+    project: str = "mtpsl"
+    """W&B project and MLflow experiment of the run (its name is the config's ``name``)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; None: MLFLOW_TRACKING_URI, else a file store in RUN/mlruns."""
+
+    @field_validator("backends")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a backend twice: {value}")
+        return value
+
+
 class Config(Section):
     name: str = "run"
     """Run name: the run folder is ``output_dir/name`` (made unique) unless --run-dir."""
@@ -429,6 +544,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     compare: CompareConfig = CompareConfig()
+    log: LogConfig = LogConfig()
 
     @field_validator("name")
     @classmethod
@@ -575,6 +691,14 @@ def apply_override(data: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
     node[leaf] = parse_yaml(raw, f"override {assignment!r}: the value") if raw else None
+
+
+def trained_model(config: Config) -> tuple[str, str]:
+    """The registered model a run trains and the key that names it: ``method.network`` where
+    the method brings its own network, else ``model.name``."""
+    if config.method.network is not None:
+        return config.method.network, "method.network"
+    return config.model.name, "model.name"
 
 
 def build_config(data: dict, source: str = "config") -> Config:

@@ -13,20 +13,57 @@ overlap the backward pass; for SegNet-sized models on one node that is a few mil
 Since every process draws ``batch_size`` images and each loss is a mean over its images, the
 average of the per-process gradients is the gradient of the global batch's loss (exactly,
 up to float summation order) when BatchNorm statistics are global (``train.sync_bn``).
+
+A collective that fails (a peer process died: gloo's "Connection reset by peer") or outwaits
+``train.dist_timeout_s`` (a peer stopped or hung) is one :class:`PeerLostError` naming the
+peer, its state and the collective (:func:`peer_failure`), exit status
+:data:`EXIT_PEER_LOST`, never a traceback: every process records the host and process id
+of every rank when it joins the group, so the survivors can tell which one ended or stopped.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mtpsl.core.errors import MtpslError
+
 BUCKET_BYTES = 32 * 2**20
 """Gradients are flattened into buckets of about this size for the all-reduce."""
+EXIT_PEER_LOST = 69
+"""A peer process of a torchrun group ended or stopped answering (EX_UNAVAILABLE); the last
+checkpoint is intact and ``--resume`` continues from it."""
+TIMEOUT_KEY = "train.dist_timeout_s"
+
+
+class PeerLostError(MtpslError):
+    """A collective failed because another process of the group ended or did not answer."""
+
+    exit_code = EXIT_PEER_LOST
+
+
+@dataclass(frozen=True)
+class _Peer:
+    host: str
+    pid: int
+
+
+_peers: list[_Peer] = []
+"""Every rank's host and process id, recorded when this process joined the group."""
+_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,11 +91,14 @@ def env_from_torchrun() -> DistEnv:
     return DistEnv(rank, world, local)
 
 
-def setup(env: DistEnv, device: torch.device) -> torch.device:
+def setup(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> torch.device:
     """Join the process group (nccl on CUDA, gloo otherwise); return this process's device.
 
-    On CUDA each process takes GPU ``LOCAL_RANK`` unless the config named an index.
+    On CUDA each process takes GPU ``LOCAL_RANK`` unless the config named an index. Every
+    collective of the group, joining it included, fails after ``timeout_s`` seconds without
+    an answer (``train.dist_timeout_s``; None: torch's default).
     """
+    global _timeout_s
     if not env.enabled:
         return device
     if device.type == "cuda":
@@ -67,13 +107,147 @@ def setup(env: DistEnv, device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world)
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        _timeout_s = timeout_s
+        with peer_errors(env):
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world,
+                                    timeout=timeout)
+            found: list[_Peer | None] = [None] * env.world
+            dist.all_gather_object(found, _Peer(socket.gethostname(), os.getpid()))
+        _peers[:] = [p for p in found if p is not None]
     return device
 
 
 def teardown(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _peers.clear()
+
+
+# ----------------------------------------------------------------------------- lost peers
+
+
+_C10D = str(Path(dist.__file__).parent / "distributed_c10d.py")
+
+
+def _collective(error: BaseException) -> str | None:
+    """The torch.distributed function (``all_reduce``, ``barrier``...) in whose call
+    ``error`` was raised, None when it did not come from a collective."""
+    names = [frame.name for frame in traceback.extract_tb(error.__traceback__)
+             if frame.filename == _C10D and not frame.name.startswith("_")]
+    # (raised in a backward pass, e.g. sync BN's, a collective's frames may be missing;
+    # gloo names its source files in its messages)
+    if names or isinstance(error, dist.DistError) or "gloo/" in str(error):
+        return names[0] if names else "a collective"
+    return None
+
+
+def _state(peer: _Peer) -> str | None:
+    """'ended' or 'stopped' for a process of this host that cannot answer; None when it
+    runs (or lives on another host)."""
+    if peer.host != socket.gethostname():
+        return None
+    try:
+        stat = Path(f"/proc/{peer.pid}/stat").read_text()
+    except FileNotFoundError:
+        return "ended"
+    except OSError:  # no /proc (macOS): only whether the process exists
+        try:
+            os.kill(peer.pid, 0)
+        except ProcessLookupError:
+            return "ended"
+        return None
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return {"Z": "ended", "X": "ended", "T": "stopped", "t": "stopped"}.get(state)
+
+
+def _lost_ranks(env: DistEnv, settle_s: float = 2.0) -> dict[int, str]:
+    """The other ranks of this host that ended or are stopped (a killed process may take a
+    moment to be marked so: looked for during ``settle_s``)."""
+    deadline = time.monotonic() + settle_s
+    while _peers:
+        lost = {rank: state for rank, peer in enumerate(_peers)
+                if rank != env.rank and (state := _state(peer)) is not None}
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(0.1)
+    return {}
+
+
+_CAUSES = (("timed out", "timeout"), ("timeout", "timeout"),
+           ("reset by peer", "connection reset"), ("closed by peer", "connection closed"),
+           ("broken pipe", "connection broken"), ("connection refused", "connection refused"))
+"""What gloo, nccl and the store say when a peer is gone or silent, and its short name."""
+
+
+_STATES = {"ended": "ended", "stopped": "is stopped"}
+
+
+def _cause(error: BaseException) -> str | None:
+    text = str(error).lower()
+    return next((cause for needle, cause in _CAUSES if needle in text), None)
+
+
+def peer_failure(error: BaseException, env: DistEnv, after: str = "") -> PeerLostError | None:
+    """``error`` as one line naming the lost peer when it is a failed collective of the
+    group (None otherwise): ``lost rank 1 of 2 during all-reduce (connection reset; its
+    process ended)``, with what the timeout was and which key sets it when it fired, and
+    ``after`` appended (where the last checkpoint is)."""
+    if not env.enabled:
+        return None
+    call = _collective(error)
+    if call is None:
+        return None
+    cause = _cause(error)
+    lost = _lost_ranks(env)
+    if cause is None and not lost:
+        return None  # a collective misused (a bug): its traceback is the useful report
+    others = [r for r in range(env.world) if r != env.rank]
+    if lost:
+        who = ", ".join(f"rank {r}" for r in lost)
+        state = ("its process " + _STATES[next(iter(lost.values()))] if len(lost) == 1
+                 else ", ".join(f"rank {r}'s process {_STATES[s]}" for r, s in lost.items()))
+    else:
+        who = f"rank {others[0]}" if len(others) == 1 else "a peer"
+        state = ""
+    what = call.replace("_", "-")
+    if cause == "timeout":
+        limit = f"{_timeout_s:g} s" if _timeout_s is not None else "torch's default"
+        hint = state or (f"{'it is' if len(others) == 1 else 'they are'} still running: if "
+                         f"it was only busy (rank 0 evaluates and writes the checkpoint while "
+                         f"the others wait), raise {TIMEOUT_KEY}")
+        message = (f"lost {who} of {env.world}: no answer within {TIMEOUT_KEY}={limit} "
+                   f"during {what} ({hint})")
+    else:
+        detail = "; ".join(filter(None, [cause or str(error).splitlines()[0][:120], state]))
+        message = f"lost {who} of {env.world} during {what} ({detail})"
+    return PeerLostError(message + (f"; {after}" if after else ""))
+
+
+@contextmanager
+def peer_errors(env: DistEnv, after: str = "") -> Iterator[None]:
+    """Turn a failed collective inside the block into :class:`PeerLostError`.
+
+    torchrun sends SIGTERM to the survivors the moment one process ends; once the loss is
+    known, that signal is ignored, so the survivors still exit with the report and
+    :data:`EXIT_PEER_LOST` instead of being cut short by it (signal -15)."""
+    try:
+        yield
+    except PeerLostError:
+        ignore_termination()
+        raise
+    except Exception as error:
+        lost = peer_failure(error, env, after)
+        if lost is None:
+            raise
+        ignore_termination()
+        raise lost from None
+
+
+def ignore_termination() -> None:
+    """SIGTERM ignored from now on (main thread only): this process is ending with a report."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def barrier(env: DistEnv) -> None:

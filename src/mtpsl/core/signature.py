@@ -19,17 +19,27 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-NOT_SETUP = {"top": ("name", "label", "seed", "output_dir", "compare"),
+NOT_SETUP = {"top": ("name", "label", "seed", "output_dir", "compare", "log"),
              "dataset": ("root",),
              "train": ("device", "progress", "num_workers", "threads", "eval_batch_size",
-                       "checkpoint_every", "fused_optimizer")}
+                       "checkpoint_every", "fused_optimizer", "dist_timeout_s")}
 """Config keys that do not change what is learned (where files go, how progress is shown)
 or that vary between the seeds of one set-up; everything else defines the experiment.
 ``train.amp`` and ``train.channels_last`` do: a run records them resolved for its machine
 (bf16 or off, never "auto"), so runs of different precisions are never pooled as seeds."""
-UNSET_IS_ABSENT: dict[str, dict[str, Any]] = {"train": {"callbacks": []}}
-"""Keys added after runs were recorded, dropped from the set-up while they hold this value: a
-run that does not use them keeps the signature it had before they existed."""
+UNSET_IS_ABSENT: dict[str, dict[str, Any]] = {
+    "train": {"callbacks": [], "require_weights": False},
+    "model": {"backbone.normalize": "none"},
+    "method": {"network": None},
+    "dataset": {"augment.scale_range": None, "augment.crop_size": None,
+                "augment.cat_max_ratio": None, "augment.photometric": False}}
+"""Keys added after runs were recorded (dotted below their section), dropped from the set-up
+while they hold this value: a run that does not use them keeps the signature it had before
+they existed."""
+PER_SEED_OPTIONS = ("teacher",)
+"""``method.options`` that name another run (a stage-2 run's teacher: in a grid, the cell of
+the same seed): like the seed they vary between the seeds of one set-up, so they are no part
+of it (the teacher's own config is checked against the run's when it is loaded)."""
 RUN_SEED = "run seed"
 """``labels.seed`` of a set-up whose split is drawn from each run's own seed."""
 METHOD_SECTION = "method"
@@ -45,14 +55,27 @@ def setup_from_config(config: Mapping[str, Any]) -> dict:
         for key in NOT_SETUP[section]:
             (data.get(section) or {}).pop(key, None)
     for section, defaults in UNSET_IS_ABSENT.items():
-        values = data.get(section) or {}
         for key, default in defaults.items():
-            if key in values and values[key] == default:
-                del values[key]
+            *parents, leaf = key.split(".")
+            values = data.get(section) or {}
+            for part in parents:
+                values = values.get(part) if isinstance(values, dict) else None
+            if isinstance(values, dict) and leaf in values and values[leaf] == default:
+                del values[leaf]
     labels = data.get("labels")
     if isinstance(labels, dict) and labels.get("seed") is None:
         labels["seed"] = RUN_SEED
-    return data
+    return without_per_seed(data)
+
+
+def without_per_seed(setup: dict) -> dict:
+    """``setup`` without :data:`PER_SEED_OPTIONS` (in place; also for set-ups recorded before
+    they were left out)."""
+    options = (setup.get(METHOD_SECTION) or {}).get("options")
+    if isinstance(options, dict):
+        for key in PER_SEED_OPTIONS:
+            options.pop(key, None)
+    return setup
 
 
 def signature(setup: Mapping[str, Any]) -> str:

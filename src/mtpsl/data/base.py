@@ -9,8 +9,10 @@ dataset fingerprint. Cross-dataset data also says which source each image comes 
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
@@ -18,7 +20,24 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from mtpsl.core.errors import ConfigError
 from mtpsl.tasks import Task
+
+
+def check_split_name(split: str, root: str | Path) -> str:
+    """``split`` when it names a place inside the dataset ``root`` (a folder, or a list
+    file's stem): relative, without ``..``, not empty. A split is joined to the root, so
+    ``dataset.train_split=../../x`` would read anything the process may read; raises
+    ConfigError naming the keys a split comes from."""
+    split = str(split)
+    parts = re.split(r"[\\/]", split)
+    if (not split.strip() or "\0" in split or split[0] in "/\\" or re.match(r"[A-Za-z]:", split)
+            or ".." in parts or all(p in ("", ".") for p in parts)):
+        raise ConfigError(
+            f"dataset.train_split / dataset.eval_split / --split: {split!r} does not name a "
+            f"split inside the dataset root {root}; a split is a folder or list name there, "
+            "relative and without '..' (e.g. train, val)")
+    return split
 
 
 class TaskDataset(torch.utils.data.Dataset, ABC):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mtpsl.core.errors import ConfigError, DataError
 from mtpsl.core.registry import Registry
-from mtpsl.data.base import TaskDataset
+from mtpsl.data.base import TaskDataset, check_split_name
 from mtpsl.tasks import TASKS, Task, build_task
 
 DATASETS: Registry[Callable[..., TaskDataset]] = Registry("dataset")
@@ -119,7 +119,7 @@ class LayoutDataset(TaskDataset):
         cache: bool = False,
     ) -> None:
         self.root = Path(root)
-        self.split = split
+        self.split = check_split_name(split, root)  # joined to the root: must stay inside it
         self.tasks: dict[str, Task] = dict(tasks)
         self.task_names: tuple[str, ...] = tuple(self.tasks)
         if not self.tasks:

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from mtpsl.core.errors import DataError
-from mtpsl.data.base import TaskDataset
+from mtpsl.data.base import TaskDataset, check_split_name
 from mtpsl.data.layout import DATASETS, _ls, _select, known_names
 from mtpsl.data.transforms import fit_to_size
 from mtpsl.tasks import Task, build_task
@@ -159,6 +159,7 @@ def _image_size(path: Path, modes: tuple[str, ...] | None = None) -> tuple[int, 
 
 def read_ids(root: Path, split: str) -> list[str]:
     """Image ids of ``ImageSets/Context/{split}.txt``."""
+    check_split_name(split, root)  # a split is a list name, never a path out of the root
     sets = root / "ImageSets" / "Context"
     path = sets / f"{split}.txt"
     if not path.is_file():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from mtpsl.core.config import Config
+from mtpsl.core.config import REQUIRED_WEIGHTS, Config, trained_model
 from mtpsl.core.errors import ConfigError
 from mtpsl.core.registry import Registry
 from mtpsl.data import DATASETS
@@ -64,11 +64,15 @@ def check_names(config: Config) -> None:
     """Every registered name the config uses exists; the error names the key and the
     registered names. Runs before any file is read (the schema itself stays torch-free)."""
     lookup(DATASETS, config.dataset.name, "dataset.name")
-    lookup(MODELS, config.model.name, "model.name")
+    lookup(MODELS, *trained_model(config))
     lookup(METHODS, config.method.name, "method.name")
     lookup(WEIGHTINGS, config.method.weighting, "method.weighting")
     if config.labels.file is None:
         lookup(REGIMES, config.labels.regime, "labels.regime")
+    backbone = config.model.backbone
+    if (config.train.require_weights and backbone.weights is None
+            and takes_backbone(MODELS.get(trained_model(config)[0]))):
+        raise ConfigError(REQUIRED_WEIGHTS)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,7 +158,7 @@ def model_kwargs(build: Callable, config: Config) -> dict[str, object]:
     for key in config.model.options:
         if key not in allowed:
             raise ConfigError(
-                f"model.options.{key}: unknown option for model {config.model.name!r}; "
+                f"model.options.{key}: unknown option for model {trained_model(config)[0]!r}; "
                 f"allowed: {', '.join(allowed) or '(none)'}"
             )
     kwargs: dict[str, object] = {"width": config.model.width, **config.model.options}
@@ -178,7 +182,7 @@ def _options_for_task(kwargs: dict[str, object], task: str, tasks: dict) -> dict
 
 
 def build_model_for(config: Config, tasks: dict[str, Task], method: Method) -> nn.Module:
-    build = lookup(MODELS, config.model.name, "model.name")
+    build = lookup(MODELS, *trained_model(config))
     heads = {name: HeadSpec.of(t) for name, t in tasks.items()}
     kwargs = model_kwargs(build, config)
     if method.per_task_networks:
@@ -186,7 +190,7 @@ def build_model_for(config: Config, tasks: dict[str, Task], method: Method) -> n
             name: build(heads={name: h}, **_options_for_task(kwargs, name, tasks))
             for name, h in heads.items()
         })
-    return build_model(config.model.name, heads, **kwargs)
+    return build_model(trained_model(config)[0], heads, **kwargs)
 
 
 def method_for(config: Config, tasks: Mapping[str, Task]) -> Method:
@@ -214,7 +218,9 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
 
     method = method_for(config, tasks)
     aug = config.dataset.augment
-    transform = build_train_transform(tuple(aug.scales), aug.flip)
+    transform = build_train_transform(
+        tuple(aug.scales), aug.flip, scale_range=aug.scale_range, crop_size=aug.crop_size,
+        cat_max_ratio=aug.cat_max_ratio, photometric=aug.photometric)
     train_idx, val_idx = carve_validation(
         len(train_full), config.dataset.val_fraction, config.seed
     )
@@ -236,7 +242,7 @@ def build_experiment(config: Config, split: Split | None = None) -> Experiment:
     weighting = weighting_for(config, names)
     model = build_model_for(config, tasks, method)
     for images in (train_full, eval_base):
-        check_input_size(model, images.height, images.width, config.model.name)
+        check_input_size(model, images.height, images.width, trained_model(config)[0])
     method.attach(model)
     return Experiment(
         config, tasks, split, train_set, eval_set, val_set, model, method, weighting,
@@ -288,7 +294,10 @@ def train_loader(
 
 
 def eval_loader(dataset: PartialLabelSet, config: Config, device: torch.device) -> DataLoader:
-    """In-order batches of ``train.eval_batch_size`` (evaluation runs on one process)."""
+    """In-order batches of ``train.eval_batch_size`` (evaluation runs on one process). Its
+    own generator: starting an iterator draws the workers' base seed, which from the global
+    stream would make training after an evaluation depend on whether one ran (a run extended
+    by ``--resume train.epochs=...`` would then differ from one trained at that length)."""
     return DataLoader(
         dataset,
         batch_size=config.train.eval_batch_size,
@@ -296,4 +305,5 @@ def eval_loader(dataset: PartialLabelSet, config: Config, device: torch.device) 
         num_workers=loader_workers(config.train.num_workers, device),
         collate_fn=Collate(tuple(dataset.tasks)),
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.seed),
     )

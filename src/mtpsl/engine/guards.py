@@ -4,13 +4,15 @@
 - the evaluation split is the training split (the reported metrics are training metrics);
 - a task has no labelled training image under the regime (its head learns only through what
   the method passes between tasks, if anything);
-- an encoder that the papers start from ImageNet weights starts from random ones.
+- an encoder that the papers start from ImageNet weights starts from random ones;
+- ImageNet weights fed images that are not normalised as ImageNet's were.
 """
 
 from __future__ import annotations
 
 import sys
 
+from mtpsl.core.config import trained_model
 from mtpsl.engine.build import Experiment, takes_backbone
 from mtpsl.engine.summary import label_availability
 from mtpsl.models import MODELS
@@ -32,11 +34,17 @@ def setup_warnings(exp: Experiment) -> list[str]:
                      f"labels.regime={cfg.labels.regime} (of {len(exp.split)} images); "
                      f"{'its head learns' if len(unlabelled) == 1 else 'their heads learn'} "
                      f"only through the method's cross-task terms, if any")
-    if model_takes_backbone(cfg.model.name) and cfg.model.backbone.weights is None:
+    network = trained_model(cfg)[0]
+    if model_takes_backbone(network) and cfg.model.backbone.weights is None:
         found.append(f"model.backbone.weights is not set: the {cfg.model.backbone.name} "
-                     f"encoder of {cfg.model.name!r} starts from random weights, where the "
+                     f"encoder of {network!r} starts from random weights, where the "
                      f"papers start from ImageNet ones (give a local file: "
                      f"model.backbone.weights=PATH; nothing is downloaded)")
+    elif (model_takes_backbone(network) and cfg.model.backbone.normalize == "none"
+          and cfg.model.backbone.weights is not None):
+        found.append("model.backbone.weights is set but model.backbone.normalize is none: "
+                     "ImageNet weights expect inputs normalised with ImageNet's channel "
+                     "statistics (model.backbone.normalize=imagenet)")
     return found
 
 

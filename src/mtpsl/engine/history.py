@@ -1,9 +1,8 @@
-"""A run's per-epoch rows: ``metrics.jsonl`` and ``metrics.csv`` in its folder."""
+"""A run's per-epoch rows: ``metrics.jsonl`` in its folder (``metrics.csv`` is the ``csv``
+logging backend's, :mod:`mtpsl.engine.callbacks.loggers`)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from mtpsl.core.files import write_text
 
 @dataclass
 class History:
-    """Per-epoch rows, mirrored to metrics.jsonl and metrics.csv after every epoch."""
+    """Per-epoch rows, mirrored to metrics.jsonl after every epoch."""
 
     run_dir: Path
     rows: list[dict] = field(default_factory=list)
@@ -45,12 +44,6 @@ class History:
         self.rows.append(row)
         lines = "".join(json.dumps(r) + "\n" for r in self.rows)
         write_text(self.run_dir / "metrics.jsonl", lines)
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_text(self.run_dir / "metrics.csv", text.getvalue())
 
     def last_eval(self) -> dict | None:
         rows = [r for r in self.rows if any(k.startswith("eval/") for k in r)]

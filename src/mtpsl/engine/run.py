@@ -47,6 +47,7 @@ from mtpsl.engine.history import History
 from mtpsl.engine.speed import SpeedChoice, resolve_speed
 from mtpsl.engine.step import TrainStep, prepare_training
 from mtpsl.engine.summary import final_metrics
+from mtpsl.engine.teacher import load_teacher
 from mtpsl.engine.trainer import Trainer
 
 
@@ -89,14 +90,15 @@ def train(config: Config, run_dir: str | Path | None = None,
         started = True
 
     try:
-        speed = resolve_speed(config, device, env)  # auto -> this machine's, before any file
-        if env.is_main:
-            claim = claim_new(run_dir) if run_dir else claim_new(new_run_dir(config), True)
-            run_dir = claim.run_dir
-        run_dir = Path(_from_rank0(str(run_dir), env))
-        seed_everything(config.seed, config.train.deterministic)
-        exp = build_experiment(config)
-        return _fit(exp, run_dir, None, env, device, callbacks, write_start_files, speed)
+        with ddp.peer_errors(env):  # a peer lost outside the training loop
+            speed = resolve_speed(config, device, env)  # auto -> this machine's, first
+            if env.is_main:
+                claim = claim_new(run_dir) if run_dir else claim_new(new_run_dir(config), True)
+                run_dir = claim.run_dir
+            run_dir = Path(_from_rank0(str(run_dir), env))
+            seed_everything(config.seed, config.train.deterministic)
+            exp = build_experiment(config)
+            return _fit(exp, run_dir, None, env, device, callbacks, write_start_files, speed)
     except BaseException:
         if claim is not None and not started:
             claim.abandon()
@@ -115,7 +117,7 @@ def _start(config: Config) -> tuple[DistEnv, torch.device, bool]:
     """
     env = ddp.env_from_torchrun()
     was_up = torch.distributed.is_available() and torch.distributed.is_initialized()
-    device = ddp.setup(env, resolve_device(config.train.device))
+    device = ddp.setup(env, resolve_device(config.train.device), config.train.dist_timeout_s)
     return env, device, env.enabled and not was_up
 
 
@@ -157,17 +159,18 @@ def resume(run_dir: str | Path, overrides: Sequence[str] = (),
             state, config = None, _restarted_config(run_dir, overrides)
         env, device, owned = _start(config)
         try:
-            speed = resolve_speed(config, device, env)  # a recorded precision stays
-            seed_everything(config.seed, config.train.deterministic)
-            split_path = run_dir / "split.json"
-            # a restart killed before split.json was written draws the same split again
-            split = Split.load(split_path) if state or split_path.exists() else None
-            exp = build_experiment(config, split)
-            if env.is_main:
-                save_config(config, run_dir / "config.yaml")
-                if split is None:
-                    exp.split.save(split_path)
-            return _fit(exp, run_dir, state, env, device, callbacks, speed=speed)
+            with ddp.peer_errors(env):
+                speed = resolve_speed(config, device, env)  # a recorded precision stays
+                seed_everything(config.seed, config.train.deterministic)
+                split_path = run_dir / "split.json"
+                # a restart killed before split.json was written draws the same split again
+                split = Split.load(split_path) if state or split_path.exists() else None
+                exp = build_experiment(config, split)
+                if env.is_main:
+                    save_config(config, run_dir / "config.yaml")
+                    if split is None:
+                        exp.split.save(split_path)
+                return _fit(exp, run_dir, state, env, device, callbacks, speed=speed)
         finally:
             if owned:
                 ddp.teardown(env)
@@ -279,6 +282,8 @@ def _fit(exp: Experiment, run_dir: Path, state: dict | None, env: DistEnv,
     a failure before it is a set-up failure (the new run's folder is removed again). The
     ``speed`` choice is announced then too (after every check of the set-up).
     """
+    if not state:  # a resumed run restores its teacher with the method's state
+        load_teacher(exp.method, exp.config, exp.tasks)
     identity = experiment_identity(exp, state)
     if state:
         _check_identity(exp, identity, state["identity"], run_dir)

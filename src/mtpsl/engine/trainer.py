@@ -100,12 +100,20 @@ class Trainer:
         except _StopAt as stop:
             self.callbacks.on_stop(self, stop.steps)
             ddp.barrier(self.env)
+            self._ending()
             raise Preempted(self._preempted(stop.steps)) from None
+        except Preempted:  # after an epoch's checkpoint
+            self._ending()
+            raise
         except KeyboardInterrupt as error:
             self.callbacks.on_exception(self, error)
             raise Interrupted(self._interrupted()) from None
         except BaseException as error:
             self.callbacks.on_exception(self, error)
+            lost = ddp.peer_failure(error, self.env, self._resumable())
+            if lost is not None:  # a peer process ended or stopped: one line, no traceback
+                self._ending()
+                raise lost from None
             raise
         finally:
             self.callbacks.on_fit_end(self)
@@ -239,6 +247,24 @@ class Trainer:
         return (f"stopped by {self.stop_reason or 'a stop request'} {where}; checkpoint "
                 f"written to {self.run_dir / CHECKPOINT}; continue with `mtpsl train --resume "
                 f"{self.run_dir}` (exit status 75)")
+
+    def _ending(self) -> None:
+        """Under torchrun, SIGTERM is ignored once this process is ending with its report and
+        status: torchrun sends it to every worker as soon as the first one exits, and it
+        would otherwise kill the others on their way out (status -15 instead of 75)."""
+        if self.env.enabled:
+            ddp.ignore_termination()
+
+    def _resumable(self) -> str:
+        """Where a run stopped by a lost peer continues (rank 0 knows its checkpoints)."""
+        if not self.env.is_main:  # only rank 0 knows which epoch its checkpoint holds
+            return (f"continue from the last checkpoint with `torchrun ... mtpsl train "
+                    f"--resume {self.run_dir}`")
+        if self.saved_epoch is None:
+            return "no checkpoint was written yet"
+        return (f"the last checkpoint is {self.run_dir / CHECKPOINT} (epoch "
+                f"{self.saved_epoch}); continue with `torchrun ... mtpsl train --resume "
+                f"{self.run_dir}`")
 
     def _interrupted(self) -> str:
         path = self.run_dir / CHECKPOINT

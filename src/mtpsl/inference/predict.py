@@ -34,6 +34,14 @@ probabilities); a task type that defines no files of its own ``<stem>_<task>.npy
 H,W,C). With ``panel`` (``--panel``) also ``<stem>_panel.png``: the input beside every
 task's picture, with a key below each (class names and colours, the depth colour bar in
 metres, the normals' colour disc, the probability scale).
+
+Memory: every output is written at the image's own size, so an image costs memory in
+proportion to its pixels (about :func:`bytes_per_pixel`: the decoded image, each task's
+full-size prediction and its files; ~150-180 B a pixel for the demo's three tasks, ~16 GiB
+for a 10000x10000 image). Each input's size is read from its header before anything is decoded or
+predicted, and an image above ``max_megapixels`` (``--max-megapixels``, default
+:data:`MAX_MEGAPIXELS`) is refused, naming its size, the limit and the memory it would need;
+resize mode batches images only up to that many pixels together.
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +79,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = ("resize", "tile")
 TILE_OVERLAP = 0.5
 """Fraction of a tile shared with its neighbour (the stride is at most half a tile)."""
+MAX_MEGAPIXELS = 40.0
+"""Default limit on an input's size (a 48 MP phone photo needs ``--max-megapixels 50``): at
+the demo's tasks about 6 GB; above it, predictions are refused instead of exhausting memory."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -136,6 +149,104 @@ def collect_images(paths: Iterable[str | Path], globs: Sequence[str] | None = No
                             f"outputs (stem {path.stem!r}); predict them into separate folders")
         seen[path.stem] = path
     return list(dict.fromkeys(found))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def bytes_per_pixel(tasks: Mapping[str, Task]) -> float:
+    """A rough estimate of predict's peak memory per input pixel: the decoded image and its
+    copies (~40 B) and ~8 B per output channel (the full-size float32 prediction, then its
+    finalised array and encoded files; measured: ~150 B for the demo's 17 channels)."""
+    return 40.0 + 8.0 * sum(int(task.out_channels) for task in tasks.values())
+
+
+@contextmanager
+def pil_pixel_limit(pixels: float | None) -> Iterator[None]:
+    """PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) raised to ``pixels``
+    (None: lifted) for the block, its warning silenced: predict applies its own limit, named
+    after its option, before decoding, and PIL's must not refuse below it."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    if pixels is None or before is None:
+        Image.MAX_IMAGE_PIXELS = None
+    else:
+        Image.MAX_IMAGE_PIXELS = max(before, int(pixels))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header alone (nothing is decoded), as it is shown
+    (EXIF orientation applied)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with pil_pixel_limit(None), Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"image {path} cannot be read as an image: {err}") from None
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def check_sizes(files: Sequence[Path], tasks: Mapping[str, Task],
+                max_megapixels: float) -> list[tuple[int, int]]:
+    """Every file's (H, W) from its header; DataError naming the first one above
+    ``max_megapixels``, its size, the limit's option and the memory it would take."""
+    if not (math.isfinite(max_megapixels) and max_megapixels > 0):
+        raise MtpslError(f"--max-megapixels must be a positive number, got {max_megapixels}")
+    sizes = [image_size(path) for path in files]
+    per_pixel = bytes_per_pixel(tasks)
+    for path, (h, w) in zip(files, sizes, strict=True):
+        if h * w > max_megapixels * 1e6:
+            raise DataError(
+                f"image {path} is {w}x{h} ({h * w / 1e6:.4g} MP), above predict's limit of "
+                f"{max_megapixels:g} MP (--max-megapixels): predicting it at full "
+                f"resolution needs about {h * w * per_pixel / 2**30:.1f} GiB of memory for "
+                f"this run's {len(tasks)} tasks; raise --max-megapixels if this machine has "
+                f"it, or downscale the image first")
+    return sizes
+
+
+@contextmanager
+def _out_of_memory(paths: Sequence[Path], sizes: Sequence[tuple[int, int]],
+                   max_megapixels: float, per_pixel: float) -> Iterator[None]:
+    """Memory running out on images within the limit (raised, or a small machine) is an
+    error naming them and the option, not a traceback."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in str(err):
+            raise
+        what = ", ".join(f"{p} ({w}x{h})" for p, (h, w) in zip(paths, sizes, strict=True))
+        need = sum(h * w for h, w in sizes) * per_pixel / 2**30
+        raise DataError(f"out of memory predicting {what}: at full resolution that needs "
+                        f"about {need:.1f} GiB; downscale it or use a machine with more "
+                        f"memory (--max-megapixels, now {max_megapixels:g}, refuses larger "
+                        "images before decoding them)") from None
+
+
+def pixel_groups(sizes: Sequence[tuple[int, int]], count: int,
+                 max_pixels: float) -> list[range]:
+    """Consecutive groups of at most ``count`` images and ``max_pixels`` pixels together
+    (an image alone may fill a group)."""
+    groups: list[range] = []
+    start, pixels = 0, 0
+    for i, (h, w) in enumerate(sizes):
+        if i > start and (i - start >= count or pixels + h * w > max_pixels):
+            groups.append(range(start, i))
+            start, pixels = i, 0
+        pixels += h * w
+    if sizes:
+        groups.append(range(start, len(sizes)))
+    return groups
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -356,11 +467,14 @@ def predict_files(
     panel: bool = False,
     globs: Sequence[str] | None = None,
     skipped: list[Path] | None = None,
+    max_megapixels: float = MAX_MEGAPIXELS,
 ) -> list[Path]:
     """``mtpsl predict``: predict every input image with the run's model; return written files.
 
     ``progress=None`` shows the bar only on a terminal; ``panel`` also writes
-    ``<stem>_panel.png``; ``globs`` and ``skipped`` as for :func:`collect_images`.
+    ``<stem>_panel.png``; ``globs`` and ``skipped`` as for :func:`collect_images`. Every
+    input is checked against ``max_megapixels`` from its header before the first is
+    predicted (see the module docstring).
     """
     from mtpsl.engine.build import resolve_device
     from mtpsl.inference.load import load_run
@@ -372,30 +486,36 @@ def predict_files(
     loaded = load_run(run, root=root, device=dev)
     predictor = Predictor(loaded.model, loaded.tasks, run_input_size(loaded), dev, batch_size,
                           mode)
+    limit = max_megapixels * 1e6
+    sizes = check_sizes(files, loaded.tasks, max_megapixels)  # before anything is written
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Resize mode batches across images; tile mode batches the tiles of one image.
-    group = batch_size if mode == "resize" else 1
+    groups = pixel_groups(sizes, batch_size if mode == "resize" else 1, limit)
     written: list[Path] = []
     resized: list[tuple[int, int]] = []
     bar = tqdm(total=len(files), desc="predict", unit="img",
                disable=None if progress is None else not progress)
     with bar:
-        for start in range(0, len(files), group):
-            chunk = files[start:start + group]
-            images = [read_image(path) for path in chunk]
-            resized += [image.shape[:2] for image in images
-                        if mode == "resize" and image.shape[:2] != predictor.input_size]
-            for path, image, maps in zip(chunk, images, predictor.predict_maps(images),
-                                         strict=True):
-                require_finite_outputs(maps, f"{loaded.checkpoint} on {path}")
-                arrays = {name: finalise(task, maps[name]) for name, task in loaded.tasks.items()}
-                written.extend(write_outputs(out_dir, path.stem, loaded.tasks, arrays,
-                                             loaded.card))
-                if panel:
-                    written.append(write_panel(out_dir / f"{path.stem}_panel.png", image,
-                                               loaded.tasks, maps, loaded.card, path.name))
-                bar.update(1)
+        for group in groups:
+            chunk = [files[i] for i in group]
+            with _out_of_memory(chunk, [sizes[i] for i in group], max_megapixels,
+                                bytes_per_pixel(loaded.tasks)):
+                with pil_pixel_limit(limit):  # checked above; PIL's limit not below it
+                    images = [read_image(path) for path in chunk]
+                resized += [image.shape[:2] for image in images
+                            if mode == "resize" and image.shape[:2] != predictor.input_size]
+                for path, image, maps in zip(chunk, images, predictor.predict_maps(images),
+                                             strict=True):
+                    require_finite_outputs(maps, f"{loaded.checkpoint} on {path}")
+                    arrays = {name: finalise(task, maps[name])
+                              for name, task in loaded.tasks.items()}
+                    written.extend(write_outputs(out_dir, path.stem, loaded.tasks, arrays,
+                                                 loaded.card))
+                    if panel:
+                        written.append(write_panel(out_dir / f"{path.stem}_panel.png", image,
+                                                   loaded.tasks, maps, loaded.card, path.name))
+                    bar.update(1)
     if resized:
         warn_resized(resized, len(files), predictor.input_size)
     return written

@@ -59,6 +59,9 @@ class Method(nn.Module):
     """``method.options`` with which ``tests/test_registries.py`` checks this method against
     this contract: values that only shrink its own networks (their defaults are paper-sized),
     or that a required option needs; validated like a config's."""
+    contract_model: ClassVar[str] = "segnet"
+    """The registered model ``tests/test_registries.py`` builds (tiny) for this method: a
+    method that trains one network of its own (``diffusion_mtl``) names it."""
 
     def __init__(self, tasks: Mapping[str, Task], options: BaseModel) -> None:
         super().__init__()
@@ -85,6 +88,14 @@ class Method(nn.Module):
         """Hook after every optimiser step, on every process (e.g. an EMA teacher follows the
         just-updated ``model``). Whatever it changes must live in this method's state dict, so
         checkpoints and resumes keep it."""
+
+    def teacher_source(self) -> tuple[str, nn.Module] | None:
+        """A trained run this method learns from (``method.options.teacher``): its run
+        folder or checkpoint file, and the module (built by :meth:`attach`) its model weights
+        load into. The engine loads them, verified, when a new run starts (a resumed run
+        restores them with this method's state)
+        (:func:`mtpsl.engine.teacher.load_teacher`); None (default): no teacher."""
+        return None
 
     def check_sources(self, n_sources: int) -> None:
         """Refuse cross-dataset data of ``n_sources`` sources the method is not set up for

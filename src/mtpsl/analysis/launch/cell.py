@@ -101,7 +101,7 @@ def cell_from_manifest(out: Path, key: str) -> tuple[Cell, Config, Config]:
                          f"{', '.join(c['key'] for c in manifest['cells'])}")
     cell = manifest_cells({"cells": found})[0]
     grid = build_config(manifest["config"], f"{out}/launch/grid.json")
-    return cell, grid, cell_config_for(grid, cell.regime, cell.method, cell.seed)
+    return cell, grid, cell_config_for(grid, cell.regime, cell.method, cell.seed, out)
 
 
 def manifest_cells(manifest: dict) -> list[Cell]:

@@ -64,7 +64,8 @@ def run_in_process(config: Config, out: Path, cells: Sequence[Cell], todo: Seque
               f"-> {cell.folder(out)}{eta}", file=sys.stderr, flush=True)
         record(out, cell.key, "submitted", job=job, launcher="local", **here())
         began = time.perf_counter()
-        run_cell(out, cell, cell_config_for(config, cell.regime, cell.method, cell.seed), job)
+        run_cell(out, cell, cell_config_for(config, cell.regime, cell.method, cell.seed, out),
+                 job)
         trained.append(time.perf_counter() - began)
 
 

@@ -30,6 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="images (resize mode) or tiles (tile mode) per forward pass")
     p.add_argument("--mode", choices=["resize", "tile"], default="resize",
                    help="resize to the training size and back, or average overlapping tiles")
+    p.add_argument("--max-megapixels", type=float, default=40.0, metavar="MP",
+                   help="refuse images above this size, read from their headers before "
+                   "anything is decoded (outputs are full-size: ~150 bytes of memory a pixel "
+                   "for three tasks); default 40")
     add_data_option(p)
     p.set_defaults(func=run)
 
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     skipped: list[Path] = []
     written = predict_files(args.run, args.inputs, args.out, args.device, args.batch_size,
                             args.mode, args.root, panel=args.panel, globs=args.glob,
-                            skipped=skipped)
+                            skipped=skipped, max_megapixels=args.max_megapixels)
     if skipped:
         names = ", ".join(p.name for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         print(f"note: left out {len(skipped)} files that look like labels or outputs of the "

@@ -4,7 +4,9 @@ Every run gets :func:`default_callbacks`, in this order: the method's and the we
 hooks, the divergence watch, preemption, then callbacks of one's own (``train.callbacks`` in
 the config as ``package.module:Class`` with options, or ``callbacks=`` of
 :func:`mtpsl.engine.run.train` from Python), then, on the process that writes the run
-folder, the metrics files, TensorBoard, the console and the checkpoint.
+folder, ``metrics.jsonl``, the logging backends of ``log.backends`` (``metrics.csv``,
+TensorBoard, W&B, MLflow: :mod:`~mtpsl.engine.callbacks.loggers`), the console and the
+checkpoint.
 """
 
 from collections.abc import Sequence
@@ -13,7 +15,8 @@ from mtpsl.engine.callbacks.base import CHECK_EVERY, Callback, CallbackList
 from mtpsl.engine.callbacks.checkpointing import Checkpointing
 from mtpsl.engine.callbacks.divergence import DivergenceWatch, NonFiniteLossError
 from mtpsl.engine.callbacks.hooks import MethodHooks, WeightingHooks
-from mtpsl.engine.callbacks.logging import Console, MetricsFiles, TensorBoard, epoch_line
+from mtpsl.engine.callbacks.loggers import RunLogger
+from mtpsl.engine.callbacks.logging import Console, Loggers, MetricsFiles, epoch_line
 from mtpsl.engine.callbacks.preemption import Preemption
 from mtpsl.engine.callbacks.user import build_callbacks
 from mtpsl.engine.history import History
@@ -28,7 +31,7 @@ def default_callbacks(history: History, writes_files: bool,
     callbacks: list[Callback] = [MethodHooks(), WeightingHooks(), DivergenceWatch(),
                                  Preemption(), *extra]
     if writes_files:
-        callbacks += [MetricsFiles(history), TensorBoard(history), Console(), Checkpointing()]
+        callbacks += [MetricsFiles(history), Loggers(history), Console(), Checkpointing()]
     return callbacks
 
 
@@ -39,11 +42,12 @@ __all__ = [
     "Checkpointing",
     "Console",
     "DivergenceWatch",
+    "Loggers",
     "MethodHooks",
     "MetricsFiles",
     "NonFiniteLossError",
     "Preemption",
-    "TensorBoard",
+    "RunLogger",
     "WeightingHooks",
     "build_callbacks",
     "default_callbacks",

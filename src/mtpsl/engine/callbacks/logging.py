@@ -1,21 +1,22 @@
-"""What a run shows and records as it trains: ``metrics.jsonl``/``metrics.csv``, TensorBoard,
-and the console's progress bar and per-epoch line."""
+"""What a run shows and records as it trains: ``metrics.jsonl``, the logging backends of
+``log.backends`` (``metrics.csv``, TensorBoard, W&B, MLflow), and the console's progress bar
+and per-epoch line."""
 
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from mtpsl.core.signature import flatten
 from mtpsl.engine.callbacks.base import CHECK_EVERY, Callback, Trainer
+from mtpsl.engine.callbacks.loggers import LogContext, RunLogger, open_logger, without_epoch
 from mtpsl.engine.history import History
 from mtpsl.tasks.scoring import primary_keys
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     from mtpsl.engine.step import StepResult
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class MetricsFiles(Callback):
-    """Each epoch's row into ``metrics.jsonl`` and ``metrics.csv`` (:class:`History`)."""
+    """Each epoch's row into ``metrics.jsonl`` (:class:`History`: the run's own record, which
+    ``report``, ``compare`` and a resume read)."""
 
     def __init__(self, history: History) -> None:
         self.history = history
@@ -32,36 +34,59 @@ class MetricsFiles(Callback):
         self.history.append(row)
 
 
-class TensorBoard(Callback):
-    """Each epoch's row as TensorBoard scalars under ``RUN/tensorboard``. A resumed run
-    rewrites the log from ``metrics.jsonl``, so epochs logged after its checkpoint (and
-    trained again) are not there twice."""
+class Loggers(Callback):
+    """The backends of ``log.backends`` (:mod:`~mtpsl.engine.callbacks.loggers`): the
+    hyperparameters once per record, each epoch's row, closed however the fit ends. A record
+    that starts afresh on a resumed run (TensorBoard, CSV, or a W&B/MLflow run the checkpoint
+    does not name) gets the hyperparameters and the epochs the checkpoint kept; one that
+    continues (the recorded W&B/MLflow run id) gets neither again."""
 
     def __init__(self, history: History) -> None:
         self.history = history
-        self.writer: SummaryWriter | None = None
+        self.loggers: list[RunLogger] = []
+        self.saved: dict[str, dict[str, Any]] = {}
+        """The backends' states from the checkpoint a resumed run started from."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        folder = trainer.run_dir / "tensorboard"
-        shutil.rmtree(folder, ignore_errors=True)
-        self.writer = SummaryWriter(str(folder))
-        for row in self.history.rows:
-            self._log(row)
+        config = trainer.exp.config
+        params = flatten(config.model_dump())
+        primary = [f"eval/{k}" for k in primary_keys(trainer.exp.tasks)]
+        for name in config.log.backends:
+            ctx = LogContext(trainer.run_dir, config.name, config.log, self.saved.get(name),
+                             primary)
+            try:
+                logger = open_logger(name, ctx)
+            except BaseException:
+                self._close(failed=True)
+                raise
+            self.loggers.append(logger)
+            if not logger.continues:
+                logger.log_hparams(params)
+                logger.replay(self.history.rows)
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        self._log(row)
+        for logger in self.loggers:
+            logger.log_metrics(row["epoch"], without_epoch(row))
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self._close(failed=True)
+
+    def on_stop(self, trainer: Trainer, steps: int) -> None:
+        self._close(failed=True)
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._close(failed=False)
 
-    def _log(self, row: Mapping[str, Any]) -> None:
-        assert self.writer is not None
-        for key, value in row.items():
-            if key != "epoch" and math.isfinite(value):
-                self.writer.add_scalar(key, value, row["epoch"])
+    def state_dict(self) -> dict[str, Any]:
+        return {logger.name: state for logger in self.loggers if (state := logger.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved = dict(state)
+
+    def _close(self, failed: bool) -> None:
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close(failed)
 
 
 class Console(Callback):

@@ -23,8 +23,10 @@ class Preemption(Callback):
     last, the callback asks the trainer to stop, and the loop writes a mid-epoch checkpoint and
     raises :class:`~mtpsl.core.errors.Preempted`. A signal that arrives later in an epoch
     stops it after its checkpoint. Under torchrun the flag is agreed over processes every
-    :data:`CHECK_EVERY` optimiser steps, so all of them stop at the same step. Handlers are
-    installed only from the main thread (Python's rule) and restored when the fit ends."""
+    :data:`CHECK_EVERY` optimiser steps and at every epoch's end, so all of them stop at the
+    same step, also when the signal reached only some of them (or at different moments).
+    Handlers are installed only from the main thread (Python's rule) and restored when the
+    fit ends (unless replaced meanwhile: a lost peer's report ignores SIGTERM)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -37,7 +39,8 @@ class Preemption(Callback):
 
     def on_fit_end(self, trainer: Trainer) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if signal.getsignal(sig) == self._handle:  # not one set since (a lost peer's)
+                signal.signal(sig, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -49,7 +52,9 @@ class Preemption(Callback):
             trainer.request_stop(self.name())
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        if self.signal is not None:
+        # agreed under torchrun: a signal that reached one process after the epoch's last
+        # check would otherwise stop it alone, and the others would wait for it in vain
+        if self.requested(trainer, 0):
             trainer.request_stop(self.name())
 
     def requested(self, trainer: Trainer, step: int) -> bool:
@@ -64,4 +69,5 @@ class Preemption(Callback):
         return bool(flag.item())
 
     def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else "a stop request"
+        # under torchrun a process may stop because another one received the signal
+        return signal.Signals(self.signal).name if self.signal else "a signal to another process"

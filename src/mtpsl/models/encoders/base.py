@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mtpsl.core.errors import ConfigError
@@ -29,6 +30,7 @@ class EncoderSpec:
     weights: str | None = None
     output_stride: int = 8
     options: Mapping[str, Any] = field(default_factory=dict)
+    normalize: str = "none"
 
 
 class Encoder(nn.Module, ABC):
@@ -73,4 +75,32 @@ def build_encoder(spec: EncoderSpec, in_channels: int = 3) -> Encoder:
         raise ConfigError(f"model.backbone.name: {err.args[0]}") from None
     encoder = build(spec)
     encoder.set_in_channels(in_channels)
+    if spec.normalize == "imagenet":
+        normalize_input(encoder, IMAGENET_MEAN, IMAGENET_STD)
+    elif spec.normalize != "none":
+        raise ConfigError(f"model.backbone.normalize: unknown {spec.normalize!r}; known: "
+                          "imagenet, none")
     return encoder
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The channel statistics ImageNet weights were trained with (torchvision's and timm's)."""
+
+
+def normalize_input(encoder: Encoder, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Normalise the encoder's input channels first, inside its forward (a pre-hook, so the
+    state dict and every consumer stay as they are; the statistics are non-persistent
+    buffers that follow the module's device and dtype). Channels beyond the three RGB ones
+    (an extra input, e.g. a mapping network's task channels) pass through unchanged."""
+    encoder.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+    encoder.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        x, *rest = args
+        mean, std = module.get_buffer("input_mean"), module.get_buffer("input_std")
+        n = mean.shape[1]
+        rgb = (x[:, :n] - mean) / std
+        return (torch.cat([rgb, x[:, n:]], 1) if x.shape[1] > n else rgb, *rest)
+
+    encoder.register_forward_pre_hook(hook)
