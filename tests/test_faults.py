@@ -53,7 +53,15 @@ def _env(fault: str | None = None) -> dict[str, str]:
 
 def _mtpsl(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mtpsl", *args], env=_env(fault),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """The child's SIGINT at its default, as in a terminal: a suite started in the background
+    (``cmd &`` from a script) hands its processes SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so an injected Ctrl-C would pass unnoticed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _scalars(run: Path) -> list[tuple[str, int, float]]:
