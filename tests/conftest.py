@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -157,6 +158,12 @@ def padded_binary_batch(images, size, ignored_prediction: float | None = None):
 
 STARTUP = ("run folder: ", "speed: ")
 """Prefixes of the lines a run prints on stderr when its set-up is checked and it starts."""
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a run folder to change (its lock left behind), returned."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
 
 
 def without_startup(err: str) -> str:

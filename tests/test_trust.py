@@ -24,7 +24,7 @@ from mtpsl.core.rundir import RunLock
 from mtpsl.engine.checkpoint import load_checkpoint, save_checkpoint
 from mtpsl.inference.load import read_image
 
-from conftest import TINY, make_layout, train_cli, without_startup
+from conftest import TINY, copy_run, make_layout, train_cli, without_startup
 
 ARGS = [*TINY, "train.epochs=2", "train.eval_every=1", "train.checkpoint_every=1",
         "train.device=cpu", "train.eval_batch_size=4"]
@@ -43,11 +43,6 @@ def run(root, tmp_path_factory) -> Path:
     return train_cli(tmp_path_factory.mktemp("run") / "run", root, *ARGS)
 
 
-def _copy(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
-    return dest
-
-
 def _error(capsys) -> str:
     err = without_startup(capsys.readouterr().err)  # when the error comes during training
     assert err.startswith("error: ") and "Traceback" not in err, err
@@ -57,7 +52,7 @@ def _error(capsys) -> str:
 # -- 1. a run folder belongs to one run (guards rundir.claim_new and RunLock) --------------
 
 def test_a_new_run_refuses_a_folder_holding_a_run(root, run, tmp_path, capsys):
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     before = {n: (folder / n).read_bytes() for n in RUN_FILES}
     assert main(["train", "--run-dir", str(folder), f"dataset.root={root}", *ARGS]) == 2
     err = _error(capsys)
@@ -67,7 +62,7 @@ def test_a_new_run_refuses_a_folder_holding_a_run(root, run, tmp_path, capsys):
 
 def test_a_locked_run_folder_is_refused_to_train_resume_and_eval_out(root, run, tmp_path,
                                                                      capsys):
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     lock = RunLock(folder).acquire()  # what a second process sees while one trains
     try:
         assert main(["train", "--resume", str(folder)]) == 2
@@ -86,7 +81,7 @@ def test_a_locked_run_folder_is_refused_to_train_resume_and_eval_out(root, run, 
 
 
 def test_the_lock_is_held_across_processes(run, tmp_path):
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     with RunLock(folder):
         code = ("import sys; from mtpsl.core.rundir import RunLock\n"
                 f"RunLock({str(folder)!r}).acquire()")
@@ -109,7 +104,7 @@ def test_a_run_failing_set_up_leaves_no_folder(root, tmp_path, capsys, given):
 # -- 2. resume verifies what it resumes (guards train.resume / _resumed_config) ------------
 
 def test_resume_refuses_a_replaced_split(run, tmp_path, capsys):
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     split = json.loads((folder / "split.json").read_text())
     split["labelled"][0] = [1 - v for v in split["labelled"][0]]
     (folder / "split.json").write_text(json.dumps(split))
@@ -118,7 +113,7 @@ def test_resume_refuses_a_replaced_split(run, tmp_path, capsys):
 
 
 def test_resume_refuses_an_edited_config_naming_the_key(run, tmp_path, capsys):
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     text = (folder / "config.yaml").read_text().replace("lr: 0.0001", "lr: 0.01")
     (folder / "config.yaml").write_text(text)
     assert main(["train", "--resume", str(folder), "train.epochs=3"]) == 2
@@ -128,7 +123,7 @@ def test_resume_refuses_an_edited_config_naming_the_key(run, tmp_path, capsys):
 def test_resume_refuses_changed_data(root, run, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(root, data)
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     state = load_checkpoint(folder / "checkpoint.pt")
     state["config"]["dataset"]["root"] = str(data)
     save_checkpoint(state, folder / "checkpoint.pt")
@@ -141,13 +136,13 @@ def test_resume_refuses_changed_data(root, run, tmp_path, capsys):
 
 
 def test_resume_refuses_fewer_epochs_than_done(run, tmp_path, capsys):
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     assert main(["train", "--resume", str(folder), "train.epochs=1"]) == 2
     assert "below the 2 epochs" in _error(capsys)
 
 
 def test_a_corrupt_metrics_file_is_named(run, tmp_path, capsys):
-    folder = _copy(run, tmp_path / "copy")
+    folder = copy_run(run, tmp_path / "copy")
     with open(folder / "metrics.jsonl", "a") as f:
         f.write("{not json\n")
     assert main(["train", "--resume", str(folder), "train.epochs=3"]) == 2
@@ -176,7 +171,7 @@ def _bad_checkpoints(run: Path, tmp_path: Path) -> dict[str, Path]:
     cases = {}
 
     def case(name, write):
-        folder = _copy(run, tmp_path / name.replace(" ", "-"))
+        folder = copy_run(run, tmp_path / name.replace(" ", "-"))
         write(folder / "checkpoint.pt")
         cases[name] = folder
 

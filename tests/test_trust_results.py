@@ -7,7 +7,6 @@ it guards."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from mtpsl.engine import trainer as trainer_module
 from mtpsl.engine.checkpoint import load_checkpoint, save_checkpoint
 from mtpsl.inference.load import require_finite_outputs
 
-from conftest import TINY_TRAIN, train_cli
+from conftest import TINY_TRAIN, copy_run, train_cli
 
 ARGS = [*TINY_TRAIN, "train.epochs=2", "train.eval_every=1", "train.checkpoint_every=1",
         "train.device=cpu", "train.max_steps_per_epoch=2"]
@@ -36,11 +35,6 @@ def root(shared_layout) -> Path:
 @pytest.fixture(scope="module")
 def run(root, tmp_path_factory) -> Path:
     return train_cli(tmp_path_factory.mktemp("run") / "run", root, *ARGS)
-
-
-def _copy(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
-    return dest
 
 
 def _error(capsys) -> str:
@@ -104,7 +98,7 @@ def test_eval_and_export_refuse_a_model_with_non_finite_outputs(run, tmp_path, c
     ``inference.evaluate.evaluate_checkpoint``, and the example forward pass of
     ``inference.export.export_run``; without them eval prints NaN and export writes a model
     that serves NaN, both with exit 0."""
-    folder = _copy(run, tmp_path / "huge")
+    folder = copy_run(run, tmp_path / "huge")
     path = _rewrite(folder, _huge_weights)
     assert main(["eval", "--run", str(folder), "--device", "cpu"]) == 2
     err = _error(capsys)
@@ -149,7 +143,7 @@ def test_weights_of_the_wrong_dtype_are_refused_naming_the_key(run, tmp_path, ca
     """Guards the dtype check of ``engine.checkpoint.load_module_state`` (used by eval,
     predict, export and resume); without it ``load_state_dict`` casts silently and the
     changed weights are evaluated."""
-    folder = _copy(run, tmp_path / "typed")
+    folder = copy_run(run, tmp_path / "typed")
     key = next(k for k, v in load_checkpoint(run / "checkpoint.pt")["model"].items()
                if v.is_floating_point() and v.ndim == 4)
 
@@ -199,7 +193,7 @@ def test_counters_out_of_range_are_refused_on_resume(run, tmp_path, capsys, case
     bound of ``Trainer.__init__``; without them ``epoch=-3`` is a traceback on resume and
     ``step=1e9`` resumes into an empty epoch (loss nan, negative img/s)."""
     change, expect = COUNTERS[case]
-    folder = _copy(run, tmp_path / "counted")
+    folder = copy_run(run, tmp_path / "counted")
     path = _rewrite(folder, change)
     assert main(["train", "--resume", str(folder), "train.epochs=3"]) == 2
     err = _error(capsys)
@@ -209,7 +203,7 @@ def test_counters_out_of_range_are_refused_on_resume(run, tmp_path, capsys, case
 def test_eval_refuses_an_impossible_epoch(run, tmp_path, capsys):
     """Guards ``engine.checkpoint.check_counters`` as ``inference.load.load_run`` meets it;
     without it eval prints ``epoch -3``."""
-    folder = _copy(run, tmp_path / "epoch")
+    folder = copy_run(run, tmp_path / "epoch")
     path = _rewrite(folder, lambda s: s.update(epoch=-3))
     assert main(["eval", "--run", str(folder), "--device", "cpu"]) == 2
     err = _error(capsys)

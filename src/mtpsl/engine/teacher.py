@@ -54,8 +54,8 @@ def load_teacher(method: Method, config: Config, tasks: Mapping[str, Task]) -> N
     if theirs != ours:
         raise ConfigError(f"method.options.teacher: {path} has another model config "
                           f"({theirs}) than this run ({ours})")
-    if trained_model(teacher_config)[0] != trained_model(config)[0]:
-        raise ConfigError(f"method.options.teacher: {path} trained the "
-                          f"{trained_model(teacher_config)[0]!r} network, this run trains "
-                          f"{trained_model(config)[0]!r} ({trained_model(config)[1]})")
+    (their_network, _), (our_network, key) = trained_model(teacher_config), trained_model(config)
+    if their_network != our_network:
+        raise ConfigError(f"method.options.teacher: {path} trained the {their_network!r} "
+                          f"network, this run trains {our_network!r} ({key})")
     load_module_state(module, state["model"], path, "the teacher model")

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from mtpsl.core.errors import ConfigError
 from mtpsl.models.base import MODELS, FeatureInfo, HeadSpec, ModelOutput, MultiTaskModel, scaled
 from mtpsl.models.encoders import EncoderSpec, build_encoder
+from mtpsl.models.segnet import init_weights
 
 TOKEN_DIM = 256
 """Decoder width (the code's ``TOKEN_DIM``) at ``width`` 1."""
@@ -124,19 +125,6 @@ def centres_on_sphere(kind: str, n: int) -> Tensor:
     if kind == "fibonacci":
         return fibonacci_sphere(n)
     raise ConfigError(f"model.options.normal_centres: {kind!r}; allowed: code, fibonacci")
-
-
-def init_weights(module: nn.Module) -> None:
-    """The code's initialisation of everything but the encoder: Xavier-normal weights and
-    zero biases for convolutions and linear layers, BatchNorm 1 and 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def conv_bn_relu(dim: int) -> nn.Sequential:
@@ -334,6 +322,7 @@ class HiTTsModel(MultiTaskModel):
             name: TokenDecoder(channels[-1], len(codebooks[name]) if name in codebooks
                                else spec.channels, dim, hidden, aspp_rates, token_batch_mean)
             for name, spec in heads.items()})
+        # the code's initialisation of everything but the encoder (MTAN's, as SegNet's)
         init_weights(self.prompter)
         init_weights(self.decoders)
         self.activations = {name: spec.activation for name, spec in heads.items()}
